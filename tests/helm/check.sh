@@ -66,6 +66,9 @@ for values in tests/helm/invalid/*.yaml; do
   echo "$(basename "$values"): rejected ($expected)"
 done
 
+echo "--- examples and Dockerfiles"
+python3 tests/helm/check_files.py
+
 echo "--- the chart packages"
 "$HELM" package "$CHART" --destination "$work" >/dev/null
 echo "helm checks passed"

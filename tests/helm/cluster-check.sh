@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# Checks the Helm chart against a real API server: the manifests of every documented values
+# combination pass a server-side dry run; `helm install` creates the release and the CRD, and the
+# operator's ServiceAccount can do exactly what the operator needs (RBAC evaluated by the server);
+# the examples pass a server-side dry run against the installed CRD; `helm upgrade` to two
+# replicas turns on leader election and a PodDisruptionBudget in the API version the server
+# serves; `helm upgrade` to one watched namespace swaps the ClusterRole for a Role; `helm
+# uninstall` removes every object of the release and keeps the CRD.
+#
+# Needs KUBECONFIG with admin rights on a disposable control plane (the tests' kube-apiserver;
+# no scheduler or kubelet is needed: nothing waits for pods), kubectl, and what fetch-helm.sh
+# needs. It uses its own release and namespaces (helm-check*), so it can share the control plane
+# with other tests. Takes ~15 s.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+: "${KUBECONFIG:?cluster-check.sh needs KUBECONFIG pointing at a test control plane}"
+export KUBECONFIG
+HELM=$(tests/helm/fetch-helm.sh)
+CHART=charts/latentserve
+RELEASE=helm-check
+NS=helm-check
+WATCHED=helm-check-models
+FULLNAME=$RELEASE-latentserve
+SA=system:serviceaccount:$NS:$FULLNAME
+CRD=modeldeployments.latentserve.io
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+fail() { echo "cluster-check: $*" >&2; exit 1; }
+step() { echo "--- $*"; }
+kubectl version >/dev/null || fail "no API server reachable through $KUBECONFIG"
+
+# can SA VERB RESOURCE [kubectl auth can-i flags]: the server must allow it.
+can() {
+  local verb=$1 resource=$2; shift 2
+  [ "$(kubectl auth can-i "$verb" "$resource" --as="$SA" "$@" 2>/dev/null || true)" = yes ] ||
+    fail "the operator's ServiceAccount cannot $verb $resource $* (it needs to)"
+}
+# cannot SA VERB RESOURCE [flags]: the server must refuse it (least privilege).
+cannot() {
+  local verb=$1 resource=$2; shift 2
+  [ "$(kubectl auth can-i "$verb" "$resource" --as="$SA" "$@" 2>/dev/null || true)" = no ] ||
+    fail "the operator's ServiceAccount can $verb $resource $* (it must not)"
+}
+release_objects() { # everything labelled with the release, in its namespaces and cluster-wide
+  kubectl get deployments,services,serviceaccounts,configmaps,roles,rolebindings,poddisruptionbudgets \
+    -n "$1" -l "app.kubernetes.io/instance=$RELEASE" -o name
+  kubectl get clusterroles,clusterrolebindings -l "app.kubernetes.io/instance=$RELEASE" -o name
+}
+
+if "$HELM" status "$RELEASE" -n "$NS" >/dev/null 2>&1; then
+  step "removing the release left by an earlier run"
+  "$HELM" uninstall "$RELEASE" -n "$NS" --wait >/dev/null
+fi
+for ns in "$NS" "$WATCHED" monitoring; do
+  kubectl get namespace "$ns" >/dev/null 2>&1 || kubectl create namespace "$ns" >/dev/null
+done
+has_crd=""
+ls "$CHART"/crds/*.yaml >/dev/null 2>&1 && has_crd=yes
+
+step "server-side dry run of every values combination"
+for values in default tests/helm/values/*.yaml; do
+  args=()
+  [ "$values" = default ] || args=(-f "$values")
+  [ "$(basename "$values")" = watch-namespace.yaml ] && args+=(--set "watchNamespace=$WATCHED")
+  # --validate renders with the server's API versions (policy/v1beta1 PDBs on 1.20, no
+  # prometheus-operator kinds where that API is absent), as `helm install` would.
+  "$HELM" template "$RELEASE" "$CHART" -n "$NS" --validate --include-crds "${args[@]}" > "$work/manifest.yaml"
+  kubectl apply --server-side --dry-run=server --field-manager=helm-check -f "$work/manifest.yaml" > "$work/dry-run.log" ||
+    fail "the API server rejected the manifests for $values: $(cat "$work/dry-run.log")"
+  echo "$(basename "$values" .yaml): $(grep -c . "$work/dry-run.log") objects accepted"
+done
+
+step "helm install"
+"$HELM" install "$RELEASE" "$CHART" -n "$NS" > "$work/install.log" || fail "helm install failed: $(cat "$work/install.log")"
+grep -q "kubectl -n $NS rollout status deployment/$FULLNAME" "$work/install.log" || fail "NOTES.txt did not render the next steps"
+kubectl get -n "$NS" "deployment/$FULLNAME" "serviceaccount/$FULLNAME" "service/$FULLNAME-metrics" >/dev/null
+kubectl get "clusterrole/$FULLNAME" "clusterrolebinding/$FULLNAME" >/dev/null
+if [ -n "$has_crd" ]; then
+  kubectl wait --for condition=established --timeout=60s "crd/$CRD" >/dev/null || fail "$CRD is not Established"
+else
+  echo "no CRD in $CHART/crds/ yet: CRD and example checks skipped"
+fi
+
+step "the operator's RBAC, as the API server evaluates it"
+for ns in "$NS" "$WATCHED" default; do
+  for verb in get list watch patch; do can "$verb" "$CRD" -n "$ns"; done
+  for verb in get patch update; do can "$verb" "$CRD" --subresource=status -n "$ns"; done
+  for resource in statefulsets.apps services configmaps poddisruptionbudgets.policy networkpolicies.networking.k8s.io; do
+    for verb in get list watch create patch delete; do can "$verb" "$resource" -n "$ns"; done
+  done
+  for verb in get list watch; do can "$verb" pods -n "$ns"; done
+  can create events -n "$ns"
+  cannot delete pods -n "$ns"
+  cannot create pods -n "$ns"
+  cannot get secrets -n "$ns"
+  cannot create "$CRD" -n "$ns"
+  cannot update statefulsets.apps -n "$ns"
+  cannot create leases.coordination.k8s.io -n "$ns"
+done
+cannot create clusterroles.rbac.authorization.k8s.io
+cannot list nodes
+
+if [ -n "$has_crd" ]; then
+  step "server-side dry run of the examples against the installed CRD"
+  for example in examples/*.yaml; do
+    [ "$(basename "$example")" = kind-cluster.yaml ] && continue
+    kubectl apply --dry-run=server -n "$WATCHED" -f "$example" > "$work/example.log" 2>&1 ||
+      fail "$example is rejected by the API server: $(cat "$work/example.log")"
+    echo "$(basename "$example"): $(tr '\n' ' ' < "$work/example.log")"
+  done
+fi
+
+step "helm upgrade to two replicas: leader election and a PodDisruptionBudget"
+"$HELM" upgrade "$RELEASE" "$CHART" -n "$NS" -f tests/helm/values/high-availability.yaml >/dev/null
+[ "$(kubectl get -n "$NS" "deployment/$FULLNAME" -o jsonpath='{.spec.replicas}')" = 2 ] || fail "replicas did not become 2"
+kubectl get -n "$NS" "deployment/$FULLNAME" -o jsonpath='{.spec.template.spec.containers[0].args}' | grep -q -- --leader-election ||
+  fail "--leader-election is not set after the upgrade"
+for verb in get create update; do can "$verb" leases.coordination.k8s.io -n "$NS"; done
+cannot delete leases.coordination.k8s.io -n "$NS"
+cannot create leases.coordination.k8s.io -n default
+pdb_version=$("$HELM" get manifest "$RELEASE" -n "$NS" | grep -B1 '^kind: PodDisruptionBudget' | sed -n 's/^apiVersion: //p')
+served=$(kubectl api-versions | grep -qx policy/v1 && echo policy/v1 || echo policy/v1beta1)
+[ "$pdb_version" = "$served" ] || fail "the PDB is $pdb_version but the server's newest is $served"
+kubectl get -n "$NS" "poddisruptionbudget/$FULLNAME" >/dev/null
+echo "PodDisruptionBudget as $pdb_version"
+
+step "helm upgrade to one watched namespace: Role + RoleBinding instead of the ClusterRole"
+"$HELM" upgrade "$RELEASE" "$CHART" -n "$NS" --set "watchNamespace=$WATCHED" >/dev/null
+kubectl get "clusterrolebinding/$FULLNAME" >/dev/null 2>&1 && fail "the ClusterRoleBinding survived the switch to a watched namespace"
+kubectl get -n "$WATCHED" "role/$FULLNAME" "rolebinding/$FULLNAME" >/dev/null
+can patch "$CRD" -n "$WATCHED"
+can create statefulsets.apps -n "$WATCHED"
+cannot patch "$CRD" -n default
+cannot list "$CRD" --all-namespaces
+kubectl get -n "$NS" "deployment/$FULLNAME" -o jsonpath='{.spec.template.spec.containers[0].args}' | grep -q -- "--namespace=$WATCHED" ||
+  fail "--namespace=$WATCHED is not set after the upgrade"
+
+step "helm uninstall"
+"$HELM" uninstall "$RELEASE" -n "$NS" --wait >/dev/null
+left=$( { release_objects "$NS"; release_objects "$WATCHED"; } | sort -u)
+[ -z "$left" ] || fail "objects left after helm uninstall: $left"
+if [ -n "$has_crd" ]; then
+  # Helm never deletes CRDs (that would delete every ModelDeployment); see docs/install.md.
+  kubectl get "crd/$CRD" >/dev/null || fail "helm uninstall removed the CRD"
+fi
+echo "helm cluster checks passed"

@@ -1,5 +1,7 @@
 //! Shared helpers for the end-to-end tests: finding the workspace's binaries and running them.
 
+pub mod k8s;
+
 use std::path::PathBuf;
 use std::process::Command;
 

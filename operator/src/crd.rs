@@ -375,8 +375,8 @@ fn drop_null_enum_values(value: &mut serde_json::Value) {
     }
 }
 
-/// The CRD without `x-kubernetes-validations`, for clusters before 1.25, whose clients reject the
-/// unknown field. The reconciler applies the same rules there.
+/// The CRD without `x-kubernetes-validations`, for clusters before 1.25, where server-side apply
+/// refuses the unknown field. The reconciler applies the same rules there.
 pub fn crd_without_cel() -> CustomResourceDefinition {
     let mut value = serde_json::to_value(crd()).expect("a CRD serializes to JSON");
     strip_key(&mut value, "x-kubernetes-validations");

@@ -1,0 +1,1 @@
+//! The `latentserve-worker` subcommands.

@@ -3,7 +3,7 @@
 //! the request.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
@@ -34,27 +34,29 @@ pub struct RequestLimits {
     pub cache_capacity_tokens: usize,
 }
 
-/// The gRPC service over a running engine.
+/// What the service serves once the model is loaded and warmed up.
+pub struct LoadedModel {
+    pub engine: EngineHandle,
+    pub codec: Arc<dyn TokenCodec>,
+    pub info: ModelInfo,
+    pub limits: RequestLimits,
+}
+
+/// The gRPC service; it answers UNAVAILABLE until the model is loaded.
 pub struct InferenceService {
-    engine: EngineHandle,
-    codec: Arc<dyn TokenCodec>,
-    info: ModelInfo,
-    limits: RequestLimits,
+    loaded: Arc<OnceLock<LoadedModel>>,
 }
 
 impl InferenceService {
-    pub fn new(
-        engine: EngineHandle,
-        codec: Arc<dyn TokenCodec>,
-        info: ModelInfo,
-        limits: RequestLimits,
-    ) -> Self {
-        Self {
-            engine,
-            codec,
-            info,
-            limits,
-        }
+    /// A service that starts serving once `loaded` is set.
+    pub fn new(loaded: Arc<OnceLock<LoadedModel>>) -> Self {
+        Self { loaded }
+    }
+
+    fn loaded(&self) -> Result<&LoadedModel, Status> {
+        self.loaded
+            .get()
+            .ok_or_else(|| Status::unavailable("the model is still loading"))
     }
 }
 
@@ -270,6 +272,7 @@ impl Inference for InferenceService {
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let arrival = Instant::now();
+        let model = self.loaded()?;
         let deadline = request
             .metadata()
             .get("grpc-timeout")
@@ -278,13 +281,13 @@ impl Inference for InferenceService {
             .map(|timeout| arrival + timeout);
         let request = validate_generate(
             request.into_inner(),
-            self.codec.as_ref(),
-            &self.limits,
+            model.codec.as_ref(),
+            &model.limits,
             deadline,
             arrival,
         )?;
         let request_id = request.request_id.clone();
-        let receiver = self.engine.submit(request).map_err(submit_status)?;
+        let receiver = model.engine.submit(request).map_err(submit_status)?;
         let stream = response_stream(OutputStream {
             request_id,
             receiver,
@@ -300,6 +303,7 @@ impl Inference for InferenceService {
     ) -> Result<Response<TokenizeResponse>, Status> {
         let request = request.into_inner();
         let ids = self
+            .loaded()?
             .codec
             .encode(&request.text, request.add_special_tokens)
             .map_err(|e| Status::invalid_argument(format!("text could not be tokenized: {e}")))?;
@@ -311,18 +315,19 @@ impl Inference for InferenceService {
         request: Request<DetokenizeRequest>,
     ) -> Result<Response<DetokenizeResponse>, Status> {
         let request = request.into_inner();
+        let model = self.loaded()?;
         if let Some((index, id)) = request
             .ids
             .iter()
             .enumerate()
-            .find(|&(_, &id)| id as usize >= self.limits.vocab_size)
+            .find(|&(_, &id)| id as usize >= model.limits.vocab_size)
         {
             return Err(Status::invalid_argument(format!(
                 "ids[{index}] = {id} is outside the vocabulary of {} tokens",
-                self.limits.vocab_size
+                model.limits.vocab_size
             )));
         }
-        let text = self
+        let text = model
             .codec
             .decode(&request.ids, request.skip_special_tokens)
             .map_err(|e| Status::invalid_argument(format!("ids could not be decoded: {e}")))?;
@@ -333,7 +338,7 @@ impl Inference for InferenceService {
         &self,
         _: Request<GetModelInfoRequest>,
     ) -> Result<Response<ModelInfo>, Status> {
-        Ok(Response::new(self.info.clone()))
+        Ok(Response::new(self.loaded()?.info.clone()))
     }
 }
 

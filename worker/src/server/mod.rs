@@ -6,11 +6,10 @@ pub mod http;
 pub mod metrics;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use latentserve_proto::v1::ModelInfo;
 use latentserve_proto::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -19,9 +18,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::engine::EngineHandle;
-use crate::engine::detokenizer::TokenCodec;
-use grpc::{InferenceService, RequestLimits};
+use grpc::{InferenceService, LoadedModel};
 use metrics::Metrics;
 
 /// The health service name of the inference API.
@@ -46,20 +43,11 @@ pub enum ServerError {
     Join(#[from] tokio::task::JoinError),
 }
 
-/// Everything the servers serve.
-pub struct ServerParts {
-    pub engine: EngineHandle,
-    pub codec: Arc<dyn TokenCodec>,
-    pub info: ModelInfo,
-    pub limits: RequestLimits,
-    pub metrics: Arc<Metrics>,
-}
-
 /// The gRPC and HTTP servers, running on the current tokio runtime.
 pub struct RunningServer {
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
-    engine: EngineHandle,
+    loaded: Arc<OnceLock<LoadedModel>>,
     health: HealthReporter,
     ready: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
@@ -68,12 +56,12 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// Binds both ports (port 0 picks a free one) and serves. The engine has warmed up already,
-    /// so health reports SERVING from the start.
+    /// Binds both ports (port 0 picks a free one) and serves health, reflection and metrics at
+    /// once; health reports NOT_SERVING and inference calls UNAVAILABLE until [`Self::set_loaded`].
     pub async fn start(
-        parts: ServerParts,
         grpc_addr: SocketAddr,
         metrics_addr: SocketAddr,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, ServerError> {
         let grpc_listener =
             TcpListener::bind(grpc_addr)
@@ -100,6 +88,7 @@ impl RunningServer {
         let metrics_addr = bound(&http_listener, "the metrics port", metrics_addr)?;
 
         let (health, health_service) = tonic_health::server::health_reporter();
+        set_health(&health, ServingStatus::NotServing).await;
         // grpcurl and most tools speak v1; older clients still ask v1alpha.
         let reflection = || {
             tonic_reflection::server::Builder::configure()
@@ -108,14 +97,9 @@ impl RunningServer {
         };
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
-        let inference = InferenceServer::new(InferenceService::new(
-            parts.engine.clone(),
-            parts.codec,
-            parts.info,
-            parts.limits,
-        ));
-        set_health(&health, ServingStatus::Serving).await;
-        let ready = Arc::new(AtomicBool::new(true));
+        let loaded = Arc::new(OnceLock::new());
+        let inference = InferenceServer::new(InferenceService::new(loaded.clone()));
+        let ready = Arc::new(AtomicBool::new(false));
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let wait_for = |mut receiver: watch::Receiver<bool>| async move {
@@ -133,15 +117,15 @@ impl RunningServer {
                 ),
         );
         let http_task = tokio::spawn(
-            axum::serve(http_listener, http::router(parts.metrics, ready.clone()))
+            axum::serve(http_listener, http::router(metrics, ready.clone()))
                 .with_graceful_shutdown(wait_for(shutdown_rx))
                 .into_future(),
         );
-        tracing::info!(%grpc_addr, %metrics_addr, "serving");
+        tracing::info!(%grpc_addr, %metrics_addr, "listening");
         Ok(Self {
             grpc_addr,
             metrics_addr,
-            engine: parts.engine,
+            loaded,
             health,
             ready,
             shutdown,
@@ -150,28 +134,40 @@ impl RunningServer {
         })
     }
 
+    /// Starts serving inference: the model is loaded and its engine has run its warm-up step.
+    pub async fn set_loaded(&self, model: LoadedModel) {
+        if self.loaded.set(model).is_err() {
+            tracing::warn!("the model was already set; keeping the first one");
+        }
+        self.ready.store(true, Ordering::SeqCst);
+        set_health(&self.health, ServingStatus::Serving).await;
+        tracing::info!("ready");
+    }
+
     /// Stops taking requests (health NOT_SERVING, new requests UNAVAILABLE), lets in-flight
     /// requests finish for up to `timeout`, cancels what is left, then stops both servers.
     pub async fn drain(self, timeout: Duration) -> Result<(), ServerError> {
-        tracing::info!(in_flight = self.engine.in_flight(), ?timeout, "draining");
-        self.engine.start_draining();
         self.ready.store(false, Ordering::SeqCst);
         set_health(&self.health, ServingStatus::NotServing).await;
-
-        let until = Instant::now() + timeout;
-        while self.engine.in_flight() > 0 && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if self.engine.in_flight() > 0 {
-            tracing::warn!(
-                in_flight = self.engine.in_flight(),
-                "drain timeout passed; cancelling the remaining requests"
-            );
-            self.engine.cancel_all();
-            // Give the streams a moment to carry their final message to the clients.
-            let grace = Instant::now() + Duration::from_secs(2);
-            while self.engine.in_flight() > 0 && Instant::now() < grace {
+        if let Some(model) = self.loaded.get() {
+            let engine = &model.engine;
+            tracing::info!(in_flight = engine.in_flight(), ?timeout, "draining");
+            engine.start_draining();
+            let until = Instant::now() + timeout;
+            while engine.in_flight() > 0 && Instant::now() < until {
                 tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if engine.in_flight() > 0 {
+                tracing::warn!(
+                    in_flight = engine.in_flight(),
+                    "drain timeout passed; cancelling the remaining requests"
+                );
+                engine.cancel_all();
+                // Give the streams a moment to carry their final message to the clients.
+                let grace = Instant::now() + Duration::from_secs(2);
+                while engine.in_flight() > 0 && Instant::now() < grace {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
         }
         let _ = self.shutdown.send(true);

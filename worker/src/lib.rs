@@ -1,0 +1,5 @@
+//! latentserve worker library: the DeepSeek-V2/V3 model core and the command-line front end.
+//! The binary `latentserve-worker` is a thin wrapper over [`cli`].
+
+pub mod cli;
+pub mod model;

@@ -4,6 +4,7 @@
 //! experts sits behind [`ExpertExecutor`], so expert sharding can send part of a plan to the
 //! workers that hold those experts and add the weighted sums that come back.
 
+use candle_core::{Device, Tensor};
 use latentserve_kernels::Linear;
 
 use super::ModelError;
@@ -209,6 +210,45 @@ impl LocalExperts {
     }
 }
 
+impl Mlp {
+    /// Several MLPs, each on its own rows, with each of the two projection stages of all of them
+    /// run as one parallel pass (small expert products share the cores instead of each paying
+    /// for a fork and join). Inputs (rows_i, hidden) -> outputs (rows_i, hidden).
+    pub fn forward_many(items: &[(&Mlp, Vec<f32>, usize)]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let device = Device::Cpu;
+        let inputs = items
+            .iter()
+            .map(|(mlp, x, rows)| {
+                Tensor::from_slice(x, (*rows, mlp.gate_up.in_features()), &device)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let pairs: Vec<(&Linear, &Tensor)> = items
+            .iter()
+            .zip(&inputs)
+            .map(|((mlp, _, _), x)| (&mlp.gate_up, x))
+            .collect();
+        // (rows_i, 2 * width) each
+        let gate_up = Linear::forward_many(&pairs)?;
+        let activations = items
+            .iter()
+            .zip(&gate_up)
+            .map(|((mlp, _, rows), gu)| {
+                let act = silu_mul(&gu.flatten_all()?.to_vec1::<f32>()?, mlp.width);
+                Tensor::from_vec(act, (*rows, mlp.width), &device)
+            })
+            .collect::<Result<Vec<_>, candle_core::Error>>()?;
+        let pairs: Vec<(&Linear, &Tensor)> = items
+            .iter()
+            .zip(&activations)
+            .map(|((mlp, _, _), x)| (&mlp.down, x))
+            .collect();
+        Linear::forward_many(&pairs)?
+            .iter()
+            .map(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+            .collect()
+    }
+}
+
 impl ExpertExecutor for LocalExperts {
     fn run_experts(
         &self,
@@ -217,23 +257,29 @@ impl ExpertExecutor for LocalExperts {
         hidden_size: usize,
         plan: &DispatchPlan,
     ) -> Result<Vec<f32>, ModelError> {
+        // gather: (m_e, hidden) per expert
+        let items = plan
+            .works
+            .iter()
+            .map(|work| {
+                let mlp = self
+                    .expert(layer, work.expert)
+                    .ok_or(ModelError::ExpertNotLoaded {
+                        layer,
+                        expert: work.expert,
+                    })?;
+                let mut x = Vec::with_capacity(work.rows.len() * hidden_size);
+                for &r in &work.rows {
+                    let r = r as usize;
+                    x.extend_from_slice(&hidden[r * hidden_size..(r + 1) * hidden_size]);
+                }
+                Ok((mlp, x, work.rows.len()))
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        let outputs = Mlp::forward_many(&items)?;
+        // weighted scatter-add, in expert order
         let mut out = vec![0f32; hidden.len()];
-        for work in &plan.works {
-            let mlp = self
-                .expert(layer, work.expert)
-                .ok_or(ModelError::ExpertNotLoaded {
-                    layer,
-                    expert: work.expert,
-                })?;
-            // gather: (m, hidden)
-            let mut x = Vec::with_capacity(work.rows.len() * hidden_size);
-            for &r in &work.rows {
-                let r = r as usize;
-                x.extend_from_slice(&hidden[r * hidden_size..(r + 1) * hidden_size]);
-            }
-            // (m, hidden)
-            let y = mlp.forward(&x, work.rows.len())?;
-            // weighted scatter-add
+        for (work, y) in plan.works.iter().zip(&outputs) {
             for ((&r, &w), y_row) in work
                 .rows
                 .iter()

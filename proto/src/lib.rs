@@ -1,5 +1,7 @@
 //! The latentserve gRPC API, generated from `latentserve/v1/*.proto`.
 
+pub mod codec;
+
 /// Package `latentserve.v1`: the client-facing `Inference` service and its messages.
 pub mod v1 {
     tonic::include_proto!("latentserve.v1");

@@ -1,11 +1,7 @@
-//! `latentserve-worker`: loads a DeepSeek-style checkpoint and serves it.
+//! `latentserve-worker`: loads a DeepSeek-style checkpoint and runs it.
 
 use clap::Parser;
-
-/// The latentserve inference worker.
-#[derive(Debug, Parser)]
-#[command(name = "latentserve-worker", version, about)]
-struct Cli {}
+use latentserve_worker::cli::Cli;
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -14,6 +10,5 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Cli {} = Cli::parse();
-    Ok(())
+    Cli::parse().run()
 }

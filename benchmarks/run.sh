@@ -121,6 +121,20 @@ convert_gguf() { # $1 = f32 | f16
   ln -s "$MODEL"/* "$view/"
   [[ -f $MODEL/tokenizer_config.json ]] ||
     echo '{"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>"}' >"$view/tokenizer_config.json"
+  # llama.cpp refuses a BPE vocabulary without merges ("cannot find tokenizer merges"); the
+  # benchmark tokenizer has none, so the view's copy gets one (token speed does not depend on it).
+  rm "$view/tokenizer.json"
+  python3 - "$MODEL/tokenizer.json" "$view/tokenizer.json" <<'EOF'
+import json, sys
+tok = json.load(open(sys.argv[1]))
+bpe = tok["model"]
+if not bpe.get("merges"):
+    vocab = bpe["vocab"]
+    ids = set(vocab.values()) | {t["id"] for t in tok.get("added_tokens", [])}
+    vocab["Ġt"] = next(i for i in range(len(ids) + 1) if i not in ids)
+    bpe["merges"] = ["Ġ t"]
+json.dump(tok, open(sys.argv[2], "w"), ensure_ascii=False)
+EOF
   local attempt
   for attempt in 1 2; do
     if PYTHONPATH=$LLAMA_DIR/gguf-py "$PYTHON" "$converter/convert_hf_to_gguf.py" "$view" \

@@ -25,6 +25,7 @@ pub const RESERVED_WORKER_FLAGS: &[&str] = &[
     "--shard-rank-from-pod-name",
     "--shard-count",
     "--peers",
+    "--drain-timeout",
 ];
 
 /// The most worker pods one ModelDeployment may ask for (`replicas x expertShards`).
@@ -240,7 +241,7 @@ pub struct ServingSpec {
     /// Extra worker flags, appended after the ones the operator sets (which they must not repeat).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(length(min = 1, max = 1024)))]
-    #[x_kube(validation = Rule::new("self.all(a, !(a.split('=')[0] in ['--model', '--grpc-addr', '--experts-addr', '--metrics-addr', '--shard-rank', '--shard-rank-from-pod-name', '--shard-count', '--peers']))").message("extraArgs must not repeat a flag the operator sets"))]
+    #[x_kube(validation = Rule::new("self.all(a, !(a.split('=')[0] in ['--model', '--grpc-addr', '--experts-addr', '--metrics-addr', '--shard-rank', '--shard-rank-from-pod-name', '--shard-count', '--peers', '--drain-timeout']))").message("extraArgs must not repeat a flag the operator sets"))]
     pub extra_args: Vec<String>,
 }
 

@@ -240,7 +240,9 @@ impl ExpertExecutor for ShardedStep<'_> {
         let (local_plan, peer_works) =
             split_plan(plan, &sharded.placement, sharded.peers.local_rank());
         if peer_works.is_empty() || !sharded.exchange.load(Ordering::SeqCst) {
-            return self.local.run_experts(layer, hidden, hidden_size, &local_plan);
+            return self
+                .local
+                .run_experts(layer, hidden, hidden_size, &local_plan);
         }
         // Fail fast, before any work, when a peer is known to be down.
         for work in &peer_works {
@@ -259,10 +261,10 @@ impl ExpertExecutor for ShardedStep<'_> {
             })
             .collect();
         // The local experts run while the peers compute theirs.
-        let local = self.local.run_experts(layer, hidden, hidden_size, &local_plan);
-        let answers = sharded
-            .runtime
-            .block_on(futures::future::join_all(calls));
+        let local = self
+            .local
+            .run_experts(layer, hidden, hidden_size, &local_plan);
+        let answers = sharded.runtime.block_on(futures::future::join_all(calls));
         let mut out = local?;
         for answer in answers {
             let (token_rows, sums) = answer

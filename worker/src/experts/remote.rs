@@ -37,10 +37,9 @@ pub fn split_plan(
         .map(|w| (w.expert, w.rows.len()))
         .collect();
     let assigned = placement.assign(&loads, local_rank);
-    let shards = placement.shard_count();
-    let mut per_shard: Vec<Vec<ExpertWork>> = vec![Vec::new(); shards];
+    let mut per_shard: Vec<Vec<ExpertWork>> = vec![Vec::new(); placement.shard_count()];
     for (work, ranks) in plan.works.iter().zip(&assigned) {
-        for rank in 0..shards {
+        for (rank, works) in per_shard.iter_mut().enumerate() {
             let mut part = ExpertWork {
                 expert: work.expert,
                 rows: Vec::new(),
@@ -57,7 +56,7 @@ pub fn split_plan(
                 part.weights.push(weight);
             }
             if !part.rows.is_empty() {
-                per_shard[rank].push(part);
+                works.push(part);
             }
         }
     }

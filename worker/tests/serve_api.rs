@@ -47,9 +47,9 @@ async fn greedy_tokens_through_the_server_equal_the_transformers_references() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_info_describes_model_cache_and_shard() {
     let mut serve_args = args("v3-tiny-f32");
-    serve_args.shard_rank = 1;
-    serve_args.shard_count = 2;
-    serve_args.peers = vec!["peer-0:50051".into()];
+    serve_args.shard.shard_rank = 1;
+    serve_args.shard.shard_count = 2;
+    serve_args.shard.peers = vec!["peer-0:50051".into()];
     let serving = serve(&serve_args).await;
     let info = client(&serving)
         .await

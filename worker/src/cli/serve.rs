@@ -17,9 +17,10 @@ use crate::engine::deepseek::DeepSeekExecutor;
 use crate::engine::detokenizer::TokenCodec;
 use crate::engine::scheduler::{RequestCounts, Scheduler, SchedulerConfig};
 use crate::engine::{Engine, EngineHandle};
+use crate::experts::shard::{Shard, ShardArgs};
 use crate::model::config::ModelType;
 use crate::model::loader::WeightStore;
-use crate::model::{DeepSeekModel, LatentCache, LoadOptions, Tokenizer};
+use crate::model::{DeepSeekModel, LatentCache, LoadOptions, ModelConfig, Tokenizer};
 use crate::server::RunningServer;
 use crate::server::grpc::{LoadedModel, RequestLimits};
 use crate::server::metrics::Metrics;
@@ -72,15 +73,9 @@ pub struct ServeArgs {
     /// Weight storage dtype in memory (activations are always f32).
     #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
     pub dtype: WeightDtype,
-    /// This worker's rank among the shards of its group.
-    #[arg(long, default_value_t = 0)]
-    pub shard_rank: u32,
-    /// Shards (pods) per group.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    pub shard_count: u32,
-    /// gRPC addresses of the other shards, HOST:PORT,...
-    #[arg(long, value_delimiter = ',')]
-    pub peers: Vec<String>,
+    /// Expert parallelism: rank, shard count, peers, placement, wire dtype.
+    #[command(flatten)]
+    pub shard: ShardArgs,
 }
 
 /// Parses a byte size: a number with an optional binary (Ki, Mi, Gi, Ti) or decimal (K, M, G, T)
@@ -151,6 +146,8 @@ pub struct Serving {
     pub server: RunningServer,
     pub engine: Engine,
     pub handle: EngineHandle,
+    /// The expert shard (its peer monitor stops when this is dropped).
+    pub shard: Arc<Shard>,
 }
 
 /// Binds both ports (health NOT_SERVING), loads the model, runs the warm-up step and starts
@@ -161,16 +158,39 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Serving> {
         None => model_dir_name(&args.model),
     };
     let metrics = Arc::new(Metrics::new(&model_name).context("registering metrics")?);
-    let server = RunningServer::start(args.grpc_addr, args.metrics_addr, metrics.clone())
-        .await
-        .context("starting the gRPC and HTTP servers")?;
+    let config_path = args.model.join("config.json");
+    let config = ModelConfig::from_file(&config_path)
+        .with_context(|| format!("reading {}", config_path.display()))?;
+    let mut shard = Shard::new(
+        &args.shard,
+        &args.model,
+        &config,
+        &model_name,
+        metrics.clone(),
+    )
+    .context("setting up the expert shard")?;
+    let server = RunningServer::start_with_experts(
+        args.grpc_addr,
+        args.metrics_addr,
+        metrics.clone(),
+        Some(shard.service.clone().into_server()),
+    )
+    .await
+    .context("starting the gRPC and HTTP servers")?;
+    // Peers are watched while the weights load, so the group is ready as soon as all are.
+    shard.start_monitor();
+    server.follow_peers(shard.peers_healthy());
+    let shard = Arc::new(shard);
 
     let load_args = args.clone();
     let load_metrics = metrics.clone();
-    let (engine, handle, info, limits, codec) =
-        tokio::task::spawn_blocking(move || load_engine(&load_args, model_name, load_metrics))
-            .await
-            .context("the model loading task panicked")??;
+    let load_shard = shard.clone();
+    let runtime = tokio::runtime::Handle::current();
+    let (engine, handle, info, limits, codec) = tokio::task::spawn_blocking(move || {
+        load_engine(&load_args, model_name, load_metrics, &load_shard, runtime)
+    })
+    .await
+    .context("the model loading task panicked")??;
     server
         .set_loaded(LoadedModel {
             engine: handle.clone(),
@@ -183,6 +203,7 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Serving> {
         server,
         engine,
         handle,
+        shard,
     })
 }
 
@@ -198,6 +219,8 @@ fn load_engine(
     args: &ServeArgs,
     model_name: String,
     metrics: Arc<Metrics>,
+    shard: &Shard,
+    runtime: tokio::runtime::Handle,
 ) -> anyhow::Result<Loaded> {
     let dir = &args.model;
     let started = Instant::now();
@@ -205,10 +228,12 @@ fn load_engine(
         dir,
         &LoadOptions {
             dtype: args.dtype.candle(),
-            ..LoadOptions::default()
+            expert_filter: shard.expert_filter(),
         },
     )
     .with_context(|| format!("loading the model from {}", dir.display()))?;
+    let model = Arc::new(model);
+    let sharded = shard.attach(model.clone(), runtime);
     let config = model.config().clone();
     let tokenizer = Tokenizer::load(dir, &config)
         .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
@@ -266,12 +291,12 @@ fn load_engine(
         kv_cache_bytes_per_token: bytes_per_token as u64,
         kv_cache_capacity_tokens: capacity_tokens as u64,
         kv_cache_block_size: args.block_size,
-        shard_rank: args.shard_rank,
-        shard_count: args.shard_count,
+        shard_rank: args.shard.shard_rank,
+        shard_count: args.shard.shard_count,
         dtype: dtype_name(args.dtype).to_owned(),
         max_batch_size: args.max_batch_size,
         vocab_size: config.vocab_size as u32,
-        peers: args.peers.clone(),
+        peers: args.shard.peers.clone(),
         max_queue: args.max_queue,
     };
     tracing::info!(
@@ -290,7 +315,7 @@ fn load_engine(
             max_tokens_per_step: args.max_tokens_per_step as usize,
             max_seq_len,
         },
-        DeepSeekExecutor::new(model, cache),
+        DeepSeekExecutor::new(model, cache).with_sharded_experts(sharded.clone()),
         codec.clone(),
         BlockManager::new(num_blocks, block_size, !args.no_prefix_caching),
         counts.clone(),
@@ -299,6 +324,10 @@ fn load_engine(
     let (engine, handle) = Engine::start(scheduler, counts, args.max_queue as usize)
         .map_err(anyhow::Error::msg)
         .context("starting the engine")?;
+    // The warm-up ran on local experts only; from now on steps exchange with the peers.
+    if let Some(sharded) = &sharded {
+        sharded.enable_exchange();
+    }
     Ok((engine, handle, info, limits, codec))
 }
 
@@ -336,12 +365,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         server,
         engine,
         handle,
+        shard,
     } = serving;
     server
         .drain(args.drain_timeout)
         .await
         .context("draining the servers")?;
     drop(handle);
+    drop(shard);
     tokio::task::spawn_blocking(move || engine.join())
         .await
         .context("joining the engine thread")?;

@@ -1,12 +1,13 @@
 //! The engine's model: a loaded [`DeepSeekModel`] with its [`LatentCache`], and the model
 //! directory's tokenizer as the engine's [`TokenCodec`].
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::DType;
 
 use super::detokenizer::TokenCodec;
-use super::executor::{BatchChunk, ModelExecutor};
+use super::executor::{BatchChunk, ModelExecutor, StepError};
+use crate::experts::remote::ShardedExperts;
 use crate::model::{
     DeepSeekModel, DispatchPlan, ExpertExecutor, LatentCache, LogitsFor, ModelError, SequenceChunk,
     Tokenizer,
@@ -14,14 +15,16 @@ use crate::model::{
 
 /// A model and the latent cache pool whose block ids the engine's block manager hands out.
 pub struct DeepSeekExecutor {
-    model: DeepSeekModel,
+    model: Arc<DeepSeekModel>,
     cache: LatentCache,
     /// Tokens routed to each (layer, expert) since the last report.
     expert_counts: Mutex<Vec<Vec<u64>>>,
+    /// Expert parallelism: peers run the routed experts this worker does not hold.
+    sharded: Option<Arc<ShardedExperts>>,
 }
 
 impl DeepSeekExecutor {
-    pub fn new(model: DeepSeekModel, cache: LatentCache) -> Self {
+    pub fn new(model: Arc<DeepSeekModel>, cache: LatentCache) -> Self {
         let config = model.config();
         let experts = config.moe.map_or(0, |moe| moe.n_routed_experts);
         let counts = vec![vec![0; experts]; config.num_hidden_layers];
@@ -29,7 +32,14 @@ impl DeepSeekExecutor {
             model,
             cache,
             expert_counts: Mutex::new(counts),
+            sharded: None,
         }
+    }
+
+    /// Runs the routed experts other shards hold on those shards.
+    pub fn with_sharded_experts(mut self, sharded: Option<Arc<ShardedExperts>>) -> Self {
+        self.sharded = sharded;
+        self
     }
 
     pub fn model(&self) -> &DeepSeekModel {
@@ -73,7 +83,7 @@ impl ModelExecutor for DeepSeekExecutor {
         self.model.config().vocab_size
     }
 
-    fn forward(&mut self, chunks: &[BatchChunk<'_>]) -> Result<Vec<f32>, String> {
+    fn forward(&mut self, chunks: &[BatchChunk<'_>]) -> Result<Vec<f32>, StepError> {
         let chunks: Vec<SequenceChunk<'_>> = chunks
             .iter()
             .map(|chunk| SequenceChunk {
@@ -87,15 +97,30 @@ impl ModelExecutor for DeepSeekExecutor {
             counts: &self.expert_counts,
         };
         // (chunks, vocab) f32
-        let logits = self
-            .model
-            .forward_with_experts(&chunks, &mut self.cache, LogitsFor::LastToken, &experts)
-            .map_err(|e| e.to_string())?;
+        // Only this shard's experts are counted (expert_tokens_total counts local expert work).
+        let result = match &self.sharded {
+            Some(sharded) => self.model.forward_with_experts(
+                &chunks,
+                &mut self.cache,
+                LogitsFor::LastToken,
+                &sharded.with_local(&experts),
+            ),
+            None => self.model.forward_with_experts(
+                &chunks,
+                &mut self.cache,
+                LogitsFor::LastToken,
+                &experts,
+            ),
+        };
+        let logits = result.map_err(|e| match e {
+            ModelError::ExpertsUnavailable(message) => StepError::Unavailable(message),
+            other => StepError::Failed(other.to_string()),
+        })?;
         logits
             .to_dtype(DType::F32)
             .and_then(|l| l.flatten_all())
             .and_then(|l| l.to_vec1::<f32>())
-            .map_err(|e| format!("reading logits: {e}"))
+            .map_err(|e| StepError::Failed(format!("reading logits: {e}")))
     }
 
     fn take_expert_counts(&mut self) -> Vec<(usize, usize, u64)> {

@@ -52,6 +52,9 @@ pub enum ModelError {
     ExpertNotLoaded { layer: usize, expert: usize },
     #[error("expert execution failed: {0}")]
     Experts(String),
+    /// Another shard that holds some of the routed experts cannot be reached.
+    #[error("{0}")]
+    ExpertsUnavailable(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]

@@ -3,8 +3,8 @@
 //! `model`. `docs/metrics.md` describes each one.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::engine::request::FinishReason;
@@ -50,6 +50,10 @@ pub struct Metrics {
     pub step_duration_seconds: Histogram,
     pub model_load_seconds: Gauge,
     expert_tokens_total: IntCounterVec,
+    expert_dispatch_bytes_total: IntCounterVec,
+    expert_rpc_seconds: HistogramVec,
+    expert_rpc_errors_total: IntCounterVec,
+    expert_shard_info: IntGaugeVec,
 }
 
 impl Metrics {
@@ -88,6 +92,24 @@ impl Metrics {
                 let counter = IntCounterVec::new(Opts::new(name, help), labels)?;
                 reg(Box::new(counter.clone()))?;
                 Ok(counter)
+            };
+        let histogram_vec = |name: &str,
+                             help: &str,
+                             labels: &[&str],
+                             buckets: &[f64]|
+         -> Result<HistogramVec, prometheus::Error> {
+            let histogram = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )?;
+            reg(Box::new(histogram.clone()))?;
+            Ok(histogram)
+        };
+        let int_gauge_vec =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntGaugeVec, prometheus::Error> {
+                let gauge = IntGaugeVec::new(Opts::new(name, help), labels)?;
+                reg(Box::new(gauge.clone()))?;
+                Ok(gauge)
             };
 
         Ok(Self {
@@ -179,6 +201,27 @@ impl Metrics {
                 "Tokens routed to each expert of each MoE layer (expert load).",
                 &["layer", "expert"],
             )?,
+            expert_dispatch_bytes_total: counter_vec(
+                "expert_dispatch_bytes_total",
+                "Bytes of RunExperts requests sent to each expert peer (hidden rows, expert ids, weights).",
+                &["peer"],
+            )?,
+            expert_rpc_seconds: histogram_vec(
+                "expert_rpc_seconds",
+                "Duration of one RunExperts call to an expert peer (one MoE layer of one step).",
+                &["peer"],
+                STEP_SECONDS,
+            )?,
+            expert_rpc_errors_total: counter_vec(
+                "expert_rpc_errors_total",
+                "Failed RunExperts calls to an expert peer, by gRPC code.",
+                &["peer", "code"],
+            )?,
+            expert_shard_info: int_gauge_vec(
+                "expert_shard_info",
+                "Always 1: this worker's expert shard rank and the shard count of its group.",
+                &["rank", "count"],
+            )?,
             registry,
         })
     }
@@ -193,6 +236,30 @@ impl Metrics {
         self.expert_tokens_total
             .with_label_values(&[&layer.to_string(), &expert.to_string()])
             .inc_by(tokens);
+    }
+
+    pub fn record_expert_dispatch(&self, peer: &str, bytes: u64) {
+        self.expert_dispatch_bytes_total
+            .with_label_values(&[peer])
+            .inc_by(bytes);
+    }
+
+    pub fn record_expert_rpc(&self, peer: &str, seconds: f64) {
+        self.expert_rpc_seconds
+            .with_label_values(&[peer])
+            .observe(seconds);
+    }
+
+    pub fn record_expert_rpc_error(&self, peer: &str, code: &str) {
+        self.expert_rpc_errors_total
+            .with_label_values(&[peer, code])
+            .inc();
+    }
+
+    pub fn set_expert_shard(&self, rank: usize, count: usize) {
+        self.expert_shard_info
+            .with_label_values(&[&rank.to_string(), &count.to_string()])
+            .set(1);
     }
 
     /// Every metric in the Prometheus text format.
@@ -215,6 +282,10 @@ mod tests {
         let metrics = Metrics::new("demo").unwrap();
         metrics.record_finish(FinishReason::Stop);
         metrics.record_expert_tokens(1, 3, 5);
+        metrics.record_expert_dispatch("shard-1:50051", 4096);
+        metrics.record_expert_rpc("shard-1:50051", 0.003);
+        metrics.record_expert_rpc_error("shard-1:50051", "Unavailable");
+        metrics.set_expert_shard(0, 2);
         metrics.time_to_first_token_seconds.observe(0.2);
         let text = metrics.render();
         for name in [
@@ -239,6 +310,10 @@ mod tests {
             "step_duration_seconds",
             "model_load_seconds",
             "expert_tokens_total",
+            "expert_dispatch_bytes_total",
+            "expert_rpc_seconds",
+            "expert_rpc_errors_total",
+            "expert_shard_info",
         ] {
             assert!(
                 text.contains(&format!("# TYPE latentserve_{name} ")),
@@ -254,6 +329,12 @@ mod tests {
             text.contains(
                 r#"latentserve_expert_tokens_total{expert="3",layer="1",model="demo"} 5"#
             )
+        );
+        assert!(text.contains(
+            r#"latentserve_expert_rpc_errors_total{code="Unavailable",peer="shard-1:50051",model="demo"} 1"#
+        ));
+        assert!(
+            text.contains(r#"latentserve_expert_shard_info{count="2",rank="0",model="demo"} 1"#)
         );
     }
 }

@@ -84,9 +84,7 @@ pub fn args(model: &str) -> ServeArgs {
         max_queue: 256,
         drain_timeout: Duration::from_secs(30),
         dtype: WeightDtype::F32,
-        shard_rank: 0,
-        shard_count: 1,
-        peers: Vec::new(),
+        shard: latentserve_worker::experts::shard::ShardArgs::default(),
     }
 }
 

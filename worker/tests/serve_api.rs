@@ -247,7 +247,15 @@ async fn the_client_deadline_is_honoured() {
         }
         Err(status) => status,
     };
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // The server answers DEADLINE_EXCEEDED when the deadline passes; tonic's client enforces the
+    // same grpc-timeout itself and, on a loaded machine, may report CANCELLED ("Timeout
+    // expired") first. Either way the server must drop the request and free its blocks.
+    let client_timer_won =
+        status.code() == Code::Cancelled && status.message().contains("Timeout expired");
+    assert!(
+        status.code() == Code::DeadlineExceeded || client_timer_won,
+        "{status:?}"
+    );
     wait_for_metrics(&serving, "the expired request to leave", |text| {
         metric(text, "requests_running") == 0.0 && metric(text, "kv_cache_usage_ratio") == 0.0
     })

@@ -21,9 +21,9 @@ use crate::experts::shard::{Shard, ShardArgs};
 use crate::model::config::ModelType;
 use crate::model::loader::WeightStore;
 use crate::model::{DeepSeekModel, LatentCache, LoadOptions, ModelConfig, Tokenizer};
-use crate::server::RunningServer;
 use crate::server::grpc::{LoadedModel, RequestLimits};
 use crate::server::metrics::Metrics;
+use crate::server::{ExpertsEndpoint, RunningServer};
 
 fn dtype_name(dtype: WeightDtype) -> &'static str {
     match dtype {
@@ -173,7 +173,10 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Serving> {
         args.grpc_addr,
         args.metrics_addr,
         metrics.clone(),
-        Some(shard.service.clone().into_server()),
+        Some(ExpertsEndpoint {
+            service: shard.service.clone().into_server(),
+            addr: args.shard.experts_addr,
+        }),
     )
     .await
     .context("starting the gRPC and HTTP servers")?;
@@ -357,7 +360,8 @@ fn model_dir_name(dir: &Path) -> String {
 }
 
 /// `serve`: runs until SIGTERM or Ctrl-C, then drains and returns.
-pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+pub async fn run(mut args: ServeArgs) -> anyhow::Result<()> {
+    args.shard.resolve_rank()?;
     let serving = start(&args).await?;
     shutdown_signal().await?;
     tracing::info!("shutdown signal received");

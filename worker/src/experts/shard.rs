@@ -44,8 +44,16 @@ impl WireDtypeArg {
 #[derive(Debug, Clone, Args)]
 pub struct ShardArgs {
     /// This worker's rank among the shards of its group (0-based).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, conflicts_with = "shard_rank_from_pod_name")]
     pub shard_rank: u32,
+    /// Take the rank from the ordinal at the end of $POD_NAME (a StatefulSet pod `demo-0-3` is
+    /// rank 3), as the operator's pods do: the pod spec is the same for every rank.
+    #[arg(long)]
+    pub shard_rank_from_pod_name: bool,
+    /// Serve the expert exchange on this address instead of the gRPC port, so that a
+    /// NetworkPolicy can admit it from the group's own pods only.
+    #[arg(long)]
+    pub experts_addr: Option<std::net::SocketAddr>,
     /// Shards (pods) per group; the routed experts are split across them.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub shard_count: u32,
@@ -70,6 +78,8 @@ impl Default for ShardArgs {
     fn default() -> Self {
         Self {
             shard_rank: 0,
+            shard_rank_from_pod_name: false,
+            experts_addr: None,
             shard_count: 1,
             peers: Vec::new(),
             expert_placement: None,
@@ -244,4 +254,42 @@ pub fn loaded_expert_bytes(experts: &LocalExperts) -> usize {
         .flatten()
         .map(|mlp| mlp.weight_bytes())
         .sum()
+}
+
+/// The ordinal at the end of a StatefulSet pod name (`demo-0-3` -> 3).
+pub fn rank_from_pod_name(pod_name: &str) -> anyhow::Result<u32> {
+    pod_name
+        .rsplit_once('-')
+        .and_then(|(_, ordinal)| ordinal.parse().ok())
+        .with_context(|| {
+            format!("--shard-rank-from-pod-name: POD_NAME {pod_name:?} does not end in -<ordinal>")
+        })
+}
+
+impl ShardArgs {
+    /// Resolves `--shard-rank-from-pod-name` into `shard_rank` from the `POD_NAME` environment
+    /// variable (set by the downward API).
+    pub fn resolve_rank(&mut self) -> anyhow::Result<()> {
+        if self.shard_rank_from_pod_name {
+            let pod_name = std::env::var("POD_NAME").context(
+                "--shard-rank-from-pod-name needs the POD_NAME environment variable (downward API)",
+            )?;
+            self.shard_rank = rank_from_pod_name(&pod_name)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod rank_tests {
+    use super::rank_from_pod_name;
+
+    #[test]
+    fn the_rank_is_the_pod_ordinal() {
+        assert_eq!(rank_from_pod_name("demo-0-3").unwrap(), 3);
+        assert_eq!(rank_from_pod_name("my-model-12-0").unwrap(), 0);
+        let error = rank_from_pod_name("demo").unwrap_err().to_string();
+        assert!(error.contains("\"demo\""), "{error}");
+        assert!(rank_from_pod_name("demo-0-x").is_err());
+    }
 }

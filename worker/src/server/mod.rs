@@ -54,7 +54,18 @@ pub struct RunningServer {
     readiness: Arc<Readiness>,
     shutdown: watch::Sender<bool>,
     grpc_task: JoinHandle<Result<(), tonic::transport::Error>>,
+    experts_task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     http_task: JoinHandle<std::io::Result<()>>,
+    /// Where the expert exchange listens when it has a port of its own.
+    pub experts_addr: Option<SocketAddr>,
+}
+
+/// Where a sharded worker serves the expert exchange (`latentserve.v1.Experts`).
+pub struct ExpertsEndpoint {
+    pub service: ExpertsServer<ExpertsService>,
+    /// A port of its own, so that a NetworkPolicy can admit the exchange from sibling shards only
+    /// while clients reach the gRPC port; `None` serves it on the gRPC port.
+    pub addr: Option<SocketAddr>,
 }
 
 impl RunningServer {
@@ -68,13 +79,25 @@ impl RunningServer {
         Self::start_with_experts(grpc_addr, metrics_addr, metrics, None).await
     }
 
-    /// [`Self::start`], plus `experts`, the expert exchange of a sharded worker, on the gRPC port.
+    /// [`Self::start`], plus `experts`, the expert exchange of a sharded worker, on the gRPC port
+    /// or on a port of its own.
     pub async fn start_with_experts(
         grpc_addr: SocketAddr,
         metrics_addr: SocketAddr,
         metrics: Arc<Metrics>,
-        experts: Option<ExpertsServer<ExpertsService>>,
+        experts: Option<ExpertsEndpoint>,
     ) -> Result<Self, ServerError> {
+        let (experts_on_grpc_port, experts_own_port) = match experts {
+            Some(ExpertsEndpoint {
+                service,
+                addr: None,
+            }) => (Some(service), None),
+            Some(ExpertsEndpoint {
+                service,
+                addr: Some(addr),
+            }) => (None, Some((service, addr))),
+            None => (None, None),
+        };
         let grpc_listener =
             TcpListener::bind(grpc_addr)
                 .await
@@ -130,18 +153,41 @@ impl RunningServer {
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
                 .add_service(inference)
-                .add_optional_service(experts)
+                .add_optional_service(experts_on_grpc_port)
                 .serve_with_incoming_shutdown(
                     TcpListenerStream::new(grpc_listener),
                     wait_for(shutdown_rx.clone()),
                 ),
         );
+        let (experts_task, experts_addr) = match experts_own_port {
+            Some((service, addr)) => {
+                let listener =
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| ServerError::Bind {
+                            what: "the experts port",
+                            addr,
+                            source,
+                        })?;
+                let addr = bound(&listener, "the experts port", addr)?;
+                let task = tokio::spawn(
+                    tonic::transport::Server::builder()
+                        .add_service(service)
+                        .serve_with_incoming_shutdown(
+                            TcpListenerStream::new(listener),
+                            wait_for(shutdown_rx.clone()),
+                        ),
+                );
+                (Some(task), Some(addr))
+            }
+            None => (None, None),
+        };
         let http_task = tokio::spawn(
             axum::serve(http_listener, http::router(metrics, ready.clone()))
                 .with_graceful_shutdown(wait_for(shutdown_rx))
                 .into_future(),
         );
-        tracing::info!(%grpc_addr, %metrics_addr, "listening");
+        tracing::info!(%grpc_addr, %metrics_addr, ?experts_addr, "listening");
         Ok(Self {
             grpc_addr,
             metrics_addr,
@@ -149,7 +195,9 @@ impl RunningServer {
             readiness,
             shutdown,
             grpc_task,
+            experts_task,
             http_task,
+            experts_addr,
         })
     }
 
@@ -207,6 +255,9 @@ impl RunningServer {
         }
         let _ = self.shutdown.send(true);
         self.grpc_task.await??;
+        if let Some(task) = self.experts_task {
+            task.await??;
+        }
         self.http_task.await?.map_err(ServerError::Http)?;
         tracing::info!("drained");
         Ok(())

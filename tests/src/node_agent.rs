@@ -9,12 +9,14 @@
 //!
 //! This module holds the pure translation from a Pod to a process (command line, environment
 //! with downward-API fields, hostPath and emptyDir volumes, bind addresses, peer names) and the
-//! readiness check to run against it; the loop that talks to the API server and supervises the
-//! processes is built on top of it.
+//! readiness check to run against it; [`runtime`] is the loop that talks to the API server and
+//! supervises the processes.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+
+pub mod runtime;
 
 use k8s_openapi::api::core::v1::{Container, EnvVarSource, Pod, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;

@@ -33,6 +33,8 @@ pub struct AgentConfig {
     pub node_name: String,
     /// Local binaries by command name (`latentserve-worker` -> the workspace's build).
     pub binaries: BTreeMap<String, PathBuf>,
+    /// hostPath volume paths -> directories on this machine (see [`Placement::host_paths`]).
+    pub host_paths: BTreeMap<String, PathBuf>,
     /// emptyDir volumes and process logs (`<root>/<namespace>/<pod>.log`) go here.
     pub scratch_root: PathBuf,
     /// Environment every process gets on top of its container's (e.g. `RUST_LOG`); nothing
@@ -48,6 +50,7 @@ impl AgentConfig {
         Self {
             node_name: "latentserve-test-node".to_owned(),
             binaries,
+            host_paths: BTreeMap::new(),
             scratch_root,
             base_env: vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())],
             poll_interval: Duration::from_millis(200),
@@ -369,6 +372,7 @@ impl Agent {
             host_ip: Ipv4Addr::LOCALHOST,
             scratch_root: &self.config.scratch_root,
             binaries: &self.config.binaries,
+            host_paths: &self.config.host_paths,
         };
         let spec = process_for_pod(pod, &placement, &mut self.book)?;
         let check = readiness_check(pod, spec.pod_ip)?;

@@ -1,19 +1,179 @@
-//! `latentserve-operator`: reconciles `ModelDeployment` objects into worker pods.
+//! `latentserve-operator`: reconciles `ModelDeployment` objects into worker pods (`run`), or
+//! prints the CRD (`crd`).
 
-use clap::Parser;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
+use latentserve_operator::capacity::GrpcModelInfo;
+use latentserve_operator::crd;
+use latentserve_operator::discovery::Features;
+use latentserve_operator::leader::LeaseLock;
+use latentserve_operator::metrics::{self, Metrics};
+use latentserve_operator::reconcile::{self, Context};
+use latentserve_operator::resources::BuildContext;
 
 /// The latentserve Kubernetes operator.
 #[derive(Debug, Parser)]
 #[command(name = "latentserve-operator", version, about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the controller against the cluster of the kubeconfig (or the in-cluster account).
+    Run(RunArgs),
+    /// Prints the ModelDeployment CRD as YAML.
+    Crd {
+        /// Leave out the CEL `x-kubernetes-validations` rules, for clusters before 1.25 whose
+        /// clients reject the unknown field (the operator enforces the same rules).
+        #[arg(long)]
+        without_cel: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Watch ModelDeployments in this namespace only (all namespaces when unset).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Worker image for ModelDeployments that do not name one.
+    #[arg(long, env = "LATENTSERVE_WORKER_IMAGE", default_value = concat!("latentserve-worker:", env!("CARGO_PKG_VERSION")))]
+    worker_image: String,
+    /// Address of the HTTP server for /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Run only while holding the leader Lease, so that several replicas can stand by.
+    #[arg(long)]
+    leader_election: bool,
+    /// Namespace of the leader Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    leader_election_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "latentserve-operator")]
+    leader_election_id: String,
+    /// Log line format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube_runtime=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// This process's name in the leader Lease: the pod name in a cluster, host and pid elsewhere.
+fn identity() -> String {
+    std::env::var("POD_NAME").unwrap_or_else(|_| {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|| "operator".to_owned());
+        format!("{host}-{}", std::process::id())
+    })
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let client = Client::try_default()
+        .await
+        .context("cannot configure a Kubernetes client (KUBECONFIG or in-cluster account)")?;
+    let features = Features::discover(&client)
+        .await
+        .context("API discovery failed: cannot reach the Kubernetes API server")?;
+    let skipped = features.downgrades();
+    tracing::info!(version = %features.version, skipped = ?skipped, "discovered cluster features");
+
+    let metrics = Arc::new(Metrics::new());
+    let bound = metrics::serve(args.metrics_addr, metrics.clone())
+        .await
+        .with_context(|| format!("cannot listen on --metrics-addr {}", args.metrics_addr))?;
+    tracing::info!(address = %bound, "serving /metrics, /healthz and /readyz");
+    metrics.set_ready(true);
+
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        BuildContext {
+            worker_image: args.worker_image,
+            features,
+        },
+        metrics.clone(),
+        Arc::new(GrpcModelInfo::default()),
+    ));
+
+    if !args.leader_election {
+        metrics.leader.set(1);
+        reconcile::run(ctx, args.namespace).await;
+        return Ok(());
+    }
+
+    let leases: Api<Lease> = Api::namespaced(client, &args.leader_election_namespace);
+    let mut lock = LeaseLock::new(leases, &args.leader_election_id, &identity());
+    tracing::info!(
+        identity = lock.identity(),
+        lease = args.leader_election_id,
+        "waiting for the leader lease"
+    );
+    tokio::select! {
+        () = lock.acquire() => {}
+        () = shutdown_signal() => return Ok(()),
+    }
+    tracing::info!(identity = lock.identity(), "became the leader");
+    metrics.leader.set(1);
+    let lost = tokio::select! {
+        () = reconcile::run(ctx, args.namespace) => false,
+        () = lock.keep() => true,
+    };
+    metrics.leader.set(0);
+    if lost {
+        anyhow::bail!("lost the leader lease; exiting so that a restart starts as a standby");
+    }
+    lock.release()
+        .await
+        .context("cannot release the leader lease")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let Cli {} = Cli::parse();
-    Ok(())
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd { without_cel } => {
+            print!("{}", crd::crd_yaml(!without_cel));
+            Ok(())
+        }
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?
+            .block_on(run(args)),
+    }
 }

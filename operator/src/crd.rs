@@ -1,0 +1,520 @@
+//! The `ModelDeployment` custom resource (`latentserve.io/v1alpha1`): its spec, its status and
+//! the CRD generated from them.
+//!
+//! The schema carries every check a cluster can enforce on its own (minimums, enums, required
+//! fields, exactly one model source); cross-field rules are CEL `x-kubernetes-validations`, which
+//! clusters before 1.25 drop. `validate.rs` repeats all of them so old clusters are protected too.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, Toleration};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Flags the operator sets on the worker itself; `serving.extraArgs` must not repeat them.
+pub const RESERVED_WORKER_FLAGS: &[&str] = &[
+    "--model",
+    "--grpc-addr",
+    "--experts-addr",
+    "--metrics-addr",
+    "--shard-rank",
+    "--shard-rank-from-pod-name",
+    "--shard-count",
+    "--peers",
+];
+
+/// The most worker pods one ModelDeployment may ask for (`replicas x expertShards`).
+pub const MAX_TOTAL_PODS: i32 = 1024;
+
+/// A model served by a set of latentserve worker pods: `replicas` independent serving groups,
+/// each a StatefulSet of `expertShards` pods that split the routed experts between them.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "latentserve.io",
+    version = "v1alpha1",
+    kind = "ModelDeployment",
+    namespaced,
+    shortname = "mdep",
+    category = "latentserve",
+    status = "ModelDeploymentStatus",
+    derive = "PartialEq",
+    doc = "A DeepSeek-style model served by latentserve worker pods, with routed experts sharded across the pods of each serving group.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        description = "Serving groups whose every shard is ready"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".spec.replicas",
+        description = "Serving groups asked for"
+    ),
+    printcolumn(
+        name = "Shards",
+        type_ = "integer",
+        json_path = ".spec.expertShards",
+        description = "Pods per serving group"
+    ),
+    printcolumn(
+        name = "Available",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Available\")].status"
+    ),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(
+    validation = Rule::new("self.replicas * self.expertShards <= 1024").message("replicas x expertShards must be at most 1024 pods"),
+    validation = Rule::new("!has(self.resources) || !has(self.resources.gpus) || self.resources.gpus == 0 || !has(self.resources.limits) || !((has(self.resources.gpuResourceName) ? self.resources.gpuResourceName : 'nvidia.com/gpu') in self.resources.limits)").message("resources.gpus and resources.limits must not both set the GPU resource")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentSpec {
+    /// Where the weights come from: exactly one of hostPath, pvc or image. Mounted read-only
+    /// at /model in every worker.
+    pub model: ModelSource,
+    /// Independent serving groups (data parallel). The scale subresource sets this.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1024))]
+    pub replicas: i32,
+    /// Pods per serving group; the routed experts are split across them (expert parallel degree).
+    #[serde(default = "default_expert_shards")]
+    #[schemars(range(min = 1, max = 256))]
+    pub expert_shards: i32,
+    /// Worker image; defaults to the operator's `--worker-image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+    /// Pull policy of the worker image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+    /// CPU, memory and GPU resources of each worker pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<WorkerResources>,
+    /// Engine settings passed to every worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<ServingSpec>,
+    /// Passed through to the worker pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Passed through to the worker pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Passed through to the worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Passed through to the worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+    /// ServiceAccount of the worker pods (the namespace's `default` when unset). Its token is
+    /// not mounted: workers never talk to the API server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub service_account_name: Option<String>,
+    /// The client Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceSpec>,
+    /// While true the operator leaves the children as they are (no applies, no deletions) and
+    /// only reports status.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+fn default_expert_shards() -> i32 {
+    1
+}
+
+/// The one source of the model weights.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub enum ModelSource {
+    /// A directory on every node that may run a worker.
+    HostPath(HostPathSource),
+    /// A PersistentVolumeClaim in the ModelDeployment's namespace (ReadOnlyMany for more than
+    /// one node).
+    Pvc(PvcSource),
+    /// An OCI image or artifact holding the model files (Kubernetes 1.31+ image volumes).
+    Image(ImageSource),
+}
+
+/// A model directory on the node.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HostPathSource {
+    /// Absolute path of the model directory (config.json, *.safetensors, tokenizer.json).
+    #[schemars(length(min = 1, max = 4096), regex(pattern = r"^/"))]
+    pub path: String,
+}
+
+/// A model directory on a PersistentVolumeClaim.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcSource {
+    /// Name of the claim.
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
+    /// Directory inside the volume that holds the model; the volume root when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096), regex(pattern = r"^[^/]"))]
+    pub sub_path: Option<String>,
+}
+
+/// A model packaged as an OCI image.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSource {
+    /// Image reference, e.g. `registry.example/models/dsv3:1`.
+    #[schemars(length(min = 1, max = 512))]
+    pub reference: String,
+    /// Pull policy of the model image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_policy: Option<PullPolicy>,
+}
+
+/// Kubernetes image pull policies.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
+/// Resources of each worker pod.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerResources {
+    /// GPUs per worker pod, set as both request and limit of `gpuResourceName`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 64))]
+    pub gpus: Option<i32>,
+    /// Extended resource name of the GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub gpu_resource_name: Option<String>,
+    /// Requests, as in a container's `resources.requests`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requests: BTreeMap<String, Quantity>,
+    /// Limits, as in a container's `resources.limits`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, Quantity>,
+}
+
+/// The GPU resource name used when `resources.gpuResourceName` is unset.
+pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+impl WorkerResources {
+    pub fn gpu_resource_name(&self) -> &str {
+        self.gpu_resource_name
+            .as_deref()
+            .unwrap_or(DEFAULT_GPU_RESOURCE)
+    }
+}
+
+/// Engine settings; unset fields keep the worker's own defaults.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ServingSpec {
+    /// Most sequences decoded together in one step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub max_batch_size: Option<i32>,
+    /// Longest sequence (prompt + generated tokens) a request may reach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub max_seq_len: Option<i32>,
+    /// Memory budget of the latent KV cache pool per worker, as a quantity (e.g. `8Gi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_memory: Option<Quantity>,
+    /// Share cached prompt prefixes between requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_caching: Option<bool>,
+    /// Weight dtype in memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<Dtype>,
+    /// Extra worker flags, appended after the ones the operator sets (which they must not repeat).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 1024)))]
+    #[x_kube(validation = Rule::new("self.all(a, !(a.split('=')[0] in ['--model', '--grpc-addr', '--experts-addr', '--metrics-addr', '--shard-rank', '--shard-rank-from-pod-name', '--shard-count', '--peers']))").message("extraArgs must not repeat a flag the operator sets"))]
+    pub extra_args: Vec<String>,
+}
+
+/// Weight dtypes the worker loads into memory.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    F32,
+    F16,
+}
+
+impl Dtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+        }
+    }
+}
+
+/// The client Service.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// gRPC port of the client Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    /// Service type.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub type_: Option<ServiceType>,
+    /// Annotations of the client Service (load balancer settings and the like).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Client Service types.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServiceType {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// What the operator observed; written only through the status subresource.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Serving groups that exist.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Serving groups whose every shard is ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Label selector of the worker pods (for the scale subresource and HPA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Available, Progressing and Degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// `host:port` of the client Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Cache capacity as reported by a ready worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Capacity>,
+}
+
+/// MLA-aware capacity figures of one worker, from its `GetModelInfo`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Capacity {
+    /// Latent cache bytes per token over all layers.
+    pub kv_cache_bytes_per_token: i64,
+    /// Tokens that fit in one worker's cache pool.
+    pub kv_cache_tokens: i64,
+    /// Sequences of `maxContext` tokens that fit in the cache at once.
+    pub concurrent_sequences_at_max_len: i64,
+    /// The context length those sequences have.
+    pub max_context: i64,
+    /// The pod that reported the figures.
+    pub reported_by: String,
+}
+
+impl ModelDeployment {
+    pub fn serving(&self) -> ServingSpec {
+        self.spec.serving.clone().unwrap_or_default()
+    }
+
+    pub fn resources(&self) -> WorkerResources {
+        self.spec.resources.clone().unwrap_or_default()
+    }
+
+    pub fn service(&self) -> ServiceSpec {
+        self.spec.service.clone().unwrap_or_default()
+    }
+}
+
+/// The CRD as installed on clusters that enforce CEL rules (1.25+).
+pub fn crd() -> CustomResourceDefinition {
+    ModelDeployment::crd()
+}
+
+/// The CRD without `x-kubernetes-validations`, for clusters before 1.25, whose clients reject the
+/// unknown field. The reconciler applies the same rules there.
+pub fn crd_without_cel() -> CustomResourceDefinition {
+    let mut value = serde_json::to_value(crd()).expect("a CRD serializes to JSON");
+    strip_key(&mut value, "x-kubernetes-validations");
+    serde_json::from_value(value).expect("a CRD without CEL rules is still a CRD")
+}
+
+fn strip_key(value: &mut serde_json::Value, key: &str) {
+    match value {
+        serde_json::Value::Object(map) => {
+            map.remove(key);
+            map.values_mut().for_each(|v| strip_key(v, key));
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| strip_key(v, key)),
+        _ => {}
+    }
+}
+
+/// The CRD as YAML, as `latentserve-operator crd` prints it and `crds/` holds it.
+pub fn crd_yaml(with_cel: bool) -> String {
+    let crd = if with_cel { crd() } else { crd_without_cel() };
+    serde_yaml::to_string(&crd).expect("a CRD serializes to YAML")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema_of(crd: &CustomResourceDefinition) -> serde_json::Value {
+        serde_json::to_value(&crd.spec.versions[0].schema).unwrap()["openAPIV3Schema"].clone()
+    }
+
+    #[test]
+    fn crd_has_the_names_scale_and_status_subresources() {
+        let crd = crd();
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some("modeldeployments.latentserve.io")
+        );
+        assert_eq!(crd.spec.names.short_names, Some(vec!["mdep".to_owned()]));
+        assert_eq!(crd.spec.scope, "Namespaced");
+        let version = &crd.spec.versions[0];
+        assert_eq!(version.name, "v1alpha1");
+        let subresources = version.subresources.as_ref().unwrap();
+        assert!(subresources.status.is_some());
+        let scale = subresources.scale.as_ref().unwrap();
+        assert_eq!(scale.spec_replicas_path, ".spec.replicas");
+        assert_eq!(scale.status_replicas_path, ".status.replicas");
+        assert_eq!(
+            scale.label_selector_path.as_deref(),
+            Some(".status.selector")
+        );
+        let columns: Vec<_> = version
+            .additional_printer_columns
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(
+            columns,
+            [
+                "Ready",
+                "Replicas",
+                "Shards",
+                "Available",
+                "Endpoint",
+                "Age"
+            ]
+        );
+    }
+
+    #[test]
+    fn model_source_is_exactly_one_of_three() {
+        let schema = schema_of(&crd());
+        let model = &schema["properties"]["spec"]["properties"]["model"];
+        let one_of = model["oneOf"].as_array().expect("model has oneOf");
+        let required: Vec<_> = one_of.iter().map(|s| s["required"][0].clone()).collect();
+        assert_eq!(required, ["hostPath", "pvc", "image"]);
+        for source in ["hostPath", "pvc", "image"] {
+            assert!(model["properties"][source].is_object(), "{source} missing");
+        }
+        assert_eq!(
+            schema["properties"]["spec"]["required"],
+            serde_json::json!(["model"])
+        );
+    }
+
+    #[test]
+    fn schema_carries_minimums_and_enums() {
+        let schema = schema_of(&crd());
+        let spec = &schema["properties"]["spec"]["properties"];
+        assert_eq!(spec["replicas"]["minimum"], 0.0);
+        assert_eq!(spec["expertShards"]["minimum"], 1.0);
+        // Optional enums are nullable, so `null` joins the allowed values.
+        assert_eq!(
+            spec["service"]["properties"]["type"]["enum"],
+            serde_json::json!(["ClusterIP", "NodePort", "LoadBalancer", null])
+        );
+        assert_eq!(
+            spec["serving"]["properties"]["dtype"]["enum"],
+            serde_json::json!(["f32", "f16", null])
+        );
+    }
+
+    #[test]
+    fn cel_rules_are_present_and_can_be_left_out() {
+        let with = serde_json::to_string(&crd()).unwrap();
+        assert_eq!(with.matches("x-kubernetes-validations").count(), 2);
+        assert!(with.contains("self.replicas * self.expertShards <= 1024"));
+        let without = serde_json::to_string(&crd_without_cel()).unwrap();
+        assert!(!without.contains("x-kubernetes-validations"));
+        assert!(!crd_yaml(false).contains("x-kubernetes-validations"));
+    }
+
+    #[test]
+    fn defaults_apply_when_fields_are_left_out() {
+        let md: ModelDeployment = serde_json::from_value(serde_json::json!({
+            "apiVersion": "latentserve.io/v1alpha1",
+            "kind": "ModelDeployment",
+            "metadata": {"name": "demo"},
+            "spec": {"model": {"hostPath": {"path": "/srv/models/demo"}}}
+        }))
+        .unwrap();
+        assert_eq!(md.spec.replicas, 1);
+        assert_eq!(md.spec.expert_shards, 1);
+        assert!(!md.spec.paused);
+        assert_eq!(md.resources().gpu_resource_name(), "nvidia.com/gpu");
+        assert_eq!(
+            md.spec.model,
+            ModelSource::HostPath(HostPathSource {
+                path: "/srv/models/demo".into()
+            })
+        );
+    }
+}

@@ -1,0 +1,20 @@
+//! The latentserve operator: the `ModelDeployment` CRD and the controller that turns it into
+//! worker pods.
+//!
+//! The reconciler is a pipeline, one module per step: [`validate`] -> [`resources`] (pure
+//! builders) -> server-side apply and pruning ([`reconcile`]) -> [`status`]. [`discovery`] adapts
+//! the builders to the cluster, [`leader`] elects one active process, [`metrics`] serves
+//! Prometheus and health endpoints, and [`capacity`] reads the cache figures from a worker.
+
+pub mod capacity;
+pub mod crd;
+pub mod discovery;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod resources;
+pub mod status;
+pub mod validate;
+
+#[cfg(test)]
+mod test_support;

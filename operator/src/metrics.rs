@@ -1,0 +1,243 @@
+//! The operator's Prometheus metrics, named in one place, and the HTTP server for `/metrics`,
+//! `/healthz` and `/readyz`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::crd::ModelDeploymentStatus;
+
+pub struct Metrics {
+    registry: Registry,
+    pub reconciles: IntCounterVec,
+    pub reconcile_errors: IntCounterVec,
+    pub reconcile_duration: HistogramVec,
+    deployments: IntGaugeVec,
+    pub leader: IntGauge,
+    /// Latest condition statuses per ModelDeployment (`namespace/name`), summed into `deployments`.
+    conditions: Mutex<BTreeMap<String, Vec<(String, String)>>>,
+    ready: AtomicBool,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let reconciles = IntCounterVec::new(
+            Opts::new(
+                "latentserve_operator_reconciles_total",
+                "Reconciles run, by result",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let reconcile_errors = IntCounterVec::new(
+            Opts::new(
+                "latentserve_operator_reconcile_errors_total",
+                "Failed reconciles, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let reconcile_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "latentserve_operator_reconcile_duration_seconds",
+                "Time one reconcile took",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["result"],
+        )
+        .expect("valid metric");
+        let deployments = IntGaugeVec::new(
+            Opts::new(
+                "latentserve_operator_deployments",
+                "ModelDeployments by condition type and status",
+            ),
+            &["condition", "status"],
+        )
+        .expect("valid metric");
+        let leader = IntGauge::new(
+            "latentserve_operator_leader",
+            "1 while this process holds the leader lease and reconciles",
+        )
+        .expect("valid metric");
+        for collector in [
+            Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reconcile_errors.clone()),
+            Box::new(reconcile_duration.clone()),
+            Box::new(deployments.clone()),
+            Box::new(leader.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        Self {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            deployments,
+            leader,
+            conditions: Mutex::new(BTreeMap::new()),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Records the conditions of one ModelDeployment (`None` once it is gone).
+    pub fn set_conditions(&self, key: &str, status: Option<&ModelDeploymentStatus>) {
+        let mut all = self
+            .conditions
+            .lock()
+            .expect("metrics lock is never poisoned");
+        match status {
+            Some(status) => {
+                let pairs = status
+                    .conditions
+                    .iter()
+                    .map(|c| (c.type_.clone(), c.status.clone()))
+                    .collect();
+                all.insert(key.to_owned(), pairs);
+            }
+            None => {
+                all.remove(key);
+            }
+        }
+        self.deployments.reset();
+        for (type_, status) in all.values().flatten() {
+            self.deployments.with_label_values(&[type_, status]).inc();
+        }
+    }
+
+    /// Marks the process ready (`/readyz`): it reached the API server and runs or waits for the
+    /// lease.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .expect("metrics encode as text")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The HTTP routes of the operator.
+pub fn router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/metrics", get(serve_metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(serve_ready))
+        .with_state(metrics)
+}
+
+async fn serve_metrics(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        metrics.render(),
+    )
+}
+
+async fn serve_ready(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    if metrics.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+/// Binds the metrics address; the server runs until the process exits.
+pub async fn serve(address: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, router(metrics)).await {
+            tracing::error!(error = %err, "metrics server stopped");
+        }
+    });
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{Outcome, compute};
+    use crate::test_support::demo;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+
+    async fn get(address: SocketAddr, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let code = response[9..12].parse().unwrap();
+        let body = response
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned();
+        (code, body)
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_and_health_over_http() {
+        let metrics = Arc::new(Metrics::new());
+        let address = serve("127.0.0.1:0".parse().unwrap(), metrics.clone())
+            .await
+            .unwrap();
+        metrics.reconciles.with_label_values(&["ok"]).inc();
+        metrics.reconcile_errors.with_label_values(&["apply"]).inc();
+        let status = compute(
+            &demo(),
+            &[],
+            &Outcome::Applied,
+            None,
+            &Time(Timestamp::UNIX_EPOCH),
+        );
+        metrics.set_conditions("models/demo", Some(&status));
+
+        assert_eq!(get(address, "/healthz").await.0, 200);
+        assert_eq!(get(address, "/readyz").await.0, 503);
+        metrics.set_ready(true);
+        assert_eq!(get(address, "/readyz").await.0, 200);
+        let (code, body) = get(address, "/metrics").await;
+        assert_eq!(code, 200);
+        assert!(
+            body.contains(r#"latentserve_operator_reconciles_total{result="ok"} 1"#),
+            "{body}"
+        );
+        assert!(body.contains(r#"latentserve_operator_reconcile_errors_total{reason="apply"} 1"#));
+        assert!(body.contains(
+            r#"latentserve_operator_deployments{condition="Available",status="False"} 1"#
+        ));
+
+        metrics.set_conditions("models/demo", None);
+        let (_, body) = get(address, "/metrics").await;
+        assert!(
+            !body.contains("latentserve_operator_deployments{"),
+            "{body}"
+        );
+    }
+}

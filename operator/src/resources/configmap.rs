@@ -1,0 +1,71 @@
+//! `NAME-config`: the shard plan and serving settings, for people and tools that inspect a
+//! deployment (the workers get the same facts on their command line).
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use serde_json::json;
+
+use super::{EXPERTS_PORT, Owner, names};
+use crate::crd::ModelDeployment;
+
+pub fn config_map(md: &ModelDeployment, owner: &Owner) -> ConfigMap {
+    let groups: Vec<_> = (0..md.spec.replicas)
+        .map(|group| {
+            json!({
+                "statefulSet": names::group(&owner.name, group),
+                "pods": (0..md.spec.expert_shards)
+                    .map(|rank| json!({
+                        "rank": rank,
+                        "pod": names::pod(&owner.name, group, rank),
+                        "peerAddress": format!(
+                            "{}.{}.{}.svc:{EXPERTS_PORT}",
+                            names::pod(&owner.name, group, rank),
+                            names::peers_service(&owner.name),
+                            owner.namespace
+                        ),
+                    }))
+                    .collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let plan = json!({
+        "replicas": md.spec.replicas,
+        "expertShards": md.spec.expert_shards,
+        "groups": groups,
+    });
+    let serving = serde_json::to_value(md.serving()).expect("serving settings serialize");
+    ConfigMap {
+        metadata: owner.meta(names::config_map(&owner.name), owner.labels("config")),
+        data: Some(
+            [
+                ("shard-plan.json".to_owned(), pretty(&plan)),
+                ("serving.json".to_owned(), pretty(&serving)),
+            ]
+            .into(),
+        ),
+        ..ConfigMap::default()
+    }
+}
+
+fn pretty(value: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(value).expect("JSON values print")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::demo;
+
+    #[test]
+    fn the_plan_lists_every_rank_of_every_group() {
+        let mut md = demo();
+        md.spec.replicas = 2;
+        let config = config_map(&md, &Owner::of(&md));
+        assert_eq!(config.metadata.name.as_deref(), Some("demo-config"));
+        let data = config.data.unwrap();
+        let plan: serde_json::Value = serde_json::from_str(&data["shard-plan.json"]).unwrap();
+        assert_eq!(plan["groups"][1]["pods"][1]["pod"], "demo-1-1");
+        assert_eq!(plan["groups"][1]["pods"][1]["rank"], 1);
+        let serving: serde_json::Value = serde_json::from_str(&data["serving.json"]).unwrap();
+        assert_eq!(serving["maxBatchSize"], 64);
+    }
+}

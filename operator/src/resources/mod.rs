@@ -1,0 +1,281 @@
+//! The desired children of a `ModelDeployment`, built as pure functions of its spec and the
+//! cluster's features: no client, no clock. The reconciler applies whatever these return.
+
+pub mod configmap;
+pub mod networkpolicy;
+pub mod pdb;
+pub mod service;
+pub mod statefulset;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Resource;
+use kube::core::{ApiResource, GroupVersionKind};
+
+use crate::crd::ModelDeployment;
+use crate::discovery::{Features, PdbApi};
+
+/// The field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "latentserve-operator";
+
+/// Label keys on every child.
+pub const LABEL_NAME: &str = "app.kubernetes.io/name";
+pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
+pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// The serving group a StatefulSet, PDB or pod belongs to.
+pub const LABEL_GROUP: &str = "latentserve.io/group";
+
+pub const APP_NAME: &str = "latentserve-worker";
+pub const MANAGED_BY: &str = "latentserve-operator";
+
+/// Worker container ports. Clients and probes use `grpc`; the expert exchange between the shards
+/// of a group has its own port so the NetworkPolicy can admit it from sibling pods only.
+pub const GRPC_PORT: i32 = 50051;
+pub const EXPERTS_PORT: i32 = 50052;
+pub const METRICS_PORT: i32 = 9090;
+/// Client Service port when `spec.service.port` is unset.
+pub const DEFAULT_SERVICE_PORT: i32 = 50051;
+
+/// Names of the children of the ModelDeployment `name`.
+pub mod names {
+    pub fn group(name: &str, group: i32) -> String {
+        format!("{name}-{group}")
+    }
+
+    pub fn pod(name: &str, group: i32, rank: i32) -> String {
+        format!("{name}-{group}-{rank}")
+    }
+
+    pub fn peers_service(name: &str) -> String {
+        format!("{name}-peers")
+    }
+
+    pub fn client_service(name: &str) -> String {
+        name.to_owned()
+    }
+
+    pub fn config_map(name: &str) -> String {
+        format!("{name}-config")
+    }
+
+    pub fn network_policy(name: &str) -> String {
+        name.to_owned()
+    }
+}
+
+/// The identity of the ModelDeployment that the builders need.
+#[derive(Debug, Clone)]
+pub struct Owner {
+    pub name: String,
+    pub namespace: String,
+    reference: OwnerReference,
+}
+
+impl Owner {
+    pub fn of(md: &ModelDeployment) -> Self {
+        let reference = md
+            .controller_owner_ref(&())
+            .expect("a ModelDeployment from the API server has a name and a uid");
+        Self {
+            name: md.metadata.name.clone().unwrap_or_default(),
+            namespace: md.metadata.namespace.clone().unwrap_or_default(),
+            reference,
+        }
+    }
+
+    /// Labels shared by every child of this ModelDeployment.
+    pub fn labels(&self, component: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (LABEL_NAME.to_owned(), APP_NAME.to_owned()),
+            (LABEL_INSTANCE.to_owned(), self.name.clone()),
+            (LABEL_COMPONENT.to_owned(), component.to_owned()),
+            (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
+        ])
+    }
+
+    /// Labels that select every worker pod of this ModelDeployment.
+    pub fn pod_selector(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (LABEL_NAME.to_owned(), APP_NAME.to_owned()),
+            (LABEL_INSTANCE.to_owned(), self.name.clone()),
+            (LABEL_COMPONENT.to_owned(), "worker".to_owned()),
+        ])
+    }
+
+    /// `status.selector`: the pod selector as a label-selector string.
+    pub fn selector_string(&self) -> String {
+        selector_string(&self.pod_selector())
+    }
+
+    /// Metadata of a child: name, namespace, labels and the controller owner reference.
+    pub fn meta(&self, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![self.reference.clone()]),
+            ..ObjectMeta::default()
+        }
+    }
+
+    /// `host:port` of the client Service.
+    pub fn endpoint(&self, port: i32) -> String {
+        format!(
+            "{}.{}.svc:{port}",
+            names::client_service(&self.name),
+            self.namespace
+        )
+    }
+}
+
+pub fn selector_string(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// One object to apply: its API, name and full body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub api: ApiResource,
+    pub name: String,
+    pub body: serde_json::Value,
+}
+
+impl Desired {
+    fn typed<K: Resource<DynamicType = ()> + serde::Serialize>(object: &K) -> Self {
+        Self {
+            api: ApiResource::erase::<K>(&()),
+            name: object.meta().name.clone().unwrap_or_default(),
+            body: serde_json::to_value(object).expect("Kubernetes objects serialize to JSON"),
+        }
+    }
+
+    /// The same object under another version of its API group (same schema, older name).
+    fn with_version(mut self, group: &str, version: &str, kind: &str, plural: &str) -> Self {
+        self.api =
+            ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
+        self.body["apiVersion"] = serde_json::Value::String(format!("{group}/{version}"));
+        self
+    }
+
+    pub fn kind(&self) -> &str {
+        &self.api.kind
+    }
+}
+
+/// What the builders need besides the ModelDeployment.
+#[derive(Debug, Clone)]
+pub struct BuildContext {
+    /// Worker image when the spec names none.
+    pub worker_image: String,
+    pub features: Features,
+}
+
+/// Every child of a valid ModelDeployment, in apply order (Services and ConfigMap before the
+/// StatefulSets whose pods use them).
+pub fn build_all(md: &ModelDeployment, ctx: &BuildContext) -> Vec<Desired> {
+    let owner = Owner::of(md);
+    let mut desired = vec![
+        Desired::typed(&configmap::config_map(md, &owner)),
+        Desired::typed(&service::peers_service(&owner)),
+        Desired::typed(&service::client_service(md, &owner)),
+    ];
+    if ctx.features.network_policies {
+        desired.push(Desired::typed(&networkpolicy::network_policy(&owner)));
+    }
+    for group in 0..md.spec.replicas {
+        desired.push(Desired::typed(&statefulset::stateful_set(
+            md, &owner, group, ctx,
+        )));
+        let budget = Desired::typed(&pdb::disruption_budget(&owner, group));
+        match ctx.features.pdb {
+            PdbApi::V1 => desired.push(budget),
+            PdbApi::V1beta1 => desired.push(budget.with_version(
+                "policy",
+                "v1beta1",
+                "PodDisruptionBudget",
+                "poddisruptionbudgets",
+            )),
+            PdbApi::None => {}
+        }
+    }
+    desired
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{build_context, demo, features_1_20};
+
+    #[test]
+    fn names_follow_the_brief() {
+        assert_eq!(names::group("demo", 0), "demo-0");
+        assert_eq!(names::pod("demo", 0, 1), "demo-0-1");
+        assert_eq!(names::peers_service("demo"), "demo-peers");
+        assert_eq!(names::client_service("demo"), "demo");
+        assert_eq!(names::config_map("demo"), "demo-config");
+    }
+
+    #[test]
+    fn every_child_is_owned_and_labelled() {
+        let mut md = demo();
+        md.spec.replicas = 2;
+        let desired = build_all(&md, &build_context());
+        let kinds: Vec<_> = desired
+            .iter()
+            .map(|d| (d.kind(), d.name.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("ConfigMap", "demo-config"),
+                ("Service", "demo-peers"),
+                ("Service", "demo"),
+                ("NetworkPolicy", "demo"),
+                ("StatefulSet", "demo-0"),
+                ("PodDisruptionBudget", "demo-0"),
+                ("StatefulSet", "demo-1"),
+                ("PodDisruptionBudget", "demo-1"),
+            ]
+        );
+        for object in &desired {
+            let meta = &object.body["metadata"];
+            assert_eq!(meta["namespace"], "models");
+            assert_eq!(meta["ownerReferences"][0]["kind"], "ModelDeployment");
+            assert_eq!(meta["ownerReferences"][0]["controller"], true);
+            assert_eq!(meta["labels"][LABEL_INSTANCE], "demo");
+            assert_eq!(meta["labels"][LABEL_MANAGED_BY], MANAGED_BY);
+            assert_eq!(meta["labels"][LABEL_NAME], APP_NAME);
+            assert!(meta["labels"][LABEL_COMPONENT].is_string());
+            assert_eq!(object.body["kind"], object.kind());
+        }
+    }
+
+    #[test]
+    fn old_clusters_get_v1beta1_budgets() {
+        let mut ctx = build_context();
+        ctx.features = features_1_20();
+        let desired = build_all(&demo(), &ctx);
+        let pdb = desired
+            .iter()
+            .find(|d| d.kind() == "PodDisruptionBudget")
+            .unwrap();
+        assert_eq!(pdb.body["apiVersion"], "policy/v1beta1");
+        assert_eq!(pdb.api.version, "v1beta1");
+        assert_eq!(pdb.api.plural, "poddisruptionbudgets");
+    }
+
+    #[test]
+    fn zero_replicas_keep_services_but_no_groups() {
+        let mut md = demo();
+        md.spec.replicas = 0;
+        let desired = build_all(&md, &build_context());
+        assert!(desired.iter().all(|d| d.kind() != "StatefulSet"));
+        assert!(desired.iter().any(|d| d.name == "demo-peers"));
+    }
+}

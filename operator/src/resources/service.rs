@@ -1,0 +1,110 @@
+//! The two Services: a headless one that gives every shard a stable DNS name for its peers, and
+//! the client Service over all ready pods.
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{DEFAULT_SERVICE_PORT, EXPERTS_PORT, GRPC_PORT, METRICS_PORT, Owner, names};
+use crate::crd::ModelDeployment;
+
+fn port(name: &str, port: i32, target: i32, app_protocol: Option<&str>) -> ServicePort {
+    ServicePort {
+        name: Some(name.to_owned()),
+        port,
+        target_port: Some(IntOrString::Int(target)),
+        protocol: Some("TCP".to_owned()),
+        app_protocol: app_protocol.map(str::to_owned),
+        ..ServicePort::default()
+    }
+}
+
+/// `NAME-peers`: headless, governing every group's StatefulSet. It publishes pods before they
+/// are ready, because a shard only becomes ready once it has reached all its peers.
+pub fn peers_service(owner: &Owner) -> Service {
+    Service {
+        metadata: owner.meta(names::peers_service(&owner.name), owner.labels("peers")),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".to_owned()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(owner.pod_selector()),
+            ports: Some(vec![
+                port(
+                    "experts",
+                    EXPERTS_PORT,
+                    EXPERTS_PORT,
+                    Some("kubernetes.io/h2c"),
+                ),
+                port("grpc", GRPC_PORT, GRPC_PORT, Some("kubernetes.io/h2c")),
+            ]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// `NAME`: what clients connect to, over every ready pod of every group.
+pub fn client_service(md: &ModelDeployment, owner: &Owner) -> Service {
+    let service = md.service();
+    let mut metadata = owner.meta(names::client_service(&owner.name), owner.labels("client"));
+    if !service.annotations.is_empty() {
+        metadata.annotations = Some(service.annotations.clone());
+    }
+    Service {
+        metadata,
+        spec: Some(ServiceSpec {
+            type_: Some(service.type_.map_or("ClusterIP", |t| t.as_str()).to_owned()),
+            selector: Some(owner.pod_selector()),
+            ports: Some(vec![
+                port(
+                    "grpc",
+                    service.port.unwrap_or(DEFAULT_SERVICE_PORT),
+                    GRPC_PORT,
+                    Some("kubernetes.io/h2c"),
+                ),
+                port("metrics", METRICS_PORT, METRICS_PORT, Some("http")),
+            ]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{ServiceSpec as ClientServiceSpec, ServiceType};
+    use crate::test_support::demo;
+
+    #[test]
+    fn peers_service_is_headless_and_publishes_unready_pods() {
+        let md = demo();
+        let service = peers_service(&Owner::of(&md));
+        let spec = service.spec.unwrap();
+        assert_eq!(service.metadata.name.as_deref(), Some("demo-peers"));
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(spec.publish_not_ready_addresses, Some(true));
+        assert_eq!(spec.ports.unwrap()[0].port, EXPERTS_PORT);
+    }
+
+    #[test]
+    fn client_service_speaks_h2c_on_the_configured_port() {
+        let mut md = demo();
+        md.spec.service = Some(ClientServiceSpec {
+            port: Some(8443),
+            type_: Some(ServiceType::LoadBalancer),
+            annotations: [("lb.example/internal".to_owned(), "true".to_owned())].into(),
+        });
+        let service = client_service(&md, &Owner::of(&md));
+        assert_eq!(
+            service.metadata.annotations.unwrap()["lb.example/internal"],
+            "true"
+        );
+        let spec = service.spec.unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+        let grpc = &spec.ports.as_ref().unwrap()[0];
+        assert_eq!(grpc.port, 8443);
+        assert_eq!(grpc.target_port, Some(IntOrString::Int(GRPC_PORT)));
+        assert_eq!(grpc.app_protocol.as_deref(), Some("kubernetes.io/h2c"));
+        assert_eq!(spec.selector.unwrap()["app.kubernetes.io/instance"], "demo");
+    }
+}

@@ -1,0 +1,528 @@
+//! One StatefulSet per serving group: `expertShards` worker pods whose ordinal is their shard
+//! rank, started in parallel (every shard waits for its peers before it reports ready, so an
+//! ordered start would never finish).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, GRPCAction,
+    HTTPGetAction, HostPathVolumeSource, ImageVolumeSource, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{BuildContext, EXPERTS_PORT, GRPC_PORT, LABEL_GROUP, METRICS_PORT, Owner, names};
+use crate::crd::{ModelDeployment, ModelSource};
+use crate::validate::kv_cache_bytes;
+
+/// Where the model is mounted in every worker.
+pub const MODEL_MOUNT: &str = "/model";
+/// Seconds the worker drains in-flight requests after SIGTERM (`--drain-timeout`).
+pub const DRAIN_SECONDS: i64 = 60;
+/// Grace before the kubelet kills a worker: the drain plus time to flush and exit.
+pub const TERMINATION_GRACE_SECONDS: i64 = DRAIN_SECONDS + 30;
+/// Startup probe budget: period x failures = one hour, enough to read hundreds of GB of weights.
+const STARTUP_PERIOD_SECONDS: i32 = 10;
+const STARTUP_FAILURES: i32 = 360;
+/// The unprivileged user the worker image runs as.
+const WORKER_UID: i64 = 65532;
+
+/// The StatefulSet of serving group `group`.
+pub fn stateful_set(
+    md: &ModelDeployment,
+    owner: &Owner,
+    group: i32,
+    ctx: &BuildContext,
+) -> StatefulSet {
+    let mut selector = owner.pod_selector();
+    selector.insert(LABEL_GROUP.to_owned(), group.to_string());
+    let mut labels = owner.labels("worker");
+    labels.insert(LABEL_GROUP.to_owned(), group.to_string());
+
+    StatefulSet {
+        metadata: owner.meta(names::group(&owner.name, group), labels.clone()),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(md.spec.expert_shards),
+            service_name: Some(names::peers_service(&owner.name)),
+            pod_management_policy: Some("Parallel".to_owned()),
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..LabelSelector::default()
+            },
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                ..StatefulSetUpdateStrategy::default()
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    annotations: Some(BTreeMap::from([
+                        ("prometheus.io/scrape".to_owned(), "true".to_owned()),
+                        ("prometheus.io/port".to_owned(), METRICS_PORT.to_string()),
+                        ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
+                    ])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod_spec(md, owner, group, ctx)),
+            },
+            ..StatefulSetSpec::default()
+        }),
+        status: None,
+    }
+}
+
+fn pod_spec(md: &ModelDeployment, owner: &Owner, group: i32, ctx: &BuildContext) -> PodSpec {
+    let spec = &md.spec;
+    PodSpec {
+        containers: vec![worker_container(md, owner, group, ctx)],
+        volumes: Some(vec![
+            model_volume(&spec.model),
+            Volume {
+                name: "tmp".to_owned(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            },
+        ]),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(WORKER_UID),
+            run_as_group: Some(WORKER_UID),
+            fs_group: Some(WORKER_UID),
+            seccomp_profile: Some(runtime_default_seccomp()),
+            ..PodSecurityContext::default()
+        }),
+        termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
+        automount_service_account_token: Some(false),
+        service_account_name: spec.service_account_name.clone(),
+        node_selector: (!spec.node_selector.is_empty()).then(|| spec.node_selector.clone()),
+        tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
+        affinity: spec.affinity.clone(),
+        priority_class_name: spec.priority_class_name.clone(),
+        ..PodSpec::default()
+    }
+}
+
+fn runtime_default_seccomp() -> SeccompProfile {
+    SeccompProfile {
+        type_: "RuntimeDefault".to_owned(),
+        ..SeccompProfile::default()
+    }
+}
+
+fn model_volume(source: &ModelSource) -> Volume {
+    let mut volume = Volume {
+        name: "model".to_owned(),
+        ..Volume::default()
+    };
+    match source {
+        ModelSource::HostPath(host) => {
+            volume.host_path = Some(HostPathVolumeSource {
+                path: host.path.clone(),
+                type_: Some("Directory".to_owned()),
+            });
+        }
+        ModelSource::Pvc(pvc) => {
+            volume.persistent_volume_claim = Some(PersistentVolumeClaimVolumeSource {
+                claim_name: pvc.claim_name.clone(),
+                read_only: Some(true),
+            });
+        }
+        ModelSource::Image(image) => {
+            volume.image = Some(ImageVolumeSource {
+                reference: Some(image.reference.clone()),
+                pull_policy: image.pull_policy.map(|p| p.as_str().to_owned()),
+            });
+        }
+    }
+    volume
+}
+
+/// The worker's command line, per the project's CLI contract.
+pub fn worker_args(md: &ModelDeployment, owner: &Owner, group: i32) -> Vec<String> {
+    let shards = md.spec.expert_shards;
+    let peers: Vec<String> = (0..shards)
+        .map(|rank| {
+            format!(
+                "{}.{}.{}.svc:{EXPERTS_PORT}",
+                names::pod(&owner.name, group, rank),
+                names::peers_service(&owner.name),
+                owner.namespace
+            )
+        })
+        .collect();
+    let mut args = vec![
+        "serve".to_owned(),
+        "--model".to_owned(),
+        MODEL_MOUNT.to_owned(),
+        "--grpc-addr".to_owned(),
+        format!("0.0.0.0:{GRPC_PORT}"),
+        "--experts-addr".to_owned(),
+        format!("0.0.0.0:{EXPERTS_PORT}"),
+        "--metrics-addr".to_owned(),
+        format!("0.0.0.0:{METRICS_PORT}"),
+        // The rank is the pod's StatefulSet ordinal: the worker reads it from $POD_NAME.
+        "--shard-rank-from-pod-name".to_owned(),
+        "--shard-count".to_owned(),
+        shards.to_string(),
+        "--peers".to_owned(),
+        peers.join(","),
+        "--drain-timeout".to_owned(),
+        format!("{DRAIN_SECONDS}s"),
+    ];
+    let serving = md.serving();
+    if let Some(n) = serving.max_batch_size {
+        args.extend(["--max-batch-size".to_owned(), n.to_string()]);
+    }
+    if let Some(n) = serving.max_seq_len {
+        args.extend(["--max-seq-len".to_owned(), n.to_string()]);
+    }
+    if let Some(memory) = &serving.kv_cache_memory
+        && let Ok(bytes) = kv_cache_bytes(memory)
+    {
+        args.extend(["--kv-cache-memory".to_owned(), bytes.to_string()]);
+    }
+    if serving.prefix_caching == Some(false) {
+        args.push("--no-prefix-caching".to_owned());
+    }
+    if let Some(dtype) = serving.dtype {
+        args.extend(["--dtype".to_owned(), dtype.as_str().to_owned()]);
+    }
+    args.extend(serving.extra_args.iter().cloned());
+    args
+}
+
+fn worker_container(
+    md: &ModelDeployment,
+    owner: &Owner,
+    group: i32,
+    ctx: &BuildContext,
+) -> Container {
+    let port = |name: &str, number: i32| ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: number,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    };
+    let field_env = |name: &str, path: &str| EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    };
+    let sub_path = match &md.spec.model {
+        ModelSource::Pvc(pvc) => pvc.sub_path.clone(),
+        _ => None,
+    };
+    Container {
+        name: "worker".to_owned(),
+        image: Some(
+            md.spec
+                .image
+                .clone()
+                .unwrap_or_else(|| ctx.worker_image.clone()),
+        ),
+        image_pull_policy: md.spec.image_pull_policy.map(|p| p.as_str().to_owned()),
+        command: Some(vec!["latentserve-worker".to_owned()]),
+        args: Some(worker_args(md, owner, group)),
+        env: Some(vec![
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+        ]),
+        ports: Some(vec![
+            port("grpc", GRPC_PORT),
+            port("experts", EXPERTS_PORT),
+            port("metrics", METRICS_PORT),
+        ]),
+        resources: Some(resources(md)),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "model".to_owned(),
+                mount_path: MODEL_MOUNT.to_owned(),
+                read_only: Some(true),
+                sub_path,
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "tmp".to_owned(),
+                mount_path: "/tmp".to_owned(),
+                ..VolumeMount::default()
+            },
+        ]),
+        startup_probe: Some(Probe {
+            period_seconds: Some(STARTUP_PERIOD_SECONDS),
+            failure_threshold: Some(STARTUP_FAILURES),
+            ..http_probe("/healthz")
+        }),
+        liveness_probe: Some(Probe {
+            period_seconds: Some(10),
+            failure_threshold: Some(3),
+            ..http_probe("/healthz")
+        }),
+        readiness_probe: Some(Probe {
+            period_seconds: Some(5),
+            failure_threshold: Some(2),
+            ..readiness_check(ctx)
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(runtime_default_seccomp()),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    }
+}
+
+fn http_probe(path: &str) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("metrics".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        ..Probe::default()
+    }
+}
+
+/// gRPC health where the kubelet can probe it (1.24+), the worker's HTTP `/readyz` otherwise;
+/// both report SERVING only when the shard and all its peers are ready.
+fn readiness_check(ctx: &BuildContext) -> Probe {
+    if ctx.features.grpc_probes {
+        Probe {
+            grpc: Some(GRPCAction {
+                port: GRPC_PORT,
+                service: None,
+            }),
+            ..Probe::default()
+        }
+    } else {
+        http_probe("/readyz")
+    }
+}
+
+fn resources(md: &ModelDeployment) -> ResourceRequirements {
+    let spec = md.resources();
+    let mut requests = spec.requests.clone();
+    let mut limits = spec.limits.clone();
+    if let Some(gpus) = spec.gpus.filter(|&n| n > 0) {
+        // Extended resources must have requests equal to limits.
+        let count = Quantity(gpus.to_string());
+        requests.insert(spec.gpu_resource_name().to_owned(), count.clone());
+        limits.insert(spec.gpu_resource_name().to_owned(), count);
+    }
+    ResourceRequirements {
+        requests: (!requests.is_empty()).then_some(requests),
+        limits: (!limits.is_empty()).then_some(limits),
+        ..ResourceRequirements::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{Dtype, PvcSource};
+    use crate::test_support::{build_context, demo, features_1_20};
+
+    fn build(md: &ModelDeployment, group: i32) -> StatefulSet {
+        stateful_set(md, &Owner::of(md), group, &build_context())
+    }
+
+    fn container(sts: &StatefulSet) -> Container {
+        sts.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .clone()
+    }
+
+    #[test]
+    fn a_group_has_one_pod_per_shard_behind_the_peers_service() {
+        let sts = build(&demo(), 1);
+        let spec = sts.spec.as_ref().unwrap();
+        assert_eq!(sts.metadata.name.as_deref(), Some("demo-1"));
+        assert_eq!(spec.replicas, Some(2));
+        assert_eq!(spec.service_name.as_deref(), Some("demo-peers"));
+        assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+        let selector = spec.selector.match_labels.as_ref().unwrap();
+        assert_eq!(selector[LABEL_GROUP], "1");
+        let pod_labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap();
+        assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
+    }
+
+    #[test]
+    fn worker_args_follow_the_cli_contract() {
+        let mut md = demo();
+        let serving = md.spec.serving.as_mut().unwrap();
+        serving.prefix_caching = Some(false);
+        serving.dtype = Some(Dtype::F16);
+        serving.extra_args = vec!["--log-format=json".into()];
+        let args = container(&build(&md, 0)).args.unwrap();
+        assert_eq!(
+            args,
+            [
+                "serve",
+                "--model",
+                "/model",
+                "--grpc-addr",
+                "0.0.0.0:50051",
+                "--experts-addr",
+                "0.0.0.0:50052",
+                "--metrics-addr",
+                "0.0.0.0:9090",
+                "--shard-rank-from-pod-name",
+                "--shard-count",
+                "2",
+                "--peers",
+                "demo-0-0.demo-peers.models.svc:50052,demo-0-1.demo-peers.models.svc:50052",
+                "--drain-timeout",
+                "60s",
+                "--max-batch-size",
+                "64",
+                "--max-seq-len",
+                "8192",
+                "--kv-cache-memory",
+                "8589934592",
+                "--no-prefix-caching",
+                "--dtype",
+                "f16",
+                "--log-format=json",
+            ]
+        );
+        let env = container(&build(&md, 0)).env.unwrap();
+        assert_eq!(env[0].name, "POD_NAME");
+        assert_eq!(
+            env[0]
+                .value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path,
+            "metadata.name"
+        );
+    }
+
+    #[test]
+    fn pods_are_locked_down() {
+        let sts = build(&demo(), 0);
+        let pod = sts.spec.unwrap().template.spec.unwrap();
+        let pod_security = pod.security_context.unwrap();
+        assert_eq!(pod_security.run_as_non_root, Some(true));
+        assert_eq!(
+            pod_security.seccomp_profile.unwrap().type_,
+            "RuntimeDefault"
+        );
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let security = pod.containers[0].security_context.clone().unwrap();
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            security.capabilities.unwrap().drop,
+            Some(vec!["ALL".to_owned()])
+        );
+        assert!(pod.termination_grace_period_seconds.unwrap() > DRAIN_SECONDS);
+        let mounts = pod.containers[0].volume_mounts.clone().unwrap();
+        assert_eq!(mounts[0].mount_path, "/model");
+        assert_eq!(mounts[0].read_only, Some(true));
+        let volumes = pod.volumes.unwrap();
+        assert_eq!(
+            volumes[0].host_path.as_ref().unwrap().path,
+            "/srv/models/demo"
+        );
+    }
+
+    #[test]
+    fn gpus_are_requested_and_limited() {
+        let mut md = demo();
+        let resources = md.spec.resources.get_or_insert_default();
+        resources.gpus = Some(2);
+        resources.gpu_resource_name = Some("amd.com/gpu".into());
+        resources
+            .requests
+            .insert("memory".into(), Quantity("64Gi".into()));
+        let requirements = container(&build(&md, 0)).resources.unwrap();
+        assert_eq!(
+            requirements.limits.unwrap()["amd.com/gpu"],
+            Quantity("2".into())
+        );
+        let requests = requirements.requests.unwrap();
+        assert_eq!(requests["amd.com/gpu"], Quantity("2".into()));
+        assert_eq!(requests["memory"], Quantity("64Gi".into()));
+    }
+
+    #[test]
+    fn probes_use_grpc_where_served_and_http_readyz_otherwise() {
+        let md = demo();
+        let owner = Owner::of(&md);
+        let new = container(&stateful_set(&md, &owner, 0, &build_context()));
+        let readiness = new.readiness_probe.unwrap();
+        assert_eq!(readiness.grpc.unwrap().port, GRPC_PORT);
+        let mut old_ctx = build_context();
+        old_ctx.features = features_1_20();
+        let old = container(&stateful_set(&md, &owner, 0, &old_ctx));
+        let readiness = old.readiness_probe.unwrap();
+        assert!(readiness.grpc.is_none());
+        assert_eq!(readiness.http_get.unwrap().path.as_deref(), Some("/readyz"));
+        let startup = old.startup_probe.unwrap();
+        let budget = startup.period_seconds.unwrap() * startup.failure_threshold.unwrap();
+        assert!(budget >= 3600, "startup budget {budget}s");
+    }
+
+    #[test]
+    fn pvc_models_mount_their_sub_path_read_only() {
+        let mut md = demo();
+        md.spec.model = ModelSource::Pvc(PvcSource {
+            claim_name: "weights".into(),
+            sub_path: Some("deepseek-v2-lite".into()),
+        });
+        let sts = build(&md, 0);
+        let pod = sts.spec.unwrap().template.spec.unwrap();
+        let claim = pod.volumes.unwrap()[0]
+            .persistent_volume_claim
+            .clone()
+            .unwrap();
+        assert_eq!(claim.claim_name, "weights");
+        assert_eq!(claim.read_only, Some(true));
+        let mount = &pod.containers[0].volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(mount.sub_path.as_deref(), Some("deepseek-v2-lite"));
+    }
+
+    #[test]
+    fn image_defaults_to_the_operator_flag_and_annotations_invite_scraping() {
+        let mut md = demo();
+        md.spec.image = None;
+        let sts = build(&md, 0);
+        assert_eq!(
+            container(&sts).image.as_deref(),
+            Some("latentserve-worker:test")
+        );
+        let template = sts.spec.unwrap().template.metadata.unwrap();
+        assert_eq!(template.annotations.unwrap()["prometheus.io/port"], "9090");
+    }
+}

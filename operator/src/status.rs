@@ -1,0 +1,507 @@
+//! Status from observations: which groups are ready, what the reconcile achieved, and the
+//! previous status (whose condition `lastTransitionTime`s move only on a real change). Pure: the
+//! clock comes in as an argument.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::crd::{Capacity, ModelDeployment, ModelDeploymentStatus};
+use crate::resources::{DEFAULT_SERVICE_PORT, LABEL_GROUP, Owner};
+use crate::validate::InvalidSpec;
+
+pub const AVAILABLE: &str = "Available";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+
+/// Container waiting reasons that will not fix themselves.
+const STUCK_REASONS: &[&str] = &[
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+/// What one serving group looks like.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GroupObservation {
+    pub group: i32,
+    /// Shards the StatefulSet runs (its `spec.replicas`).
+    pub shards: i32,
+    pub ready_pods: i32,
+    /// The StatefulSet controller has rolled out the current template to every pod.
+    pub rolled_out: bool,
+    /// Pods that are failing rather than starting, with the reason.
+    pub failing: Vec<String>,
+}
+
+impl GroupObservation {
+    /// A group serves only when every shard is ready.
+    pub fn ready(&self, expert_shards: i32) -> bool {
+        self.shards == expert_shards && self.ready_pods >= expert_shards
+    }
+}
+
+/// Groups as seen through their StatefulSets and pods.
+pub fn observe_groups(stateful_sets: &[StatefulSet], pods: &[Pod]) -> Vec<GroupObservation> {
+    let mut groups: BTreeMap<i32, GroupObservation> = BTreeMap::new();
+    for sts in stateful_sets {
+        let Some(group) = group_of(&sts.metadata.labels) else {
+            continue;
+        };
+        let spec_replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        let rolled_out = sts.status.as_ref().is_some_and(|status| {
+            status.observed_generation >= sts.metadata.generation
+                && status.updated_replicas.unwrap_or(0) >= spec_replicas
+                && status.current_revision == status.update_revision
+        });
+        groups.insert(
+            group,
+            GroupObservation {
+                group,
+                shards: spec_replicas,
+                rolled_out,
+                ..GroupObservation::default()
+            },
+        );
+    }
+    for pod in pods {
+        let Some(observation) = group_of(&pod.metadata.labels).and_then(|g| groups.get_mut(&g))
+        else {
+            continue;
+        };
+        if pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        if pod_ready(pod) {
+            observation.ready_pods += 1;
+        } else if let Some(reason) = failing_reason(pod) {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            observation.failing.push(format!("{name}: {reason}"));
+        }
+    }
+    groups.into_values().collect()
+}
+
+fn group_of(labels: &Option<BTreeMap<String, String>>) -> Option<i32> {
+    labels.as_ref()?.get(LABEL_GROUP)?.parse().ok()
+}
+
+pub fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+}
+
+/// Why a pod that is not ready is failing rather than still starting.
+fn failing_reason(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    if status.phase.as_deref() == Some("Failed") {
+        return Some("pod failed".to_owned());
+    }
+    for container in status.container_statuses.iter().flatten() {
+        if let Some(reason) = container
+            .state
+            .as_ref()
+            .and_then(|s| s.waiting.as_ref())
+            .and_then(|w| w.reason.as_deref())
+            .filter(|r| STUCK_REASONS.contains(r))
+        {
+            return Some(reason.to_owned());
+        }
+        if container.restart_count > 0 {
+            return Some(format!(
+                "container {} restarted {} times",
+                container.name, container.restart_count
+            ));
+        }
+    }
+    None
+}
+
+/// What the reconcile did this time.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Every child was applied.
+    Applied,
+    /// `spec.paused`: nothing was applied.
+    Paused,
+    /// The spec cannot be built; nothing was applied.
+    Invalid(InvalidSpec),
+    /// An API call failed; the reconcile is retried.
+    Failed(String),
+}
+
+fn condition(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    Condition {
+        type_: type_.to_owned(),
+        status: if status { "True" } else { "False" }.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time: now.clone(),
+    }
+}
+
+/// The status that the observations call for.
+pub fn compute(
+    md: &ModelDeployment,
+    groups: &[GroupObservation],
+    outcome: &Outcome,
+    capacity: Option<Capacity>,
+    now: &Time,
+) -> ModelDeploymentStatus {
+    let owner = Owner::of(md);
+    let generation = md.metadata.generation;
+    let desired = md.spec.replicas;
+    let shards = md.spec.expert_shards;
+    let current: Vec<_> = groups.iter().filter(|g| g.group < desired).collect();
+    let ready = current.iter().filter(|g| g.ready(shards)).count() as i32;
+    let failing: Vec<String> = groups
+        .iter()
+        .flat_map(|g| g.failing.iter().cloned())
+        .collect();
+    let settled = current.len() as i32 == desired
+        && groups.len() as i32 == desired
+        && ready == desired
+        && current.iter().all(|g| g.rolled_out);
+
+    let available = if desired == 0 {
+        condition(
+            AVAILABLE,
+            false,
+            "ScaledToZero",
+            "spec.replicas is 0".to_owned(),
+            generation,
+            now,
+        )
+    } else if ready > 0 {
+        condition(
+            AVAILABLE,
+            true,
+            "GroupsReady",
+            format!("{ready}/{desired} serving groups have all {shards} shards ready"),
+            generation,
+            now,
+        )
+    } else {
+        condition(
+            AVAILABLE,
+            false,
+            "NoGroupReady",
+            format!("0/{desired} serving groups have all {shards} shards ready"),
+            generation,
+            now,
+        )
+    };
+
+    let progressing = match outcome {
+        Outcome::Paused => condition(
+            PROGRESSING,
+            false,
+            "Paused",
+            "spec.paused is set: children are left as they are".to_owned(),
+            generation,
+            now,
+        ),
+        Outcome::Invalid(_) => condition(
+            PROGRESSING,
+            false,
+            "InvalidSpec",
+            "the spec is invalid: see Degraded".to_owned(),
+            generation,
+            now,
+        ),
+        _ if settled => condition(
+            PROGRESSING,
+            false,
+            "Complete",
+            format!("{desired} serving groups ready and up to date"),
+            generation,
+            now,
+        ),
+        _ => condition(
+            PROGRESSING,
+            true,
+            if current.iter().any(|g| !g.rolled_out) {
+                "RollingOut"
+            } else {
+                "WaitingForShards"
+            },
+            format!("{ready}/{desired} serving groups ready"),
+            generation,
+            now,
+        ),
+    };
+
+    let degraded = match outcome {
+        Outcome::Invalid(err) => condition(
+            DEGRADED,
+            true,
+            "InvalidSpec",
+            err.to_string(),
+            generation,
+            now,
+        ),
+        Outcome::Failed(message) => condition(
+            DEGRADED,
+            true,
+            "ReconcileFailed",
+            message.clone(),
+            generation,
+            now,
+        ),
+        _ if !failing.is_empty() => condition(
+            DEGRADED,
+            true,
+            "ShardsFailing",
+            failing.join("; "),
+            generation,
+            now,
+        ),
+        _ => condition(
+            DEGRADED,
+            false,
+            "AsExpected",
+            "no failing shards".to_owned(),
+            generation,
+            now,
+        ),
+    };
+
+    let previous = md.status.as_ref();
+    let conditions = [available, progressing, degraded]
+        .into_iter()
+        .map(|c| keep_transition_time(c, previous.map(|p| p.conditions.as_slice()).unwrap_or(&[])))
+        .collect();
+
+    ModelDeploymentStatus {
+        observed_generation: generation,
+        replicas: groups.len() as i32,
+        ready_replicas: ready,
+        selector: Some(owner.selector_string()),
+        conditions,
+        endpoint: Some(owner.endpoint(md.service().port.unwrap_or(DEFAULT_SERVICE_PORT))),
+        capacity,
+    }
+}
+
+/// A condition whose status did not change keeps its earlier `lastTransitionTime`.
+fn keep_transition_time(mut new: Condition, previous: &[Condition]) -> Condition {
+    if let Some(old) = previous.iter().find(|c| c.type_ == new.type_)
+        && old.status == new.status
+    {
+        new.last_transition_time = old.last_transition_time.clone();
+    }
+    new
+}
+
+/// The condition of a type, if set.
+pub fn find<'a>(status: &'a ModelDeploymentStatus, type_: &str) -> Option<&'a Condition> {
+    status.conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::demo;
+    use k8s_openapi::api::apps::v1::{StatefulSetSpec, StatefulSetStatus};
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateWaiting, ContainerStatus, PodCondition, PodStatus,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn at(seconds: i64) -> Time {
+        Time(Timestamp::from_second(seconds).unwrap())
+    }
+
+    fn group(group: i32, ready_pods: i32) -> GroupObservation {
+        GroupObservation {
+            group,
+            shards: 2,
+            ready_pods,
+            rolled_out: true,
+            failing: vec![],
+        }
+    }
+
+    fn status_of<'a>(status: &'a ModelDeploymentStatus, type_: &str) -> (&'a str, &'a str) {
+        let c = find(status, type_).unwrap();
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    #[test]
+    fn a_group_is_ready_only_when_all_shards_are() {
+        let md = demo();
+        let status = compute(&md, &[group(0, 1)], &Outcome::Applied, None, &at(1));
+        assert_eq!(status.ready_replicas, 0);
+        assert_eq!(status_of(&status, AVAILABLE), ("False", "NoGroupReady"));
+        assert_eq!(
+            status_of(&status, PROGRESSING),
+            ("True", "WaitingForShards")
+        );
+        let status = compute(&md, &[group(0, 2)], &Outcome::Applied, None, &at(1));
+        assert_eq!(status.ready_replicas, 1);
+        assert_eq!(status_of(&status, AVAILABLE), ("True", "GroupsReady"));
+        assert_eq!(status_of(&status, PROGRESSING), ("False", "Complete"));
+        assert_eq!(status_of(&status, DEGRADED), ("False", "AsExpected"));
+        assert_eq!(status.endpoint.as_deref(), Some("demo.models.svc:50051"));
+        assert_eq!(status.observed_generation, Some(3));
+        assert_eq!(
+            status.selector.as_deref(),
+            Some(
+                "app.kubernetes.io/component=worker,app.kubernetes.io/instance=demo,app.kubernetes.io/name=latentserve-worker"
+            )
+        );
+    }
+
+    #[test]
+    fn transition_times_move_only_when_the_status_changes() {
+        let mut md = demo();
+        let first = compute(&md, &[group(0, 2)], &Outcome::Applied, None, &at(100));
+        md.status = Some(first.clone());
+        let same = compute(&md, &[group(0, 2)], &Outcome::Applied, None, &at(200));
+        assert_eq!(same, first, "a repeated observation changes nothing");
+        let lost = compute(&md, &[group(0, 1)], &Outcome::Applied, None, &at(300));
+        assert_eq!(
+            find(&lost, AVAILABLE).unwrap().last_transition_time,
+            at(300)
+        );
+        assert_eq!(find(&lost, DEGRADED).unwrap().last_transition_time, at(100));
+    }
+
+    #[test]
+    fn invalid_specs_degrade_with_the_field_named() {
+        let md = demo();
+        let err = InvalidSpec {
+            field: "spec.serving.kvCacheMemory".into(),
+            message: "bad".into(),
+        };
+        let status = compute(&md, &[], &Outcome::Invalid(err), None, &at(1));
+        let degraded = find(&status, DEGRADED).unwrap();
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "InvalidSpec")
+        );
+        assert!(degraded.message.contains("spec.serving.kvCacheMemory"));
+        assert_eq!(status_of(&status, PROGRESSING), ("False", "InvalidSpec"));
+    }
+
+    #[test]
+    fn paused_and_scaled_to_zero_say_so() {
+        let mut md = demo();
+        let status = compute(&md, &[group(0, 2)], &Outcome::Paused, None, &at(1));
+        assert_eq!(status_of(&status, PROGRESSING), ("False", "Paused"));
+        assert_eq!(status_of(&status, AVAILABLE), ("True", "GroupsReady"));
+        md.spec.replicas = 0;
+        let status = compute(&md, &[], &Outcome::Applied, None, &at(1));
+        assert_eq!(status_of(&status, AVAILABLE), ("False", "ScaledToZero"));
+    }
+
+    #[test]
+    fn groups_beyond_replicas_do_not_count_as_ready() {
+        let md = demo();
+        let status = compute(
+            &md,
+            &[group(0, 2), group(1, 2)],
+            &Outcome::Applied,
+            None,
+            &at(1),
+        );
+        assert_eq!(status.ready_replicas, 1);
+        assert_eq!(status.replicas, 2);
+        assert_eq!(status_of(&status, PROGRESSING).0, "True");
+    }
+
+    fn sts(group: i32, rolled_out: bool) -> StatefulSet {
+        StatefulSet {
+            metadata: ObjectMeta {
+                generation: Some(2),
+                labels: Some([(LABEL_GROUP.to_owned(), group.to_string())].into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(StatefulSetSpec {
+                replicas: Some(2),
+                ..StatefulSetSpec::default()
+            }),
+            status: Some(StatefulSetStatus {
+                observed_generation: Some(2),
+                replicas: 2,
+                updated_replicas: Some(2),
+                current_revision: Some("a".into()),
+                update_revision: Some(if rolled_out { "a" } else { "b" }.into()),
+                ..StatefulSetStatus::default()
+            }),
+        }
+    }
+
+    fn pod(name: &str, group: i32, ready: bool, waiting: Option<&str>) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some([(LABEL_GROUP.to_owned(), group.to_string())].into()),
+                ..ObjectMeta::default()
+            },
+            spec: None,
+            status: Some(PodStatus {
+                conditions: Some(vec![PodCondition {
+                    type_: "Ready".into(),
+                    status: if ready { "True" } else { "False" }.into(),
+                    ..PodCondition::default()
+                }]),
+                container_statuses: Some(vec![ContainerStatus {
+                    name: "worker".into(),
+                    state: waiting.map(|reason| ContainerState {
+                        waiting: Some(ContainerStateWaiting {
+                            reason: Some(reason.into()),
+                            message: None,
+                        }),
+                        ..ContainerState::default()
+                    }),
+                    ..ContainerStatus::default()
+                }]),
+                ..PodStatus::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn observations_come_from_statefulsets_and_pods() {
+        let groups = observe_groups(
+            &[sts(0, true), sts(1, false)],
+            &[
+                pod("demo-0-0", 0, true, None),
+                pod("demo-0-1", 0, true, None),
+                pod("demo-1-0", 1, false, Some("CrashLoopBackOff")),
+                pod("demo-1-1", 1, false, Some("ContainerCreating")),
+            ],
+        );
+        assert_eq!(groups.len(), 2);
+        assert!(groups[0].ready(2) && groups[0].rolled_out);
+        assert!(!groups[1].ready(2) && !groups[1].rolled_out);
+        assert_eq!(groups[1].failing, ["demo-1-0: CrashLoopBackOff"]);
+        let mut md = demo();
+        md.spec.replicas = 2;
+        let status = compute(&md, &groups, &Outcome::Applied, None, &at(1));
+        assert_eq!(status_of(&status, DEGRADED), ("True", "ShardsFailing"));
+        assert_eq!(status_of(&status, PROGRESSING), ("True", "RollingOut"));
+    }
+}

@@ -1,0 +1,304 @@
+//! The checks of the CRD schema and its CEL rules, repeated in the reconciler so that clusters
+//! which skip them (CEL before 1.25, an object stored before the CRD was updated) are protected
+//! too. Pure: a `ModelDeployment` and the cluster's features in, the first bad field out.
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+use crate::crd::{MAX_TOTAL_PODS, ModelDeployment, ModelSource, RESERVED_WORKER_FLAGS};
+use crate::discovery::Features;
+
+/// The longest ModelDeployment name: `NAME-<group>` must leave room for the StatefulSet
+/// controller's `controller-revision-hash` label (63 characters in all) with up to four group
+/// digits, and `NAME-peers` must be a DNS label.
+pub const MAX_NAME_LEN: usize = 40;
+
+/// A field that makes the spec unusable, named by its path in the object.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InvalidSpec {
+    pub field: String,
+    pub message: String,
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> InvalidSpec {
+    InvalidSpec {
+        field: field.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Checks everything the builders rely on.
+pub fn validate(md: &ModelDeployment, features: &Features) -> Result<(), InvalidSpec> {
+    let name = md.metadata.name.as_deref().unwrap_or_default();
+    if name.len() > MAX_NAME_LEN {
+        return Err(invalid(
+            "metadata.name",
+            format!(
+                "is {} characters long; at most {MAX_NAME_LEN} leave room for the names of the StatefulSets and pods",
+                name.len()
+            ),
+        ));
+    }
+    if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return Err(invalid(
+            "metadata.name",
+            "must start with a lowercase letter, as Service names do",
+        ));
+    }
+    let spec = &md.spec;
+    if spec.replicas < 0 {
+        return Err(invalid("spec.replicas", "must be at least 0"));
+    }
+    if spec.expert_shards < 1 {
+        return Err(invalid("spec.expertShards", "must be at least 1"));
+    }
+    if i64::from(spec.replicas) * i64::from(spec.expert_shards) > i64::from(MAX_TOTAL_PODS) {
+        return Err(invalid(
+            "spec.replicas",
+            format!("replicas x expertShards must be at most {MAX_TOTAL_PODS} pods"),
+        ));
+    }
+    match &spec.model {
+        ModelSource::HostPath(source) if !source.path.starts_with('/') => {
+            return Err(invalid(
+                "spec.model.hostPath.path",
+                "must be an absolute path",
+            ));
+        }
+        ModelSource::Pvc(source) => {
+            if source.claim_name.is_empty() {
+                return Err(invalid("spec.model.pvc.claimName", "must not be empty"));
+            }
+            if let Some(sub_path) = &source.sub_path
+                && (sub_path.starts_with('/') || sub_path.split('/').any(|part| part == ".."))
+            {
+                return Err(invalid(
+                    "spec.model.pvc.subPath",
+                    "must be a relative path without '..'",
+                ));
+            }
+        }
+        ModelSource::Image(_) if !features.image_volumes => {
+            return Err(invalid(
+                "spec.model.image",
+                format!(
+                    "image volumes need Kubernetes 1.31 or later; this cluster runs {}",
+                    features.version
+                ),
+            ));
+        }
+        _ => {}
+    }
+    if md.spec.image.as_deref() == Some("") {
+        return Err(invalid("spec.image", "must not be empty"));
+    }
+    let resources = md.resources();
+    if let Some(gpus) = resources.gpus {
+        if gpus < 0 {
+            return Err(invalid("spec.resources.gpus", "must be at least 0"));
+        }
+        if gpus > 0 && resources.limits.contains_key(resources.gpu_resource_name()) {
+            return Err(invalid(
+                "spec.resources.limits",
+                format!(
+                    "sets {} while resources.gpus does too; use one of them",
+                    resources.gpu_resource_name()
+                ),
+            ));
+        }
+    }
+    for (which, map) in [
+        ("requests", &resources.requests),
+        ("limits", &resources.limits),
+    ] {
+        for (resource, quantity) in map {
+            if parse_quantity(quantity).is_none() {
+                return Err(invalid(
+                    &format!("spec.resources.{which}.{resource}"),
+                    format!("{:?} is not a quantity", quantity.0),
+                ));
+            }
+        }
+    }
+    let serving = md.serving();
+    if let Some(n) = serving.max_batch_size
+        && n < 1
+    {
+        return Err(invalid("spec.serving.maxBatchSize", "must be at least 1"));
+    }
+    if let Some(n) = serving.max_seq_len
+        && n < 1
+    {
+        return Err(invalid("spec.serving.maxSeqLen", "must be at least 1"));
+    }
+    if let Some(memory) = &serving.kv_cache_memory {
+        kv_cache_bytes(memory)?;
+    }
+    for (i, arg) in serving.extra_args.iter().enumerate() {
+        let flag = arg.split('=').next().unwrap_or_default();
+        if RESERVED_WORKER_FLAGS.contains(&flag) {
+            return Err(invalid(
+                &format!("spec.serving.extraArgs[{i}]"),
+                format!("{flag} is set by the operator"),
+            ));
+        }
+    }
+    if let Some(port) = md.service().port
+        && !(1..=65535).contains(&port)
+    {
+        return Err(invalid("spec.service.port", "must be between 1 and 65535"));
+    }
+    Ok(())
+}
+
+/// `serving.kvCacheMemory` in bytes, for the worker's `--kv-cache-memory`.
+pub fn kv_cache_bytes(memory: &Quantity) -> Result<u64, InvalidSpec> {
+    match parse_quantity(memory) {
+        Some(bytes) if bytes >= 1.0 => Ok(bytes as u64),
+        _ => Err(invalid(
+            "spec.serving.kvCacheMemory",
+            format!(
+                "{:?} is not a positive memory quantity such as 8Gi",
+                memory.0
+            ),
+        )),
+    }
+}
+
+/// A Kubernetes quantity (`8Gi`, `500M`, `1.5`, `100m`, `1e9`) as a number.
+pub fn parse_quantity(quantity: &Quantity) -> Option<f64> {
+    let text = quantity.0.trim();
+    const SUFFIXES: &[(&str, f64)] = &[
+        ("Ki", 1024.0),
+        ("Mi", 1024.0 * 1024.0),
+        ("Gi", 1024.0 * 1024.0 * 1024.0),
+        ("Ti", 1024.0 * 1024.0 * 1024.0 * 1024.0),
+        ("Pi", 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0),
+        ("Ei", 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0 * 1024.0),
+        ("n", 1e-9),
+        ("u", 1e-6),
+        ("m", 1e-3),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("P", 1e15),
+        ("E", 1e18),
+    ];
+    let (number, factor) = SUFFIXES
+        .iter()
+        .find_map(|(suffix, factor)| text.strip_suffix(suffix).map(|n| (n, *factor)))
+        .unwrap_or((text, 1.0));
+    if number.is_empty()
+        || !number
+            .chars()
+            .all(|c| c.is_ascii_digit() || matches!(c, '.' | '+' | '-' | 'e' | 'E'))
+    {
+        return None;
+    }
+    let value: f64 = number.parse().ok()?;
+    value.is_finite().then_some(value * factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{demo, features_1_20, features_latest};
+
+    fn field_of(md: &ModelDeployment) -> String {
+        validate(md, &features_latest()).unwrap_err().field
+    }
+
+    #[test]
+    fn the_demo_spec_is_valid() {
+        validate(&demo(), &features_latest()).unwrap();
+        validate(&demo(), &features_1_20()).unwrap();
+    }
+
+    #[test]
+    fn long_and_badly_started_names_are_rejected() {
+        let mut md = demo();
+        md.metadata.name = Some("a".repeat(MAX_NAME_LEN + 1));
+        assert_eq!(field_of(&md), "metadata.name");
+        md.metadata.name = Some("9lives".into());
+        assert_eq!(field_of(&md), "metadata.name");
+    }
+
+    #[test]
+    fn too_many_pods_are_rejected() {
+        let mut md = demo();
+        md.spec.replicas = 33;
+        md.spec.expert_shards = 32;
+        assert_eq!(field_of(&md), "spec.replicas");
+        md.spec.replicas = 32;
+        validate(&md, &features_latest()).unwrap();
+    }
+
+    #[test]
+    fn reserved_flags_in_extra_args_are_rejected_with_their_index() {
+        let mut md = demo();
+        md.spec.serving.as_mut().unwrap().extra_args =
+            vec!["--log-format=json".into(), "--peers=a:1".into()];
+        let err = validate(&md, &features_latest()).unwrap_err();
+        assert_eq!(err.field, "spec.serving.extraArgs[1]");
+        assert!(err.message.contains("--peers"), "{err}");
+    }
+
+    #[test]
+    fn gpu_count_and_gpu_limit_conflict() {
+        let mut md = demo();
+        let resources = md.spec.resources.get_or_insert_default();
+        resources.gpus = Some(1);
+        resources
+            .limits
+            .insert("nvidia.com/gpu".into(), Quantity("1".into()));
+        assert_eq!(field_of(&md), "spec.resources.limits");
+    }
+
+    #[test]
+    fn image_volumes_need_a_new_cluster() {
+        let mut md = demo();
+        md.spec.model = ModelSource::Image(crate::crd::ImageSource {
+            reference: "registry.example/models/demo:1".into(),
+            pull_policy: None,
+        });
+        validate(&md, &features_latest()).unwrap();
+        let err = validate(&md, &features_1_20()).unwrap_err();
+        assert_eq!(err.field, "spec.model.image");
+        assert!(err.message.contains("1.31"), "{err}");
+    }
+
+    #[test]
+    fn pvc_sub_paths_stay_inside_the_volume() {
+        let mut md = demo();
+        md.spec.model = ModelSource::Pvc(crate::crd::PvcSource {
+            claim_name: "weights".into(),
+            sub_path: Some("models/../../etc".into()),
+        });
+        assert_eq!(field_of(&md), "spec.model.pvc.subPath");
+    }
+
+    #[test]
+    fn kv_cache_memory_must_be_a_quantity() {
+        let mut md = demo();
+        md.spec.serving.as_mut().unwrap().kv_cache_memory = Some(Quantity("lots".into()));
+        assert_eq!(field_of(&md), "spec.serving.kvCacheMemory");
+        assert_eq!(kv_cache_bytes(&Quantity("8Gi".into())).unwrap(), 8 << 30);
+        assert_eq!(
+            kv_cache_bytes(&Quantity("500M".into())).unwrap(),
+            500_000_000
+        );
+        assert!(kv_cache_bytes(&Quantity("0".into())).is_err());
+    }
+
+    #[test]
+    fn quantities_parse_like_kubernetes() {
+        let q = |s: &str| parse_quantity(&Quantity(s.into()));
+        assert_eq!(q("1Ki"), Some(1024.0));
+        assert_eq!(q("100m"), Some(0.1));
+        assert_eq!(q("1e3"), Some(1000.0));
+        assert_eq!(q("2"), Some(2.0));
+        assert_eq!(q("Gi"), None);
+        assert_eq!(q("1 Gi"), None);
+    }
+}

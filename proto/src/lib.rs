@@ -1,6 +1,9 @@
 //! The latentserve gRPC API, generated from `latentserve/v1/*.proto`.
 
-/// Package `latentserve.v1`: the client-facing `Inference` service and its messages.
+pub mod codec;
+
+/// Package `latentserve.v1`: the client-facing `Inference` service, the internal `Experts`
+/// exchange between expert shards, and their messages.
 pub mod v1 {
     tonic::include_proto!("latentserve.v1");
 }
@@ -14,7 +17,7 @@ mod tests {
     use prost::Message;
 
     #[test]
-    fn descriptor_set_describes_the_inference_service() {
+    fn descriptor_set_describes_the_inference_and_experts_services() {
         let set = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET)
             .expect("descriptor set decodes");
         let services: Vec<_> = set
@@ -24,5 +27,6 @@ mod tests {
             .flat_map(|file| file.service.iter().map(|s| s.name().to_owned()))
             .collect();
         assert!(services.contains(&"Inference".to_owned()), "{services:?}");
+        assert!(services.contains(&"Experts".to_owned()), "{services:?}");
     }
 }

@@ -1,0 +1,26 @@
+use candle_core::DType;
+
+/// Why a projection could not be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("unsupported weight storage dtype {0:?}: expected F32 or F16")]
+    UnsupportedStorageDtype(DType),
+    #[error("weight tensor has dtype {0:?}: expected a float dtype")]
+    WeightNotFloat(DType),
+    #[error("weight tensor has shape {0:?}: expected (out_features, in_features)")]
+    WeightRank(Vec<usize>),
+    #[error("input has dtype {0:?}: expected F32")]
+    InputDtype(DType),
+    #[error("input is not on the CPU")]
+    InputNotCpu,
+    #[error("input has shape {got:?}: expected (n, {expected_in})")]
+    InputShape { expected_in: usize, got: Vec<usize> },
+    #[error("the {0} kernels are not supported by this CPU")]
+    IsaUnsupported(crate::Isa),
+    #[error("weight storage holds {0:?} values: expected F32 or F16")]
+    UnexpectedStorage(DType),
+    #[error("tensor storage is not contiguous after `contiguous()`")]
+    NotContiguous,
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}

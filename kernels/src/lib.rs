@@ -1,0 +1,250 @@
+//! Dense projections `y = x W^T` for the decode path of the latentserve worker.
+//!
+//! Decoding a DeepSeek-style model is a sequence of matrix-vector and few-row products whose cost
+//! is reading the weights once from memory. [`Linear`] owns the weights (f32 or f16, always
+//! accumulating in f32) and runs such products with kernels of its own: each weight row is read
+//! once per call and applied to every input row, SIMD via runtime-detected AVX-512 or AVX2 (with
+//! a portable fallback), split over rayon's global pool by blocks of output rows. Larger batches
+//! (prefill) go to candle's matmul, which is compute-optimal there.
+
+mod error;
+mod isa;
+mod kernel;
+mod parallel;
+
+pub use error::KernelError;
+pub use isa::Isa;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+
+use crate::parallel::{Projection, Rows};
+
+/// Batches of at least this many rows go to candle's matmul instead of our kernels: from here on
+/// the product is bound by arithmetic, not by reading the weights, and gemm's blocking wins.
+/// Measured with `cargo bench -p latentserve-kernels` (see the crate's README).
+pub const GEMM_MIN_ROWS: usize = 32;
+
+/// A dense projection `y = x W^T` with `W` stored row-major `(out_features, in_features)` in f32
+/// or f16, always accumulating in f32.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// (out_features, in_features), contiguous, on the CPU, in the storage dtype.
+    weight: Tensor,
+    out_features: usize,
+    in_features: usize,
+}
+
+impl Linear {
+    /// `weight`: (out, in) candle tensor of any float dtype; `dtype` is the storage dtype (F32 or
+    /// F16). The weight is converted once here (and shares memory with `weight` when it is
+    /// already contiguous in `dtype` on the CPU).
+    pub fn new(weight: &Tensor, dtype: DType) -> Result<Self, KernelError> {
+        if !matches!(dtype, DType::F32 | DType::F16) {
+            return Err(KernelError::UnsupportedStorageDtype(dtype));
+        }
+        if !weight.dtype().is_float() {
+            return Err(KernelError::WeightNotFloat(weight.dtype()));
+        }
+        let (out_features, in_features) = match weight.dims() {
+            &[out_features, in_features] => (out_features, in_features),
+            dims => return Err(KernelError::WeightRank(dims.to_vec())),
+        };
+        let weight = weight
+            .to_device(&Device::Cpu)?
+            .to_dtype(dtype)?
+            .contiguous()?;
+        Ok(Self {
+            weight,
+            out_features,
+            in_features,
+        })
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// The storage dtype of the weights (F32 or F16).
+    pub fn dtype(&self) -> DType {
+        self.weight.dtype()
+    }
+
+    /// Bytes the weights occupy in memory.
+    pub fn weight_bytes(&self) -> usize {
+        self.out_features * self.in_features * self.weight.dtype().size_in_bytes()
+    }
+
+    /// x: (n, in) f32 -> (n, out) f32. Our kernels for n < [`GEMM_MIN_ROWS`], candle's matmul
+    /// from there on.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, KernelError> {
+        self.check_input(x)?;
+        if x.dim(0)? >= GEMM_MIN_ROWS {
+            self.forward_gemm(x)
+        } else {
+            self.forward_kernel(x, Isa::detect())
+        }
+    }
+
+    /// Like [`Linear::forward`], but always with our kernels compiled for `isa`, whatever the
+    /// batch size (for tests and benchmarks).
+    pub fn forward_kernel(&self, x: &Tensor, isa: Isa) -> Result<Tensor, KernelError> {
+        Ok(forward_kernels(&[(self, x)], isa)?.remove(0))
+    }
+
+    /// Like [`Linear::forward`], but always with candle's matmul (the peer our kernels are
+    /// measured against). F16 weights are widened to f32 for the call, so that the inputs and
+    /// the accumulation stay f32 as in the kernels.
+    pub fn forward_gemm(&self, x: &Tensor) -> Result<Tensor, KernelError> {
+        self.check_input(x)?;
+        let weight = match self.weight.dtype() {
+            DType::F32 => self.weight.clone(),
+            _ => self.weight.to_dtype(DType::F32)?,
+        };
+        // (n, in) x (in, out) -> (n, out)
+        Ok(x.contiguous()?.matmul(&weight.t()?)?)
+    }
+
+    /// Runs several projections (e.g. the MoE experts of one layer, each on the rows routed to
+    /// it) in one parallel pass, so that small ones share the cores instead of each paying for
+    /// its own fork and join. Returns the outputs in order; same rules as [`Linear::forward`].
+    pub fn forward_many(pairs: &[(&Linear, &Tensor)]) -> Result<Vec<Tensor>, KernelError> {
+        for (linear, x) in pairs {
+            linear.check_input(x)?;
+        }
+        let mut outputs: Vec<Option<Tensor>> = vec![None; pairs.len()];
+        let mut small = Vec::new();
+        let mut small_indices = Vec::new();
+        for (index, &(linear, x)) in pairs.iter().enumerate() {
+            if x.dim(0)? >= GEMM_MIN_ROWS {
+                outputs[index] = Some(linear.forward_gemm(x)?);
+            } else {
+                small.push((linear, x));
+                small_indices.push(index);
+            }
+        }
+        for (index, output) in small_indices
+            .into_iter()
+            .zip(forward_kernels(&small, Isa::detect())?)
+        {
+            outputs[index] = Some(output);
+        }
+        Ok(outputs.into_iter().flatten().collect())
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<(), KernelError> {
+        if x.dtype() != DType::F32 {
+            return Err(KernelError::InputDtype(x.dtype()));
+        }
+        if !x.device().is_cpu() {
+            return Err(KernelError::InputNotCpu);
+        }
+        match x.dims() {
+            &[_, in_features] if in_features == self.in_features => Ok(()),
+            dims => Err(KernelError::InputShape {
+                expected_in: self.in_features,
+                got: dims.to_vec(),
+            }),
+        }
+    }
+}
+
+/// Our kernels over every pair in one parallel pass; each output is (n, out) f32.
+fn forward_kernels(pairs: &[(&Linear, &Tensor)], isa: Isa) -> Result<Vec<Tensor>, KernelError> {
+    if !isa.is_supported() {
+        return Err(KernelError::IsaUnsupported(isa));
+    }
+    let mut inputs = Vec::with_capacity(pairs.len());
+    for (linear, x) in pairs {
+        linear.check_input(x)?;
+        inputs.push(x.contiguous()?);
+    }
+    // Read guards on every storage for the duration of the pass: the slices below borrow them.
+    let weight_storages: Vec<_> = pairs
+        .iter()
+        .map(|(linear, _)| linear.weight.storage_and_layout())
+        .collect();
+    let input_storages: Vec<_> = inputs.iter().map(Tensor::storage_and_layout).collect();
+    // (out, n) per pair: the kernels' layout, transposed below.
+    let mut transposed: Vec<Vec<f32>> = pairs
+        .iter()
+        .zip(&inputs)
+        .map(|((linear, _), x)| vec![0.0f32; linear.out_features * x.dims()[0]])
+        .collect();
+
+    let mut projections = Vec::with_capacity(pairs.len());
+    for (((linear, _), (weight_storage, weight_layout)), ((input_storage, input_layout), out)) in
+        pairs
+            .iter()
+            .zip(&weight_storages)
+            .zip(input_storages.iter().zip(transposed.iter_mut()))
+    {
+        let n = input_layout.dims()[0];
+        if n == 0 || linear.out_features == 0 || linear.in_features == 0 {
+            // Nothing to read: the output is empty or all zeros, as allocated.
+            continue;
+        }
+        let weights = match cpu_storage(weight_storage)? {
+            CpuStorage::F32(w) => Rows::F32(contiguous_part(w, weight_layout)?),
+            CpuStorage::F16(w) => Rows::F16(contiguous_part(w, weight_layout)?),
+            other => return Err(KernelError::UnexpectedStorage(other.dtype())),
+        };
+        let x = match cpu_storage(input_storage)? {
+            CpuStorage::F32(x) => contiguous_part(x, input_layout)?,
+            other => return Err(KernelError::InputDtype(other.dtype())),
+        };
+        projections.push(Projection {
+            weights,
+            in_features: linear.in_features,
+            x,
+            n,
+            out,
+        });
+    }
+    parallel::run(isa, projections);
+
+    pairs
+        .iter()
+        .zip(&inputs)
+        .zip(transposed)
+        .map(|(((linear, _), x), transposed)| {
+            let n = x.dims()[0];
+            let out_features = linear.out_features;
+            // (out, n) -> (n, out); nothing to move for a single row (or none).
+            let y = if n <= 1 {
+                transposed
+            } else {
+                let mut y = vec![0.0f32; n * out_features];
+                for (o, column) in transposed.chunks_exact(n).enumerate() {
+                    for (r, &value) in column.iter().enumerate() {
+                        y[r * out_features + o] = value;
+                    }
+                }
+                y
+            };
+            Ok(Tensor::from_vec(y, (n, out_features), &Device::Cpu)?)
+        })
+        .collect()
+}
+
+fn cpu_storage(storage: &Storage) -> Result<&CpuStorage, KernelError> {
+    match storage {
+        Storage::Cpu(cpu) => Ok(cpu),
+        _ => Err(KernelError::InputNotCpu),
+    }
+}
+
+/// The elements a contiguous layout covers.
+fn contiguous_part<'a, T>(
+    data: &'a [T],
+    layout: &candle_core::Layout,
+) -> Result<&'a [T], KernelError> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or(KernelError::NotContiguous)?;
+    Ok(&data[start..end])
+}

@@ -1,0 +1,402 @@
+//! `latentserve-worker bench-serve`: load against a running server, like vLLM's serving benchmark.
+//! Sends `--requests` generations with `--concurrency` in flight, random token-id prompts of
+//! `--input-len` tokens (the first `--shared-prefix` of them common to all), `--output-len` new
+//! tokens each (EOS ignored, greedy), and reports throughput and latency percentiles.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use latentserve_proto::v1::inference_client::InferenceClient;
+use latentserve_proto::v1::{
+    GenerateRequest, GetModelInfoRequest, SamplingParams, StoppingCriteria, TokenIds,
+    generate_request,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+#[derive(Debug, Args)]
+pub struct BenchServeArgs {
+    /// gRPC address of the server, HOST:PORT or a URL.
+    #[arg(long)]
+    pub target: String,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: u32,
+    /// Requests in total.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub requests: u32,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub input_len: u32,
+    /// New tokens per request.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub output_len: u32,
+    /// Leading prompt tokens shared by every request. One request runs alone first (a prefix
+    /// cache miss); the report compares its time to first token with the others' (hits).
+    #[arg(long, default_value_t = 0)]
+    pub shared_prefix: u32,
+    /// Seed of the random prompts (change it to avoid hits on an earlier run's prompts).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// p50, p90 and p99 of one latency, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub mean: f64,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles of `samples` (zeros when there are none).
+    pub fn of(samples: &[f64]) -> Self {
+        if samples.is_empty() {
+            return Self::default();
+        }
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let rank = |p: f64| {
+            let index = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+            sorted[index.clamp(1, sorted.len()) - 1]
+        };
+        Self {
+            p50: rank(50.0),
+            p90: rank(90.0),
+            p99: rank(99.0),
+            mean: sorted.iter().sum::<f64>() / sorted.len() as f64,
+        }
+    }
+}
+
+/// What one request measured.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestTiming {
+    pub ttft: f64,
+    /// Gaps between consecutive tokens.
+    pub itl: Vec<f64>,
+    pub e2e: f64,
+    pub output_tokens: usize,
+    pub cached_prompt_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BenchReport {
+    pub target: String,
+    pub concurrency: u32,
+    pub requests: u32,
+    pub input_len: u32,
+    pub output_len: u32,
+    pub shared_prefix: u32,
+    pub duration_seconds: f64,
+    pub output_tokens: usize,
+    pub output_tokens_per_second: f64,
+    pub requests_per_second: f64,
+    pub ttft_seconds: Percentiles,
+    pub itl_seconds: Percentiles,
+    pub e2e_seconds: Percentiles,
+    pub cached_prompt_tokens: usize,
+    /// With a shared prefix: time to first token of the request that ran alone first (a miss).
+    pub prefix_miss_ttft_seconds: Option<f64>,
+    /// With a shared prefix: median TTFT of the others (hits) over the miss.
+    pub prefix_hit_over_miss_ttft: Option<f64>,
+}
+
+impl BenchReport {
+    pub fn new(
+        args: &BenchServeArgs,
+        timings: &[RequestTiming],
+        duration: Duration,
+        miss: Option<&RequestTiming>,
+    ) -> Self {
+        let output_tokens = timings.iter().map(|t| t.output_tokens).sum();
+        let seconds = duration.as_secs_f64().max(f64::MIN_POSITIVE);
+        let ttft = Percentiles::of(&timings.iter().map(|t| t.ttft).collect::<Vec<_>>());
+        let itl: Vec<f64> = timings.iter().flat_map(|t| t.itl.iter().copied()).collect();
+        Self {
+            target: args.target.clone(),
+            concurrency: args.concurrency,
+            requests: args.requests,
+            input_len: args.input_len,
+            output_len: args.output_len,
+            shared_prefix: args.shared_prefix,
+            duration_seconds: seconds,
+            output_tokens,
+            output_tokens_per_second: output_tokens as f64 / seconds,
+            requests_per_second: timings.len() as f64 / seconds,
+            ttft_seconds: ttft,
+            itl_seconds: Percentiles::of(&itl),
+            e2e_seconds: Percentiles::of(&timings.iter().map(|t| t.e2e).collect::<Vec<_>>()),
+            cached_prompt_tokens: timings.iter().map(|t| t.cached_prompt_tokens).sum(),
+            prefix_miss_ttft_seconds: miss.map(|m| m.ttft),
+            prefix_hit_over_miss_ttft: miss.map(|m| ttft.p50 / m.ttft.max(f64::MIN_POSITIVE)),
+        }
+    }
+
+    pub fn table(&self) -> String {
+        let ms = |p: &Percentiles| {
+            format!(
+                "{:>10.2} {:>10.2} {:>10.2} {:>10.2}",
+                p.mean * 1e3,
+                p.p50 * 1e3,
+                p.p90 * 1e3,
+                p.p99 * 1e3
+            )
+        };
+        let mut out = format!(
+            "target {}  concurrency {}  requests {}  input {}  output {}  shared prefix {}\n\
+             duration            {:.2} s\n\
+             output tokens       {}\n\
+             output tokens/s     {:.1}\n\
+             requests/s          {:.3}\n\
+             cached prompt toks  {}\n\
+             latency (ms)              mean        p50        p90        p99\n\
+             TTFT              {}\n\
+             ITL               {}\n\
+             end-to-end        {}\n",
+            self.target,
+            self.concurrency,
+            self.requests,
+            self.input_len,
+            self.output_len,
+            self.shared_prefix,
+            self.duration_seconds,
+            self.output_tokens,
+            self.output_tokens_per_second,
+            self.requests_per_second,
+            self.cached_prompt_tokens,
+            ms(&self.ttft_seconds),
+            ms(&self.itl_seconds),
+            ms(&self.e2e_seconds),
+        );
+        if let (Some(miss), Some(ratio)) = (
+            self.prefix_miss_ttft_seconds,
+            self.prefix_hit_over_miss_ttft,
+        ) {
+            out.push_str(&format!(
+                "prefix miss TTFT    {:.2} ms; hit p50 / miss = {ratio:.3}\n",
+                miss * 1e3
+            ));
+        }
+        out
+    }
+}
+
+/// The prompts: `count` random id sequences of `input_len` whose first `shared_prefix` ids are
+/// the same in all of them.
+pub fn make_prompts(
+    count: usize,
+    input_len: usize,
+    shared_prefix: usize,
+    vocab_size: u32,
+    seed: u64,
+) -> Vec<Vec<u32>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    // Low ids are the tokenizer's special tokens; random text never contains them.
+    let low = 3.min(vocab_size.saturating_sub(1));
+    let prefix: Vec<u32> = (0..shared_prefix)
+        .map(|_| rng.random_range(low..vocab_size))
+        .collect();
+    (0..count)
+        .map(|_| {
+            let mut prompt = prefix.clone();
+            prompt.extend((shared_prefix..input_len).map(|_| rng.random_range(low..vocab_size)));
+            prompt
+        })
+        .collect()
+}
+
+async fn run_one(
+    mut client: InferenceClient<Channel>,
+    prompt: Vec<u32>,
+    output_len: u32,
+    index: usize,
+) -> anyhow::Result<RequestTiming> {
+    let request = GenerateRequest {
+        request_id: format!("bench-{index}"),
+        prompt: Some(generate_request::Prompt::TokenIds(TokenIds { ids: prompt })),
+        sampling: Some(SamplingParams {
+            temperature: Some(0.0),
+            ..SamplingParams::default()
+        }),
+        stopping: Some(StoppingCriteria {
+            max_tokens: Some(output_len),
+            ignore_eos: true,
+            ..StoppingCriteria::default()
+        }),
+        logprobs: 0,
+    };
+    let start = Instant::now();
+    let mut stream = client
+        .generate(request)
+        .await
+        .with_context(|| format!("request {index} was refused"))?
+        .into_inner();
+    let mut timing = RequestTiming::default();
+    let mut last: Option<Instant> = None;
+    while let Some(message) = stream
+        .message()
+        .await
+        .with_context(|| format!("request {index} failed mid-stream"))?
+    {
+        let now = Instant::now();
+        if !message.token_ids.is_empty() {
+            match last {
+                None => timing.ttft = (now - start).as_secs_f64(),
+                Some(previous) => {
+                    // Several tokens in one message share the gap.
+                    let gap = (now - previous).as_secs_f64() / message.token_ids.len() as f64;
+                    timing
+                        .itl
+                        .extend(std::iter::repeat_n(gap, message.token_ids.len()));
+                }
+            }
+            last = Some(now);
+            timing.output_tokens += message.token_ids.len();
+        }
+        if let Some(usage) = message.usage {
+            timing.cached_prompt_tokens = usage.cached_prompt_tokens as usize;
+        }
+    }
+    timing.e2e = start.elapsed().as_secs_f64();
+    Ok(timing)
+}
+
+pub async fn run(args: BenchServeArgs) -> anyhow::Result<()> {
+    if args.shared_prefix > args.input_len {
+        bail!(
+            "--shared-prefix ({}) must not exceed --input-len ({})",
+            args.shared_prefix,
+            args.input_len
+        );
+    }
+    let url = if args.target.contains("://") {
+        args.target.clone()
+    } else {
+        format!("http://{}", args.target)
+    };
+    let channel = Channel::from_shared(url.clone())
+        .with_context(|| format!("--target {url} is not a valid address"))?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let mut client = InferenceClient::new(channel);
+    let info = client
+        .get_model_info(GetModelInfoRequest {})
+        .await
+        .context("GetModelInfo failed")?
+        .into_inner();
+    if info.vocab_size == 0 {
+        bail!("the server reports an empty vocabulary");
+    }
+    let with_miss = args.shared_prefix > 0;
+    let count = args.requests as usize + usize::from(with_miss);
+    let mut prompts = make_prompts(
+        count,
+        args.input_len as usize,
+        args.shared_prefix as usize,
+        info.vocab_size,
+        args.seed,
+    );
+    let miss = if with_miss {
+        let prompt = prompts.remove(0);
+        Some(run_one(client.clone(), prompt, args.output_len, 0).await?)
+    } else {
+        None
+    };
+
+    let started = Instant::now();
+    let queue = std::sync::Arc::new(tokio::sync::Mutex::new(
+        prompts.into_iter().enumerate().collect::<Vec<_>>(),
+    ));
+    let mut workers = Vec::new();
+    for _ in 0..args.concurrency {
+        let queue = queue.clone();
+        let client = client.clone();
+        let output_len = args.output_len;
+        workers.push(tokio::spawn(async move {
+            let mut timings = Vec::new();
+            loop {
+                let Some((index, prompt)) = queue.lock().await.pop() else {
+                    return Ok::<_, anyhow::Error>(timings);
+                };
+                timings.push(run_one(client.clone(), prompt, output_len, index + 1).await?);
+            }
+        }));
+    }
+    let mut timings = Vec::new();
+    for worker in workers {
+        timings.extend(worker.await.context("a benchmark task panicked")??);
+    }
+    let report = BenchReport::new(&args, &timings, started.elapsed(), miss.as_ref());
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let samples: Vec<f64> = (1..=100).map(f64::from).collect();
+        let p = Percentiles::of(&samples);
+        assert_eq!((p.p50, p.p90, p.p99, p.mean), (50.0, 90.0, 99.0, 50.5));
+        assert_eq!(Percentiles::of(&[]), Percentiles::default());
+        assert_eq!(Percentiles::of(&[3.0]).p99, 3.0);
+    }
+
+    #[test]
+    fn prompts_share_exactly_the_prefix() {
+        let prompts = make_prompts(3, 10, 4, 100, 1);
+        assert!(prompts.iter().all(|p| p.len() == 10));
+        assert!(prompts.iter().all(|p| p[..4] == prompts[0][..4]));
+        assert_ne!(prompts[0][4..], prompts[1][4..]);
+        assert!(prompts.iter().flatten().all(|&id| (3..100).contains(&id)));
+        assert_eq!(make_prompts(3, 10, 4, 100, 1), prompts);
+    }
+
+    #[test]
+    fn report_throughput_and_prefix_ratio() {
+        let args = BenchServeArgs {
+            target: "x".into(),
+            concurrency: 2,
+            requests: 2,
+            input_len: 8,
+            output_len: 3,
+            shared_prefix: 4,
+            seed: 0,
+            json: true,
+        };
+        let timing = |ttft| RequestTiming {
+            ttft,
+            itl: vec![0.1, 0.1],
+            e2e: ttft + 0.2,
+            output_tokens: 3,
+            cached_prompt_tokens: 4,
+        };
+        let miss = timing(1.0);
+        let report = BenchReport::new(
+            &args,
+            &[timing(0.1), timing(0.1)],
+            Duration::from_secs(2),
+            Some(&miss),
+        );
+        assert_eq!(report.output_tokens, 6);
+        assert_eq!(report.output_tokens_per_second, 3.0);
+        assert_eq!(report.requests_per_second, 1.0);
+        assert_eq!(report.prefix_hit_over_miss_ttft, Some(0.1));
+        assert!(report.table().contains("hit p50 / miss = 0.100"));
+    }
+}

@@ -1,0 +1,3 @@
+//! The `latentserve-worker` subcommands.
+
+pub mod bench_serve;

@@ -1,0 +1,171 @@
+//! The serving engine: one thread owns the model, its latent cache and every request's state, and
+//! runs scheduling steps; requests reach it over a channel and stream their outputs back over
+//! their own channel, so a dropped stream is a cancellation.
+
+pub mod cache;
+pub mod detokenizer;
+pub mod executor;
+pub mod request;
+pub mod sampler;
+pub mod scheduler;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use self::request::{GenerationRequest, OutputReceiver, OutputSender};
+use self::scheduler::{RequestCounts, Scheduler};
+use executor::ModelExecutor;
+
+/// Why a request was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("request queue is full ({max_queue} requests waiting); retry later")]
+    QueueFull { max_queue: usize },
+    #[error("the server is draining and accepts no new requests")]
+    Draining,
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+enum Command {
+    Submit(Box<GenerationRequest>, OutputSender),
+    CancelAll,
+}
+
+/// The cloneable front of a running engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+    counts: Arc<RequestCounts>,
+    draining: Arc<AtomicBool>,
+    max_queue: usize,
+}
+
+impl EngineHandle {
+    /// Queues a request; its outputs arrive on the returned receiver. Dropping the receiver
+    /// cancels the request at the next step.
+    pub fn submit(&self, request: GenerationRequest) -> Result<OutputReceiver, SubmitError> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(SubmitError::Draining);
+        }
+        let queued = self.counts.queued.fetch_add(1, Ordering::SeqCst);
+        if queued >= self.max_queue {
+            self.counts.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull {
+                max_queue: self.max_queue,
+            });
+        }
+        self.counts.in_flight.fetch_add(1, Ordering::SeqCst);
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        if self
+            .commands
+            .send(Command::Submit(Box::new(request), sender))
+            .is_err()
+        {
+            self.counts.queued.fetch_sub(1, Ordering::SeqCst);
+            self.counts.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Stopped);
+        }
+        Ok(receiver)
+    }
+
+    /// Refuses new requests from now on; running and queued ones continue.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Requests accepted and not finished yet.
+    pub fn in_flight(&self) -> usize {
+        self.counts.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Ends every request now with finish reason `cancelled`.
+    pub fn cancel_all(&self) {
+        let _ = self.commands.send(Command::CancelAll);
+    }
+}
+
+/// The engine thread; it stops when every [`EngineHandle`] is dropped.
+pub struct Engine {
+    thread: JoinHandle<()>,
+}
+
+impl Engine {
+    /// Warms the model up with one step, then serves requests on a dedicated thread. Returns once
+    /// the warm-up step has run, so a caller can report readiness right after.
+    pub fn start<E: ModelExecutor + 'static>(
+        mut scheduler: Scheduler<E>,
+        counts: Arc<RequestCounts>,
+        max_queue: usize,
+    ) -> Result<(Self, EngineHandle), String> {
+        let (commands, inbox) = mpsc::channel::<Command>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || {
+                let warm = scheduler.warm_up();
+                let failed = warm.is_err();
+                let _ = ready_tx.send(warm);
+                if !failed {
+                    run_loop(&mut scheduler, &inbox);
+                }
+            })
+            .map_err(|e| format!("spawning the engine thread: {e}"))?;
+        ready_rx
+            .recv()
+            .map_err(|_| "the engine thread died during warm-up".to_owned())?
+            .map_err(|e| format!("warm-up step failed: {e}"))?;
+        let handle = EngineHandle {
+            commands,
+            counts,
+            draining: Arc::new(AtomicBool::new(false)),
+            max_queue,
+        };
+        Ok((Self { thread }, handle))
+    }
+
+    /// Waits for the engine thread to stop (after every handle is dropped).
+    pub fn join(self) {
+        if self.thread.join().is_err() {
+            tracing::error!("the engine thread panicked");
+        }
+    }
+}
+
+fn run_loop<E: ModelExecutor>(scheduler: &mut Scheduler<E>, inbox: &mpsc::Receiver<Command>) {
+    loop {
+        // Idle: sleep until a command arrives. Busy: take whatever arrived and keep stepping.
+        if !scheduler.has_work() {
+            match inbox.recv() {
+                Ok(command) => apply(scheduler, command),
+                Err(_) => return,
+            }
+        }
+        loop {
+            match inbox.try_recv() {
+                Ok(command) => apply(scheduler, command),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    if !scheduler.has_work() {
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+        scheduler.step();
+    }
+}
+
+fn apply<E: ModelExecutor>(scheduler: &mut Scheduler<E>, command: Command) {
+    match command {
+        Command::Submit(request, sender) => scheduler.add_request(*request, sender),
+        Command::CancelAll => scheduler.cancel_all(),
+    }
+}

@@ -1,0 +1,926 @@
+//! Continuous batching: each step admits requests under a token budget, runs prefill chunks and
+//! one decode token per running request in one batched forward, samples, and streams the results.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use super::cache::{BlockManager, BlockTable};
+use super::detokenizer::{IncrementalDecoder, StopStringMatcher, TokenCodec};
+use super::executor::{BatchChunk, ModelExecutor};
+use super::request::{
+    FinishReason, Finished, GenerationError, GenerationOutput, GenerationRequest, OutputSender,
+    Timings, TokenLogprob, Usage,
+};
+use super::sampler::Sampler;
+use crate::server::metrics::Metrics;
+
+/// Limits of the scheduler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Requests running at once (prefilling or decoding).
+    pub max_batch_size: usize,
+    /// Tokens one step runs over all requests; long prompts are split into chunks of this budget
+    /// minus the running requests' decode tokens.
+    pub max_tokens_per_step: usize,
+    /// Context limit: prompt plus generated tokens.
+    pub max_seq_len: usize,
+}
+
+/// Counts shared with the request handles: how many requests wait for their first admission and
+/// how many are not finished yet.
+#[derive(Debug, Default)]
+pub struct RequestCounts {
+    pub queued: AtomicUsize,
+    pub in_flight: AtomicUsize,
+}
+
+struct Sequence {
+    request: GenerationRequest,
+    sender: OutputSender,
+    /// Prompt followed by the generated tokens.
+    tokens: Vec<u32>,
+    /// Positions whose latents are in the cache.
+    num_computed: usize,
+    table: BlockTable,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stops: StopStringMatcher,
+    cached_prompt_tokens: Option<usize>,
+    first_scheduled: Option<Instant>,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+}
+
+impl Sequence {
+    fn prompt_len(&self) -> usize {
+        self.request.prompt.len()
+    }
+
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len()
+    }
+
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.num_computed
+    }
+}
+
+/// What one step did, for the loop and for tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StepReport {
+    /// Chunks in the batched forward (0 when nothing ran).
+    pub batch_size: usize,
+    pub tokens: usize,
+    pub preempted: usize,
+}
+
+/// The engine proper: one owner of the model, the block manager and every request's state.
+pub struct Scheduler<E: ModelExecutor> {
+    config: SchedulerConfig,
+    executor: E,
+    codec: Arc<dyn TokenCodec>,
+    eos_token_ids: Vec<u32>,
+    blocks: BlockManager,
+    waiting: VecDeque<Sequence>,
+    /// Oldest admission first: the newest is preempted first.
+    running: Vec<Sequence>,
+    counts: Arc<RequestCounts>,
+    metrics: Arc<Metrics>,
+}
+
+impl<E: ModelExecutor> Scheduler<E> {
+    pub fn new(
+        config: SchedulerConfig,
+        executor: E,
+        codec: Arc<dyn TokenCodec>,
+        blocks: BlockManager,
+        counts: Arc<RequestCounts>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        metrics
+            .kv_cache_blocks_total
+            .set(blocks.num_blocks() as i64);
+        Self {
+            config,
+            executor,
+            eos_token_ids: codec.eos_token_ids(),
+            codec,
+            blocks,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            counts,
+            metrics,
+        }
+    }
+
+    pub fn blocks(&self) -> &BlockManager {
+        &self.blocks
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// Queues a request. The caller has counted it in [`RequestCounts`] already.
+    pub fn add_request(&mut self, request: GenerationRequest, sender: OutputSender) {
+        let tokens = request.prompt.clone();
+        let sampler = Sampler::new(request.sampling.clone());
+        let decoder = IncrementalDecoder::new(tokens.len());
+        let stops = StopStringMatcher::new(request.stop.clone());
+        self.waiting.push_back(Sequence {
+            request,
+            sender,
+            tokens,
+            num_computed: 0,
+            table: BlockTable::default(),
+            sampler,
+            decoder,
+            stops,
+            cached_prompt_tokens: None,
+            first_scheduled: None,
+            first_token: None,
+            last_token: None,
+        });
+        self.update_gauges();
+    }
+
+    /// Runs one token through the model (and frees its block), so the first real request does
+    /// not pay for lazy initialisation.
+    pub fn warm_up(&mut self) -> Result<(), String> {
+        let mut table = BlockTable::default();
+        self.blocks
+            .ensure_capacity(&mut table, 1)
+            .map_err(|e| e.to_string())?;
+        let token = self.eos_token_ids.first().copied().unwrap_or(0);
+        let result = self.executor.forward(&[BatchChunk {
+            tokens: &[token],
+            start_pos: 0,
+            block_table: table.blocks(),
+        }]);
+        self.blocks.free(&mut table);
+        result.map(|_| ())
+    }
+
+    /// Ends every request with finish reason `cancelled` (draining past its timeout).
+    pub fn cancel_all(&mut self) {
+        let now = Instant::now();
+        for mut seq in self
+            .running
+            .drain(..)
+            .chain(self.waiting.drain(..))
+            .collect::<Vec<_>>()
+        {
+            let output = self.finish(&mut seq, FinishReason::Cancelled, now, String::new());
+            let _ = seq.sender.send(Ok(output));
+            self.release(&mut seq);
+        }
+        self.update_gauges();
+    }
+
+    /// One engine step: drop cancelled requests, schedule, run the batch, sample and stream.
+    pub fn step(&mut self) -> StepReport {
+        let started = Instant::now();
+        self.reap_cancelled(started);
+        let mut report = StepReport::default();
+        let plan = self.schedule(&mut report);
+        if !plan.is_empty() {
+            self.run(&plan, &mut report);
+            self.metrics.batch_size.observe(report.batch_size as f64);
+            self.metrics
+                .step_duration_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        for (layer, expert, tokens) in self.executor.take_expert_counts() {
+            self.metrics.record_expert_tokens(layer, expert, tokens);
+        }
+        self.update_gauges();
+        report
+    }
+
+    fn update_gauges(&self) {
+        self.metrics.requests_running.set(self.running.len() as i64);
+        self.metrics.requests_waiting.set(self.waiting.len() as i64);
+        self.metrics
+            .kv_cache_usage_ratio
+            .set(self.blocks.usage_ratio());
+    }
+
+    /// A dropped stream is a cancellation; a passed deadline fails the request.
+    fn reap_cancelled(&mut self, now: Instant) {
+        let expired = |seq: &Sequence| seq.request.deadline.is_some_and(|d| now >= d);
+        let mut index = 0;
+        while index < self.running.len() {
+            let seq = &self.running[index];
+            if seq.sender.is_closed() || expired(seq) {
+                let mut seq = self.running.remove(index);
+                self.end_without_finish(&mut seq);
+            } else {
+                index += 1;
+            }
+        }
+        let mut index = 0;
+        while index < self.waiting.len() {
+            let seq = &self.waiting[index];
+            if seq.sender.is_closed() || expired(seq) {
+                let Some(mut seq) = self.waiting.remove(index) else {
+                    break;
+                };
+                self.end_without_finish(&mut seq);
+            } else {
+                index += 1;
+            }
+        }
+    }
+
+    fn end_without_finish(&mut self, seq: &mut Sequence) {
+        if !seq.sender.is_closed() {
+            tracing::info!(request_id = %seq.request.request_id, "deadline exceeded");
+            let _ = seq.sender.send(Err(GenerationError::DeadlineExceeded {
+                generated: seq.generated(),
+            }));
+        } else {
+            tracing::debug!(request_id = %seq.request.request_id, "stream dropped, cancelling");
+        }
+        self.release(seq);
+    }
+
+    /// Frees the request's blocks and counts it out.
+    fn release(&mut self, seq: &mut Sequence) {
+        self.blocks.free(&mut seq.table);
+        if seq.first_scheduled.is_none() {
+            self.counts.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.counts.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Chooses (running index, tokens) pairs for this step, preempting the newest requests when
+    /// the pool runs out and admitting waiting requests while the budget allows.
+    fn schedule(&mut self, report: &mut StepReport) -> Vec<(usize, usize)> {
+        let mut budget = self.config.max_tokens_per_step;
+        let mut plan = Vec::new();
+        // Decode tokens come before prefill chunks: a long prompt never stalls running requests.
+        let is_decode = |seq: &Sequence| seq.pending() == 1;
+        let mut decodes_left = self.running.iter().filter(|seq| is_decode(seq)).count();
+        let mut index = 0;
+        while index < self.running.len() && budget > 0 {
+            let decode = is_decode(&self.running[index]);
+            let n = if decode {
+                decodes_left -= 1;
+                1
+            } else {
+                self.running[index]
+                    .pending()
+                    .min(budget.saturating_sub(decodes_left))
+            };
+            if n == 0 {
+                index += 1;
+                continue;
+            }
+            let target = self.running[index].num_computed + n;
+            let mut scheduled = true;
+            while self
+                .blocks
+                .ensure_capacity(&mut self.running[index].table, target)
+                .is_err()
+            {
+                let victim = self.running.len() - 1;
+                if victim != index && is_decode(&self.running[victim]) {
+                    decodes_left -= 1;
+                }
+                self.preempt(victim);
+                report.preempted += 1;
+                if victim == index {
+                    scheduled = false;
+                    break;
+                }
+            }
+            if !scheduled {
+                break;
+            }
+            plan.push((index, n));
+            budget -= n;
+            index += 1;
+        }
+
+        let now = Instant::now();
+        while budget > 0
+            && self.running.len() < self.config.max_batch_size
+            && let Some(seq) = self.waiting.front_mut()
+        {
+            let pool = self.blocks.num_blocks();
+            let needed = self
+                .blocks
+                .blocks_for(seq.prompt_len() + seq.request.max_tokens);
+            if needed > pool {
+                let mut seq = self.waiting.pop_front().expect("front exists");
+                let _ = seq
+                    .sender
+                    .send(Err(GenerationError::TooLongForCache { needed, pool }));
+                self.release(&mut seq);
+                continue;
+            }
+            if seq.table.is_empty() {
+                seq.num_computed = self.blocks.acquire_prefix(&mut seq.table, &seq.tokens);
+            }
+            let n = seq.pending().min(budget);
+            if self
+                .blocks
+                .ensure_capacity(&mut seq.table, seq.num_computed + n)
+                .is_err()
+            {
+                // Not enough room: give the shared prefix back and wait for running requests.
+                self.blocks.free(&mut seq.table);
+                seq.num_computed = 0;
+                break;
+            }
+            let mut seq = self.waiting.pop_front().expect("front exists");
+            if seq.first_scheduled.is_none() {
+                seq.first_scheduled = Some(now);
+                self.counts.queued.fetch_sub(1, Ordering::Relaxed);
+                let queue = now.duration_since(seq.request.arrival);
+                self.metrics
+                    .request_queue_time_seconds
+                    .observe(queue.as_secs_f64());
+            }
+            if seq.cached_prompt_tokens.is_none() {
+                let cached = seq.num_computed.min(seq.prompt_len());
+                seq.cached_prompt_tokens = Some(cached);
+                self.metrics
+                    .prompt_tokens_total
+                    .inc_by(seq.prompt_len() as u64);
+                self.metrics
+                    .prefix_cache_queries_total
+                    .inc_by(seq.prompt_len() as u64);
+                self.metrics.prefix_cache_hits_total.inc_by(cached as u64);
+            }
+            plan.push((self.running.len(), n));
+            self.running.push(seq);
+            budget -= n;
+        }
+        plan
+    }
+
+    /// Frees a running request's blocks and puts it back at the head of the queue; it is
+    /// recomputed (its prompt and the tokens it made so far) when admitted again.
+    fn preempt(&mut self, index: usize) {
+        let mut seq = self.running.remove(index);
+        tracing::debug!(request_id = %seq.request.request_id, generated = seq.generated(), "preempting");
+        self.blocks.free(&mut seq.table);
+        seq.num_computed = 0;
+        self.metrics.preemptions_total.inc();
+        self.waiting.push_front(seq);
+    }
+
+    fn run(&mut self, plan: &[(usize, usize)], report: &mut StepReport) {
+        let chunks: Vec<BatchChunk<'_>> = plan
+            .iter()
+            .map(|&(index, n)| {
+                let seq = &self.running[index];
+                BatchChunk {
+                    tokens: &seq.tokens[seq.num_computed..seq.num_computed + n],
+                    start_pos: seq.num_computed,
+                    block_table: seq.table.blocks(),
+                }
+            })
+            .collect();
+        report.batch_size = chunks.len();
+        report.tokens = plan.iter().map(|&(_, n)| n).sum();
+        let logits = self.executor.forward(&chunks);
+        let vocab = self.executor.vocab_size();
+        let now = Instant::now();
+        let logits = match logits {
+            Ok(logits) if logits.len() == plan.len() * vocab => logits,
+            Ok(logits) => {
+                let message = format!(
+                    "model returned {} logits for {} chunks of vocabulary {vocab}",
+                    logits.len(),
+                    plan.len()
+                );
+                self.fail_planned(plan, &message);
+                return;
+            }
+            Err(message) => {
+                self.fail_planned(plan, &message);
+                return;
+            }
+        };
+
+        let mut finished = Vec::new();
+        for (row, &(index, n)) in plan.iter().enumerate() {
+            let seq = &mut self.running[index];
+            seq.num_computed += n;
+            self.blocks
+                .register_full_blocks(&mut seq.table, &seq.tokens, seq.num_computed);
+            if seq.num_computed < seq.tokens.len() {
+                continue; // a prefill chunk that does not reach the end of the prompt yet
+            }
+            let mut row_logits = logits[row * vocab..(row + 1) * vocab].to_vec();
+            let sampled = seq
+                .sampler
+                .sample(&mut row_logits, &seq.tokens, seq.request.logprobs);
+            seq.tokens.push(sampled.token);
+            self.metrics.generation_tokens_total.inc();
+            match seq.last_token {
+                None => {
+                    seq.first_token = Some(now);
+                    let arrival = seq.request.arrival;
+                    self.metrics
+                        .time_to_first_token_seconds
+                        .observe(now.duration_since(arrival).as_secs_f64());
+                    if let Some(scheduled) = seq.first_scheduled {
+                        self.metrics
+                            .request_prefill_time_seconds
+                            .observe(now.duration_since(scheduled).as_secs_f64());
+                    }
+                }
+                Some(last) => self
+                    .metrics
+                    .inter_token_latency_seconds
+                    .observe(now.duration_since(last).as_secs_f64()),
+            }
+            seq.last_token = Some(now);
+
+            let token = sampled.token;
+            let mut output = GenerationOutput {
+                token_ids: vec![token],
+                logprobs: if seq.request.logprobs > 0 {
+                    vec![TokenLogprob {
+                        token,
+                        logprob: sampled.logprob,
+                        top: sampled.top,
+                    }]
+                } else {
+                    Vec::new()
+                },
+                ..GenerationOutput::default()
+            };
+            let is_eos = !seq.request.ignore_eos && self.eos_token_ids.contains(&token);
+            let is_stop_token = seq.request.stop_token_ids.contains(&token);
+            let mut reason = if is_eos {
+                Some(FinishReason::Eos)
+            } else if is_stop_token {
+                Some(FinishReason::Stop)
+            } else {
+                None
+            };
+            // The text of an end token is not part of the output.
+            if reason.is_none() {
+                match seq.decoder.step(self.codec.as_ref(), &seq.tokens) {
+                    Ok(delta) => {
+                        let released = seq.stops.push(&delta);
+                        output.text = released.text;
+                        if released.stopped {
+                            reason = Some(FinishReason::Stop);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, token, "detokenizing failed; no text for this token")
+                    }
+                }
+            }
+            if reason.is_none()
+                && (seq.generated() >= seq.request.max_tokens
+                    || seq.tokens.len() >= self.config.max_seq_len)
+            {
+                reason = Some(FinishReason::Length);
+            }
+            if let Some(reason) = reason {
+                let tail = if reason == FinishReason::Stop {
+                    String::new()
+                } else {
+                    seq.stops.flush()
+                };
+                finished.push((index, reason, output, tail));
+            } else if seq.sender.send(Ok(output)).is_err() {
+                // The stream is gone; the next step reaps the request.
+            }
+        }
+
+        // Remove finished requests from the back so earlier indices stay valid.
+        finished.sort_by_key(|entry| std::cmp::Reverse(entry.0));
+        for (index, reason, output, tail) in finished {
+            let mut seq = self.running.remove(index);
+            let mut last = self.finish(&mut seq, reason, now, tail);
+            last.token_ids = output.token_ids;
+            last.logprobs = output.logprobs;
+            last.text.insert_str(0, &output.text);
+            let _ = seq.sender.send(Ok(last));
+            self.release(&mut seq);
+        }
+    }
+
+    /// The last output of a request (without its final token's pieces) and its metrics.
+    fn finish(
+        &self,
+        seq: &mut Sequence,
+        reason: FinishReason,
+        now: Instant,
+        text: String,
+    ) -> GenerationOutput {
+        let arrival = seq.request.arrival;
+        let timings = Timings {
+            queue: seq
+                .first_scheduled
+                .map_or(now - arrival, |t| t.duration_since(arrival)),
+            time_to_first_token: seq
+                .first_token
+                .map_or(std::time::Duration::ZERO, |t| t.duration_since(arrival)),
+            total: now.duration_since(arrival),
+        };
+        self.metrics.record_finish(reason);
+        self.metrics
+            .e2e_request_latency_seconds
+            .observe(timings.total.as_secs_f64());
+        if let Some(first) = seq.first_token {
+            self.metrics
+                .request_decode_time_seconds
+                .observe(now.duration_since(first).as_secs_f64());
+        }
+        GenerationOutput {
+            text,
+            finished: Some(Finished {
+                reason,
+                usage: Usage {
+                    prompt_tokens: seq.prompt_len(),
+                    completion_tokens: seq.generated(),
+                    cached_prompt_tokens: seq.cached_prompt_tokens.unwrap_or(0),
+                },
+                timings,
+            }),
+            ..GenerationOutput::default()
+        }
+    }
+
+    /// A failed forward fails the requests of that batch only; the engine keeps serving.
+    fn fail_planned(&mut self, plan: &[(usize, usize)], message: &str) {
+        tracing::error!(error = message, "model step failed");
+        let mut indices: Vec<usize> = plan.iter().map(|&(index, _)| index).collect();
+        indices.sort_unstable_by(|a, b| b.cmp(a));
+        for index in indices {
+            let mut seq = self.running.remove(index);
+            let _ = seq
+                .sender
+                .send(Err(GenerationError::Model(message.to_owned())));
+            self.release(&mut seq);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::engine::detokenizer::tests::ByteCodec;
+    use crate::engine::request::{GenerationOutput, OutputReceiver};
+    use crate::engine::sampler::SamplingParams;
+
+    const VOCAB: usize = 300;
+    const EOS: u32 = 256;
+
+    /// A test double with a real paged cache: it stores each token in the slot its block table
+    /// names and derives the logits from everything the cache holds for the sequence, so a wrong
+    /// block table, a bad shared prefix or a lost position changes the generated tokens.
+    struct PagedEchoModel {
+        slots: Vec<Option<u32>>,
+        block_size: usize,
+        /// Tokens to never produce, so tests control EOS themselves.
+        banned: Vec<u32>,
+    }
+
+    impl PagedEchoModel {
+        fn new(num_blocks: usize, block_size: usize) -> Self {
+            Self {
+                slots: vec![None; num_blocks * block_size],
+                block_size,
+                banned: vec![EOS],
+            }
+        }
+
+        fn slot(&self, table: &[u32], pos: usize) -> usize {
+            table[pos / self.block_size] as usize * self.block_size + pos % self.block_size
+        }
+    }
+
+    impl ModelExecutor for PagedEchoModel {
+        fn vocab_size(&self) -> usize {
+            VOCAB
+        }
+
+        fn forward(&mut self, chunks: &[BatchChunk<'_>]) -> Result<Vec<f32>, String> {
+            let mut logits = Vec::with_capacity(chunks.len() * VOCAB);
+            for chunk in chunks {
+                for (offset, &token) in chunk.tokens.iter().enumerate() {
+                    let slot = self.slot(chunk.block_table, chunk.start_pos + offset);
+                    self.slots[slot] = Some(token);
+                }
+                let end = chunk.start_pos + chunk.tokens.len();
+                let mut state: u64 = 17;
+                for pos in 0..end {
+                    let token = self.slots[self.slot(chunk.block_table, pos)]
+                        .ok_or_else(|| format!("position {pos} read before it was written"))?;
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(token as u64 + 1);
+                }
+                for j in 0..VOCAB as u64 {
+                    let mixed = (state ^ j.wrapping_mul(0x9E3779B97F4A7C15))
+                        .wrapping_mul(0xff51afd7ed558ccd);
+                    let banned = self.banned.contains(&(j as u32));
+                    logits.push(if banned {
+                        -1e9
+                    } else {
+                        (mixed >> 40) as f32 / (1u64 << 24) as f32 * 8.0
+                    });
+                }
+            }
+            Ok(logits)
+        }
+    }
+
+    fn scheduler(
+        num_blocks: usize,
+        block_size: usize,
+        step_tokens: usize,
+        prefix: bool,
+    ) -> Scheduler<PagedEchoModel> {
+        Scheduler::new(
+            SchedulerConfig {
+                max_batch_size: 32,
+                max_tokens_per_step: step_tokens,
+                max_seq_len: 512,
+            },
+            PagedEchoModel::new(num_blocks, block_size),
+            Arc::new(ByteCodec),
+            BlockManager::new(num_blocks, block_size, prefix),
+            Arc::new(RequestCounts::default()),
+            Arc::new(Metrics::new("test").unwrap()),
+        )
+    }
+
+    fn request(prompt: &[u8], max_tokens: usize, sampling: SamplingParams) -> GenerationRequest {
+        GenerationRequest {
+            request_id: String::new(),
+            prompt: prompt.iter().map(|&b| u32::from(b)).collect(),
+            sampling,
+            max_tokens,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            logprobs: 0,
+            deadline: None,
+            arrival: Instant::now(),
+        }
+    }
+
+    fn greedy() -> SamplingParams {
+        SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        }
+    }
+
+    fn seeded(seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        }
+    }
+
+    fn submit<E: ModelExecutor>(
+        scheduler: &mut Scheduler<E>,
+        request: GenerationRequest,
+    ) -> OutputReceiver {
+        scheduler.counts.queued.fetch_add(1, Ordering::SeqCst);
+        scheduler.counts.in_flight.fetch_add(1, Ordering::SeqCst);
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        scheduler.add_request(request, sender);
+        receiver
+    }
+
+    fn run_to_end<E: ModelExecutor>(scheduler: &mut Scheduler<E>) -> StepReport {
+        let mut total = StepReport::default();
+        for _ in 0..10_000 {
+            if !scheduler.has_work() {
+                return total;
+            }
+            let report = scheduler.step();
+            total.preempted += report.preempted;
+            total.batch_size = total.batch_size.max(report.batch_size);
+        }
+        panic!("scheduler did not finish");
+    }
+
+    fn collect(receiver: &mut OutputReceiver) -> (Vec<u32>, String, Finished) {
+        let mut tokens = Vec::new();
+        let mut text = String::new();
+        while let Ok(output) = receiver.try_recv() {
+            let GenerationOutput {
+                token_ids,
+                text: delta,
+                finished,
+                ..
+            } = output.expect("no error");
+            tokens.extend(token_ids);
+            text.push_str(&delta);
+            if let Some(finished) = finished {
+                return (tokens, text, finished);
+            }
+        }
+        panic!("stream ended without a finish");
+    }
+
+    fn prompts() -> Vec<Vec<u8>> {
+        (0..16u8)
+            .map(|i| format!("prompt number {i} says {}", "x".repeat(i as usize)).into_bytes())
+            .collect()
+    }
+
+    fn sampling_for(i: usize) -> SamplingParams {
+        if i.is_multiple_of(2) {
+            greedy()
+        } else {
+            seeded(i as u64)
+        }
+    }
+
+    fn alone(prompt: &[u8], sampling: SamplingParams, max_tokens: usize) -> Vec<u32> {
+        let mut scheduler = scheduler(64, 4, 64, false);
+        let mut receiver = submit(&mut scheduler, request(prompt, max_tokens, sampling));
+        run_to_end(&mut scheduler);
+        collect(&mut receiver).0
+    }
+
+    #[test]
+    fn a_batch_of_16_gives_the_same_tokens_as_each_request_alone() {
+        let mut batched = scheduler(256, 4, 512, true);
+        let mut receivers: Vec<_> = prompts()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| submit(&mut batched, request(p, 12, sampling_for(i))))
+            .collect();
+        let report = run_to_end(&mut batched);
+        assert_eq!(report.batch_size, 16);
+        for (i, prompt) in prompts().iter().enumerate() {
+            let (tokens, _, finished) = collect(&mut receivers[i]);
+            assert_eq!(finished.reason, FinishReason::Length);
+            assert_eq!(tokens, alone(prompt, sampling_for(i), 12), "request {i}");
+        }
+        assert_eq!(batched.blocks().num_used_blocks(), 0);
+        assert_eq!(batched.counts.in_flight.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn preemption_under_a_tiny_pool_still_completes_every_request_correctly() {
+        // 10 blocks of 4 tokens; each request needs up to 7 blocks, so they cannot all run.
+        let mut tight = scheduler(10, 4, 64, true);
+        let mut receivers: Vec<_> = prompts()[..6]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| submit(&mut tight, request(&p[..10], 16, sampling_for(i))))
+            .collect();
+        let report = run_to_end(&mut tight);
+        assert!(report.preempted > 0, "expected preemptions");
+        for (i, prompt) in prompts()[..6].iter().enumerate() {
+            let (tokens, _, finished) = collect(&mut receivers[i]);
+            assert_eq!(finished.usage.completion_tokens, 16);
+            assert_eq!(
+                tokens,
+                alone(&prompt[..10], sampling_for(i), 16),
+                "request {i}"
+            );
+        }
+        assert!(tight.metrics.preemptions_total.get() > 0);
+    }
+
+    #[test]
+    fn a_shared_prefix_is_served_from_the_cache_with_the_same_tokens() {
+        let mut cached = scheduler(64, 4, 64, true);
+        let prefix = b"a long shared system prompt, ".to_vec();
+        let mut first = submit(
+            &mut cached,
+            request(&[prefix.clone(), b"first".to_vec()].concat(), 4, greedy()),
+        );
+        run_to_end(&mut cached);
+        assert_eq!(collect(&mut first).2.usage.cached_prompt_tokens, 0);
+        let second_prompt = [prefix.clone(), b"second".to_vec()].concat();
+        let mut second = submit(&mut cached, request(&second_prompt, 4, greedy()));
+        run_to_end(&mut cached);
+        let (tokens, _, finished) = collect(&mut second);
+        assert_eq!(finished.usage.cached_prompt_tokens, prefix.len() / 4 * 4);
+        assert_eq!(tokens, alone(&second_prompt, greedy(), 4));
+        assert_eq!(
+            cached.metrics.prefix_cache_hits_total.get(),
+            (prefix.len() / 4 * 4) as u64
+        );
+    }
+
+    #[test]
+    fn long_prompts_are_chunked_while_running_requests_keep_decoding() {
+        let mut chunked = scheduler(64, 4, 8, true);
+        let mut short = submit(&mut chunked, request(b"hi", 20, greedy()));
+        chunked.step();
+        let long_prompt = b"a prompt much longer than the step budget of eight tokens".to_vec();
+        let mut long = submit(&mut chunked, request(&long_prompt, 3, greedy()));
+        let mut decoded_while_prefilling = 0;
+        while chunked
+            .running
+            .iter()
+            .chain(&chunked.waiting)
+            .any(|s| s.request.prompt.len() > 10 && s.first_token.is_none())
+        {
+            let before = chunked.running.first().map(|s| s.tokens.len());
+            let report = chunked.step();
+            assert!(report.tokens <= 8);
+            if chunked.running.first().map(|s| s.tokens.len()) > before {
+                decoded_while_prefilling += 1;
+            }
+        }
+        assert!(decoded_while_prefilling >= long_prompt.len() / 8 - 1);
+        run_to_end(&mut chunked);
+        assert_eq!(collect(&mut short).0, alone(b"hi", greedy(), 20));
+        assert_eq!(collect(&mut long).0, alone(&long_prompt, greedy(), 3));
+    }
+
+    #[test]
+    fn a_dropped_stream_frees_its_blocks_at_the_next_step() {
+        let mut engine = scheduler(64, 4, 64, false);
+        let receiver = submit(&mut engine, request(b"some prompt text", 100, greedy()));
+        engine.step();
+        engine.step();
+        assert!(engine.blocks().num_used_blocks() > 0);
+        drop(receiver);
+        engine.step();
+        assert_eq!(engine.blocks().num_used_blocks(), 0);
+        assert!(!engine.has_work());
+        assert_eq!(engine.metrics.kv_cache_usage_ratio.get(), 0.0);
+    }
+
+    #[test]
+    fn a_passed_deadline_fails_the_request() {
+        let mut engine = scheduler(64, 4, 64, false);
+        let mut req = request(b"prompt", 100, greedy());
+        req.deadline = Some(Instant::now() - Duration::from_millis(1));
+        let mut receiver = submit(&mut engine, req);
+        engine.step();
+        assert!(matches!(
+            receiver.try_recv(),
+            Ok(Err(GenerationError::DeadlineExceeded { .. }))
+        ));
+        assert!(!engine.has_work());
+    }
+
+    #[test]
+    fn stop_strings_stop_tokens_and_eos_end_the_generation() {
+        // Find what the model says greedily (ASCII only, so every byte is a whole character),
+        // then stop on a piece of it.
+        let mut engine = scheduler(64, 4, 64, false);
+        engine.executor.banned = (128..VOCAB as u32).collect();
+        let mut receiver = submit(&mut engine, request(b"stop test", 12, greedy()));
+        run_to_end(&mut engine);
+        let (reference, text, _) = collect(&mut receiver);
+        let stop: String = text.chars().skip(4).take(2).collect();
+        let mut with_stop = request(b"stop test", 12, greedy());
+        with_stop.stop = vec![stop.clone()];
+        let mut receiver = submit(&mut engine, with_stop);
+        run_to_end(&mut engine);
+        let (_, emitted, finished) = collect(&mut receiver);
+        assert_eq!(finished.reason, FinishReason::Stop);
+        assert_eq!(emitted, text[..text.find(&stop).unwrap()]);
+
+        let mut with_stop_id = request(b"stop test", 12, greedy());
+        with_stop_id.stop_token_ids = vec![reference[3]];
+        let mut receiver = submit(&mut engine, with_stop_id);
+        run_to_end(&mut engine);
+        let (tokens, _, finished) = collect(&mut receiver);
+        assert_eq!(finished.reason, FinishReason::Stop);
+        assert_eq!(tokens.last(), Some(&reference[3]));
+
+        let eos_model_req = request(b"stop test", 10, greedy());
+        engine.executor.banned = (0..VOCAB as u32).filter(|&t| t != EOS).collect();
+        let mut receiver = submit(&mut engine, eos_model_req);
+        run_to_end(&mut engine);
+        let (tokens, text, finished) = collect(&mut receiver);
+        assert_eq!(
+            (finished.reason, tokens, text),
+            (FinishReason::Eos, vec![EOS], String::new())
+        );
+    }
+
+    #[test]
+    fn a_request_larger_than_the_whole_pool_fails_alone() {
+        let mut engine = scheduler(4, 4, 64, false);
+        let mut too_big = submit(&mut engine, request(b"0123456789", 100, greedy()));
+        let mut fits = submit(&mut engine, request(b"ok", 4, greedy()));
+        run_to_end(&mut engine);
+        assert!(matches!(
+            too_big.try_recv(),
+            Ok(Err(GenerationError::TooLongForCache { .. }))
+        ));
+        assert_eq!(collect(&mut fits).2.reason, FinishReason::Length);
+    }
+}

@@ -1,0 +1,539 @@
+//! The other shards of this serving group, as Experts clients with a health state each.
+//!
+//! A monitor task handshakes every peer periodically. A peer is usable only when its handshake
+//! answered in time, it reports itself ready, has the rank we expect at that address and the
+//! same fingerprint (model + placement + shard count) as we do. The group is healthy (this shard
+//! SERVING) only when every peer is usable. Any failure drops the peer's channel, so the next
+//! attempt resolves its DNS name again: a StatefulSet pod keeps its name but not its address
+//! across restarts.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use latentserve_proto::v1::HandshakeRequest;
+use latentserve_proto::v1::experts_client::ExpertsClient;
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint};
+
+/// Largest RunExperts message either way: a long prefill chunk of a large model's hidden rows.
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// Timeouts and the probe period of the peer monitor.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerTimeouts {
+    /// DNS resolution plus TCP/HTTP2 connection setup.
+    pub connect: Duration,
+    /// One handshake or RunExperts call.
+    pub rpc: Duration,
+    /// Between two handshakes of the monitor.
+    pub probe_interval: Duration,
+}
+
+impl Default for PeerTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(2),
+            rpc: Duration::from_secs(30),
+            probe_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Why a peer cannot take expert work now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerStatus {
+    /// Not contacted yet.
+    Connecting,
+    Ready,
+    /// No connection, or a call failed or timed out.
+    Unreachable(String),
+    /// Reachable but still loading (or draining).
+    NotReady,
+    /// Reachable but serving another model, placement or shard layout.
+    Mismatch(String),
+}
+
+impl PeerStatus {
+    pub fn describe(&self) -> String {
+        match self {
+            PeerStatus::Connecting => "not connected yet".to_owned(),
+            PeerStatus::Ready => "ready".to_owned(),
+            PeerStatus::Unreachable(reason) => format!("unreachable: {reason}"),
+            PeerStatus::NotReady => "not ready (loading or draining)".to_owned(),
+            PeerStatus::Mismatch(reason) => format!("refused: {reason}"),
+        }
+    }
+}
+
+/// What a peer said in its handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeInfo {
+    pub rank: usize,
+    pub shard_count: usize,
+    pub fingerprint: String,
+    pub ready: bool,
+    pub model_name: String,
+}
+
+/// What we expect of the peer at one address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expectation {
+    pub rank: usize,
+    pub shard_count: usize,
+    pub fingerprint: String,
+}
+
+/// Judges a handshake answer (pure).
+pub fn judge(expected: &Expectation, answer: &HandshakeInfo) -> PeerStatus {
+    if answer.shard_count != expected.shard_count || answer.rank != expected.rank {
+        return PeerStatus::Mismatch(format!(
+            "it is shard {} of {}, expected shard {} of {}",
+            answer.rank, answer.shard_count, expected.rank, expected.shard_count
+        ));
+    }
+    if answer.fingerprint != expected.fingerprint {
+        return PeerStatus::Mismatch(format!(
+            "it serves model `{}` with fingerprint {}, ours is {} (different model, placement or shard count)",
+            answer.model_name, answer.fingerprint, expected.fingerprint
+        ));
+    }
+    if !answer.ready {
+        return PeerStatus::NotReady;
+    }
+    PeerStatus::Ready
+}
+
+/// Maps `--peers` to ranks: either every shard in rank order (our own entry is skipped), or the
+/// other shards in rank order.
+pub fn peer_ranks(
+    addresses: &[String],
+    local_rank: usize,
+    shard_count: usize,
+) -> Result<Vec<(usize, String)>, String> {
+    if shard_count <= 1 {
+        if addresses.is_empty() {
+            return Ok(Vec::new());
+        }
+        return Err(format!(
+            "--peers lists {} addresses but --shard-count is 1",
+            addresses.len()
+        ));
+    }
+    if let Some(bad) = addresses.iter().find(|a| !looks_like_host_port(a)) {
+        return Err(format!("--peers: `{bad}` is not HOST:PORT"));
+    }
+    let others = (0..shard_count).filter(|&r| r != local_rank);
+    if addresses.len() == shard_count {
+        Ok(others.map(|r| (r, addresses[r].clone())).collect())
+    } else if addresses.len() == shard_count - 1 {
+        Ok(others.zip(addresses.iter().cloned()).collect())
+    } else {
+        Err(format!(
+            "--peers lists {} addresses; with --shard-count {shard_count} give all {shard_count} shards in rank order, or the {} others",
+            addresses.len(),
+            shard_count - 1
+        ))
+    }
+}
+
+fn looks_like_host_port(address: &str) -> bool {
+    address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
+/// A peer whose expert work cannot be run; the message names the shard and its address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expert shard {rank} ({address}) is unavailable: {reason}")]
+pub struct PeerUnavailable {
+    pub rank: usize,
+    pub address: String,
+    pub reason: String,
+}
+
+/// One other shard.
+pub struct Peer {
+    pub rank: usize,
+    pub address: String,
+    state: Mutex<PeerState>,
+}
+
+struct PeerState {
+    status: PeerStatus,
+    channel: Option<Channel>,
+}
+
+impl Peer {
+    pub fn status(&self) -> PeerStatus {
+        self.lock().status.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PeerState> {
+        // A panic while holding this lock leaves plain data behind; keep using it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn unavailable(&self, reason: String) -> PeerUnavailable {
+        PeerUnavailable {
+            rank: self.rank,
+            address: self.address.clone(),
+            reason,
+        }
+    }
+}
+
+/// Every peer of this shard and the group health derived from them.
+pub struct Peers {
+    local_rank: usize,
+    shard_count: usize,
+    fingerprint: String,
+    timeouts: PeerTimeouts,
+    peers: Vec<Arc<Peer>>,
+    healthy: watch::Sender<bool>,
+}
+
+impl Peers {
+    /// `peers`: (rank, HOST:PORT) of every other shard (see [`peer_ranks`]).
+    pub fn new(
+        local_rank: usize,
+        shard_count: usize,
+        peers: Vec<(usize, String)>,
+        fingerprint: String,
+        timeouts: PeerTimeouts,
+    ) -> Self {
+        let healthy = watch::Sender::new(peers.is_empty());
+        Self {
+            local_rank,
+            shard_count,
+            fingerprint,
+            timeouts,
+            peers: peers
+                .into_iter()
+                .map(|(rank, address)| {
+                    Arc::new(Peer {
+                        rank,
+                        address,
+                        state: Mutex::new(PeerState {
+                            status: PeerStatus::Connecting,
+                            channel: None,
+                        }),
+                    })
+                })
+                .collect(),
+            healthy,
+        }
+    }
+
+    pub fn local_rank(&self) -> usize {
+        self.local_rank
+    }
+
+    pub fn timeouts(&self) -> PeerTimeouts {
+        self.timeouts
+    }
+
+    pub fn peers(&self) -> &[Arc<Peer>] {
+        &self.peers
+    }
+
+    pub fn peer(&self, rank: usize) -> Option<&Arc<Peer>> {
+        self.peers.iter().find(|p| p.rank == rank)
+    }
+
+    /// True while every peer is ready with our fingerprint.
+    pub fn is_healthy(&self) -> bool {
+        *self.healthy.borrow()
+    }
+
+    /// Follows [`Self::is_healthy`].
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.healthy.subscribe()
+    }
+
+    /// A client for `rank` if it is ready; otherwise why not.
+    pub fn client(&self, rank: usize) -> Result<ExpertsClient<Channel>, PeerUnavailable> {
+        let Some(peer) = self.peer(rank) else {
+            return Err(PeerUnavailable {
+                rank,
+                address: String::new(),
+                reason: "no such peer in --peers".to_owned(),
+            });
+        };
+        let state = peer.lock();
+        match (&state.status, &state.channel) {
+            (PeerStatus::Ready, Some(channel)) => Ok(ExpertsClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES)),
+            (status, _) => Err(peer.unavailable(status.describe())),
+        }
+    }
+
+    /// Records a failed call: the peer is unreachable until a handshake succeeds again.
+    pub fn mark_failed(&self, rank: usize, reason: &str) -> PeerUnavailable {
+        let Some(peer) = self.peer(rank) else {
+            return PeerUnavailable {
+                rank,
+                address: String::new(),
+                reason: reason.to_owned(),
+            };
+        };
+        self.set_status(peer, PeerStatus::Unreachable(reason.to_owned()), None);
+        peer.unavailable(format!("unreachable: {reason}"))
+    }
+
+    fn set_status(&self, peer: &Peer, status: PeerStatus, channel: Option<Channel>) {
+        {
+            let mut state = peer.lock();
+            if state.status != status {
+                match &status {
+                    PeerStatus::Ready => {
+                        tracing::info!(peer = peer.rank, address = %peer.address, "expert peer ready");
+                    }
+                    other => tracing::warn!(
+                        peer = peer.rank,
+                        address = %peer.address,
+                        status = %other.describe(),
+                        "expert peer not usable"
+                    ),
+                }
+            }
+            state.status = status;
+            state.channel = channel;
+        }
+        let healthy = self
+            .peers
+            .iter()
+            .all(|p| p.lock().status == PeerStatus::Ready);
+        self.healthy.send_if_modified(|current| {
+            let changed = *current != healthy;
+            *current = healthy;
+            changed
+        });
+    }
+
+    /// Handshakes every peer once, concurrently, and updates their states.
+    pub async fn probe_all(&self) {
+        let probes = self.peers.iter().map(|peer| self.probe(peer));
+        futures::future::join_all(probes).await;
+    }
+
+    async fn probe(&self, peer: &Peer) {
+        let existing = peer.lock().channel.clone();
+        let channel = match existing {
+            Some(channel) => channel,
+            None => match connect(&peer.address, self.timeouts).await {
+                Ok(channel) => channel,
+                Err(reason) => {
+                    self.set_status(peer, PeerStatus::Unreachable(reason), None);
+                    return;
+                }
+            },
+        };
+        let mut client = ExpertsClient::new(channel.clone());
+        let request = HandshakeRequest {
+            rank: self.local_rank as u32,
+            fingerprint: self.fingerprint.clone(),
+        };
+        let answer = tokio::time::timeout(self.timeouts.rpc, client.handshake(request)).await;
+        let answer = match answer {
+            Err(_) => {
+                let reason = format!("handshake timed out after {:?}", self.timeouts.rpc);
+                self.set_status(peer, PeerStatus::Unreachable(reason), None);
+                return;
+            }
+            Ok(Err(status)) => {
+                let reason = format!("handshake failed: {}", status.message());
+                self.set_status(peer, PeerStatus::Unreachable(reason), None);
+                return;
+            }
+            Ok(Ok(answer)) => answer.into_inner(),
+        };
+        let expected = Expectation {
+            rank: peer.rank,
+            shard_count: self.shard_count,
+            fingerprint: self.fingerprint.clone(),
+        };
+        let info = HandshakeInfo {
+            rank: answer.rank as usize,
+            shard_count: answer.shard_count as usize,
+            fingerprint: answer.fingerprint,
+            ready: answer.ready,
+            model_name: answer.model_name,
+        };
+        let status = judge(&expected, &info);
+        // Keep the connection of a reachable peer, whatever it said.
+        self.set_status(peer, status, Some(channel));
+    }
+
+    /// Probes every peer now, then every `probe_interval` until the returned task is aborted.
+    pub fn spawn_monitor(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let peers = self.clone();
+        tokio::spawn(async move {
+            loop {
+                peers.probe_all().await;
+                tokio::time::sleep(peers.timeouts.probe_interval).await;
+            }
+        })
+    }
+}
+
+/// Resolves `address` now (never a cached answer) and connects to the first address that works.
+async fn connect(address: &str, timeouts: PeerTimeouts) -> Result<Channel, String> {
+    let resolved = tokio::time::timeout(timeouts.connect, tokio::net::lookup_host(address))
+        .await
+        .map_err(|_| format!("resolving {address} timed out after {:?}", timeouts.connect))?
+        .map_err(|e| format!("resolving {address}: {e}"))?;
+    let mut last_error = format!("{address} resolved to no address");
+    for socket in resolved {
+        let endpoint = Endpoint::from_shared(format!("http://{socket}"))
+            .map_err(|e| format!("{address}: {e}"))?
+            .connect_timeout(timeouts.connect)
+            .timeout(timeouts.rpc)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(timeouts.connect);
+        match tokio::time::timeout(timeouts.connect, endpoint.connect()).await {
+            Ok(Ok(channel)) => return Ok(channel),
+            Ok(Err(e)) => last_error = format!("connecting to {address} ({socket}): {e}"),
+            Err(_) => {
+                last_error = format!(
+                    "connecting to {address} ({socket}) timed out after {:?}",
+                    timeouts.connect
+                )
+            }
+        }
+    }
+    Err(last_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expectation() -> Expectation {
+        Expectation {
+            rank: 1,
+            shard_count: 2,
+            fingerprint: "abc".to_owned(),
+        }
+    }
+
+    fn answer() -> HandshakeInfo {
+        HandshakeInfo {
+            rank: 1,
+            shard_count: 2,
+            fingerprint: "abc".to_owned(),
+            ready: true,
+            model_name: "tiny".to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_ready_peer_with_our_fingerprint_is_ready() {
+        assert_eq!(judge(&expectation(), &answer()), PeerStatus::Ready);
+        let loading = HandshakeInfo {
+            ready: false,
+            ..answer()
+        };
+        assert_eq!(judge(&expectation(), &loading), PeerStatus::NotReady);
+    }
+
+    #[test]
+    fn another_model_rank_or_shard_count_is_refused() {
+        let other = HandshakeInfo {
+            fingerprint: "def".to_owned(),
+            model_name: "other".to_owned(),
+            ..answer()
+        };
+        let PeerStatus::Mismatch(reason) = judge(&expectation(), &other) else {
+            panic!("a different fingerprint must be refused");
+        };
+        assert!(
+            reason.contains("`other`") && reason.contains("def"),
+            "{reason}"
+        );
+        // A fingerprint mismatch wins over readiness: a loading peer of another model is refused.
+        let other_loading = HandshakeInfo {
+            ready: false,
+            ..other
+        };
+        assert!(matches!(
+            judge(&expectation(), &other_loading),
+            PeerStatus::Mismatch(_)
+        ));
+        let wrong_rank = HandshakeInfo {
+            rank: 0,
+            ..answer()
+        };
+        let PeerStatus::Mismatch(reason) = judge(&expectation(), &wrong_rank) else {
+            panic!("a wrong rank must be refused");
+        };
+        assert!(
+            reason.contains("shard 0 of 2, expected shard 1 of 2"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn peers_map_to_ranks_from_all_shards_or_the_others() {
+        let all: Vec<String> = ["a:1", "b:2", "c:3"].map(String::from).to_vec();
+        assert_eq!(
+            peer_ranks(&all, 1, 3).unwrap(),
+            vec![(0, "a:1".to_owned()), (2, "c:3".to_owned())]
+        );
+        let others: Vec<String> = ["a:1", "c:3"].map(String::from).to_vec();
+        assert_eq!(
+            peer_ranks(&others, 1, 3).unwrap(),
+            vec![(0, "a:1".to_owned()), (2, "c:3".to_owned())]
+        );
+        assert!(peer_ranks(&[], 0, 1).unwrap().is_empty());
+        let err = peer_ranks(&others[..1], 1, 3).unwrap_err();
+        assert!(err.contains("lists 1 addresses"), "{err}");
+        let err = peer_ranks(&["nohost".to_owned()], 0, 2).unwrap_err();
+        assert!(err.contains("`nohost` is not HOST:PORT"), "{err}");
+        assert!(peer_ranks(&["a:1".to_owned()], 0, 1).is_err());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_peer_keeps_the_group_unhealthy_and_calls_fail_fast() {
+        // A port nobody listens on: bind, note the port, close.
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let address = format!("127.0.0.1:{port}");
+        let peers = Peers::new(
+            0,
+            2,
+            vec![(1, address.clone())],
+            "abc".to_owned(),
+            PeerTimeouts {
+                connect: Duration::from_millis(500),
+                rpc: Duration::from_secs(1),
+                probe_interval: Duration::from_millis(50),
+            },
+        );
+        assert!(!peers.is_healthy());
+        assert_eq!(peers.peer(1).unwrap().status(), PeerStatus::Connecting);
+        peers.probe_all().await;
+        assert!(!peers.is_healthy());
+        assert!(matches!(
+            peers.peer(1).unwrap().status(),
+            PeerStatus::Unreachable(_)
+        ));
+        let error = peers.client(1).unwrap_err();
+        assert_eq!(error.rank, 1);
+        assert!(
+            error.to_string().starts_with(&format!(
+                "expert shard 1 ({address}) is unavailable: unreachable: connecting to {address}"
+            )),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn no_peers_is_healthy() {
+        let peers = Peers::new(0, 1, Vec::new(), "abc".to_owned(), PeerTimeouts::default());
+        assert!(peers.is_healthy());
+    }
+}

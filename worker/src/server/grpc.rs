@@ -1,0 +1,457 @@
+//! `latentserve.v1.Inference`: validates and translates requests, hands them to the engine and
+//! streams its outputs back. A dropped response stream drops the engine's receiver, which cancels
+//! the request.
+
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use latentserve_proto::v1::{
+    self as pb, DetokenizeRequest, DetokenizeResponse, GenerateRequest, GenerateResponse,
+    GetModelInfoRequest, ModelInfo, TokenizeRequest, TokenizeResponse, generate_request,
+    inference_server::Inference,
+};
+use tonic::{Request, Response, Status};
+
+use crate::engine::detokenizer::TokenCodec;
+use crate::engine::request::{
+    FinishReason, GenerationError, GenerationOutput, GenerationRequest, OutputReceiver,
+};
+use crate::engine::sampler::SamplingParams;
+use crate::engine::{EngineHandle, SubmitError};
+
+/// Most alternatives a client may ask for per token.
+pub const MAX_LOGPROBS: u32 = 20;
+
+/// The limits a request is validated against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Prompt plus new tokens.
+    pub max_seq_len: usize,
+    pub vocab_size: usize,
+    /// Tokens the whole cache pool holds: one request can never use more.
+    pub cache_capacity_tokens: usize,
+}
+
+/// What the service serves once the model is loaded and warmed up.
+pub struct LoadedModel {
+    pub engine: EngineHandle,
+    pub codec: Arc<dyn TokenCodec>,
+    pub info: ModelInfo,
+    pub limits: RequestLimits,
+}
+
+/// The gRPC service; it answers UNAVAILABLE until the model is loaded.
+pub struct InferenceService {
+    loaded: Arc<OnceLock<LoadedModel>>,
+}
+
+impl InferenceService {
+    /// A service that starts serving once `loaded` is set.
+    pub fn new(loaded: Arc<OnceLock<LoadedModel>>) -> Self {
+        Self { loaded }
+    }
+
+    fn loaded(&self) -> Result<&LoadedModel, Status> {
+        self.loaded
+            .get()
+            .ok_or_else(|| Status::unavailable("the model is still loading"))
+    }
+}
+
+/// Turns a `GenerateRequest` into an engine request, or INVALID_ARGUMENT naming the problem.
+pub fn validate_generate(
+    request: GenerateRequest,
+    codec: &dyn TokenCodec,
+    limits: &RequestLimits,
+    deadline: Option<Instant>,
+    arrival: Instant,
+) -> Result<GenerationRequest, Status> {
+    let invalid = |message: String| Status::invalid_argument(message);
+    let prompt = match request.prompt {
+        Some(generate_request::Prompt::Text(text)) => {
+            if text.is_empty() {
+                return Err(invalid("prompt: text is empty".into()));
+            }
+            codec
+                .encode(&text, true)
+                .map_err(|e| invalid(format!("prompt: text could not be tokenized: {e}")))?
+        }
+        Some(generate_request::Prompt::TokenIds(ids)) => ids.ids,
+        None => return Err(invalid("prompt: set either text or token_ids".into())),
+    };
+    if prompt.is_empty() {
+        return Err(invalid("prompt: no tokens".into()));
+    }
+    if let Some((index, id)) = prompt
+        .iter()
+        .enumerate()
+        .find(|&(_, &id)| id as usize >= limits.vocab_size)
+    {
+        return Err(invalid(format!(
+            "prompt: token_ids[{index}] = {id} is outside the vocabulary of {} tokens",
+            limits.vocab_size
+        )));
+    }
+    let context = limits.max_seq_len.min(limits.cache_capacity_tokens);
+    if prompt.len() >= context {
+        return Err(invalid(format!(
+            "prompt: {} tokens leave no room to generate within the context limit of {context} tokens",
+            prompt.len()
+        )));
+    }
+    let stopping = request.stopping.unwrap_or_default();
+    let max_tokens = match stopping.max_tokens {
+        Some(0) => return Err(invalid("stopping.max_tokens must be at least 1".into())),
+        Some(n) if prompt.len() + n as usize > context => {
+            return Err(invalid(format!(
+                "stopping.max_tokens: prompt ({} tokens) + max_tokens ({n}) exceeds the context limit of {context} tokens",
+                prompt.len()
+            )));
+        }
+        Some(n) => n as usize,
+        None => context - prompt.len(),
+    };
+    if let Some(index) = stopping.stop.iter().position(String::is_empty) {
+        return Err(invalid(format!("stopping.stop[{index}] is empty")));
+    }
+    if request.logprobs > MAX_LOGPROBS {
+        return Err(invalid(format!(
+            "logprobs must be at most {MAX_LOGPROBS}, got {}",
+            request.logprobs
+        )));
+    }
+    let sampling = request.sampling.unwrap_or_default();
+    let params = SamplingParams {
+        temperature: sampling.temperature.unwrap_or(1.0),
+        top_k: sampling.top_k,
+        top_p: sampling.top_p.unwrap_or(1.0),
+        min_p: sampling.min_p,
+        repetition_penalty: sampling.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: sampling.presence_penalty,
+        frequency_penalty: sampling.frequency_penalty,
+        seed: sampling.seed,
+    };
+    params
+        .validate()
+        .map_err(|e| invalid(format!("sampling.{e}")))?;
+    Ok(GenerationRequest {
+        request_id: request.request_id,
+        prompt,
+        sampling: params,
+        max_tokens,
+        stop: stopping.stop,
+        stop_token_ids: stopping.stop_token_ids,
+        ignore_eos: stopping.ignore_eos,
+        logprobs: request.logprobs as usize,
+        deadline,
+        arrival,
+    })
+}
+
+/// Parses a `grpc-timeout` header value: up to 8 digits and a unit (H, M, S, m, u, n).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+fn to_proto(request_id: &str, output: GenerationOutput) -> GenerateResponse {
+    let finished = output.finished;
+    GenerateResponse {
+        request_id: request_id.to_owned(),
+        token_ids: output.token_ids,
+        text: output.text,
+        logprobs: output
+            .logprobs
+            .into_iter()
+            .map(|lp| pb::TokenLogprobs {
+                token_id: lp.token,
+                logprob: lp.logprob,
+                top: lp
+                    .top
+                    .into_iter()
+                    .map(|(token_id, logprob)| pb::TopLogprob { token_id, logprob })
+                    .collect(),
+            })
+            .collect(),
+        finish_reason: finished
+            .as_ref()
+            .map_or(pb::FinishReason::Unspecified, |f| match f.reason {
+                FinishReason::Length => pb::FinishReason::Length,
+                FinishReason::Stop => pb::FinishReason::Stop,
+                FinishReason::Eos => pb::FinishReason::Eos,
+                FinishReason::Cancelled => pb::FinishReason::Cancelled,
+            }) as i32,
+        usage: finished.as_ref().map(|f| pb::Usage {
+            prompt_tokens: f.usage.prompt_tokens as u32,
+            completion_tokens: f.usage.completion_tokens as u32,
+            cached_prompt_tokens: f.usage.cached_prompt_tokens as u32,
+        }),
+        timings: finished.as_ref().map(|f| pb::Timings {
+            queue_seconds: f.timings.queue.as_secs_f64(),
+            time_to_first_token_seconds: f.timings.time_to_first_token.as_secs_f64(),
+            total_seconds: f.timings.total.as_secs_f64(),
+        }),
+    }
+}
+
+fn generation_status(error: GenerationError) -> Status {
+    match error {
+        GenerationError::DeadlineExceeded { .. } => Status::deadline_exceeded(error.to_string()),
+        GenerationError::TooLongForCache { .. } => Status::invalid_argument(error.to_string()),
+        GenerationError::Model(_) => Status::internal(error.to_string()),
+    }
+}
+
+fn submit_status(error: SubmitError) -> Status {
+    match error {
+        SubmitError::QueueFull { .. } => Status::resource_exhausted(error.to_string()),
+        SubmitError::Draining | SubmitError::Stopped => Status::unavailable(error.to_string()),
+    }
+}
+
+struct OutputStream {
+    request_id: String,
+    receiver: OutputReceiver,
+    deadline: Option<Instant>,
+    done: bool,
+}
+
+/// The response stream: engine outputs until the finish, or DEADLINE_EXCEEDED when the client's
+/// deadline passes first (dropping the receiver then cancels the request in the engine).
+fn response_stream(
+    state: OutputStream,
+) -> impl Stream<Item = Result<GenerateResponse, Status>> + Send {
+    futures::stream::unfold(state, |mut state| async move {
+        if state.done {
+            return None;
+        }
+        let next = match state.deadline {
+            Some(deadline) => {
+                match tokio::time::timeout_at(deadline.into(), state.receiver.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => Some(Err(GenerationError::DeadlineExceeded { generated: 0 })),
+                }
+            }
+            None => state.receiver.recv().await,
+        };
+        state.done = true;
+        let item = match next {
+            Some(Ok(output)) => {
+                state.done = output.finished.is_some();
+                Ok(to_proto(&state.request_id, output))
+            }
+            Some(Err(error)) => Err(generation_status(error)),
+            None => Err(Status::unavailable("the engine stopped")),
+        };
+        Some((item, state))
+    })
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let arrival = Instant::now();
+        let model = self.loaded()?;
+        let deadline = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|value| value.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map(|timeout| arrival + timeout);
+        let request = validate_generate(
+            request.into_inner(),
+            model.codec.as_ref(),
+            &model.limits,
+            deadline,
+            arrival,
+        )?;
+        let request_id = request.request_id.clone();
+        let receiver = model.engine.submit(request).map_err(submit_status)?;
+        let stream = response_stream(OutputStream {
+            request_id,
+            receiver,
+            deadline,
+            done: false,
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn tokenize(
+        &self,
+        request: Request<TokenizeRequest>,
+    ) -> Result<Response<TokenizeResponse>, Status> {
+        let request = request.into_inner();
+        let ids = self
+            .loaded()?
+            .codec
+            .encode(&request.text, request.add_special_tokens)
+            .map_err(|e| Status::invalid_argument(format!("text could not be tokenized: {e}")))?;
+        Ok(Response::new(TokenizeResponse { ids }))
+    }
+
+    async fn detokenize(
+        &self,
+        request: Request<DetokenizeRequest>,
+    ) -> Result<Response<DetokenizeResponse>, Status> {
+        let request = request.into_inner();
+        let model = self.loaded()?;
+        if let Some((index, id)) = request
+            .ids
+            .iter()
+            .enumerate()
+            .find(|&(_, &id)| id as usize >= model.limits.vocab_size)
+        {
+            return Err(Status::invalid_argument(format!(
+                "ids[{index}] = {id} is outside the vocabulary of {} tokens",
+                model.limits.vocab_size
+            )));
+        }
+        let text = model
+            .codec
+            .decode(&request.ids, request.skip_special_tokens)
+            .map_err(|e| Status::invalid_argument(format!("ids could not be decoded: {e}")))?;
+        Ok(Response::new(DetokenizeResponse { text }))
+    }
+
+    async fn get_model_info(
+        &self,
+        _: Request<GetModelInfoRequest>,
+    ) -> Result<Response<ModelInfo>, Status> {
+        Ok(Response::new(self.loaded()?.info.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::detokenizer::tests::ByteCodec;
+    use latentserve_proto::v1::{SamplingParams as PbSampling, StoppingCriteria, TokenIds};
+
+    const LIMITS: RequestLimits = RequestLimits {
+        max_seq_len: 64,
+        vocab_size: 300,
+        cache_capacity_tokens: 1024,
+    };
+
+    fn text(prompt: &str) -> GenerateRequest {
+        GenerateRequest {
+            prompt: Some(generate_request::Prompt::Text(prompt.into())),
+            ..GenerateRequest::default()
+        }
+    }
+
+    fn check(request: GenerateRequest) -> Result<GenerationRequest, String> {
+        validate_generate(request, &ByteCodec, &LIMITS, None, Instant::now()).map_err(|status| {
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            status.message().to_owned()
+        })
+    }
+
+    #[test]
+    fn defaults_fill_the_context() {
+        let request = check(text("hello")).unwrap();
+        assert_eq!(request.prompt.len(), 5);
+        assert_eq!(request.max_tokens, 59);
+        assert_eq!(request.sampling.temperature, 1.0);
+        assert_eq!(request.sampling.top_p, 1.0);
+    }
+
+    #[test]
+    fn errors_name_the_field_or_limit() {
+        let cases: Vec<(GenerateRequest, &str)> = vec![
+            (GenerateRequest::default(), "prompt: set either"),
+            (text(""), "prompt: text is empty"),
+            (
+                GenerateRequest {
+                    prompt: Some(generate_request::Prompt::TokenIds(TokenIds { ids: vec![] })),
+                    ..GenerateRequest::default()
+                },
+                "prompt: no tokens",
+            ),
+            (
+                GenerateRequest {
+                    prompt: Some(generate_request::Prompt::TokenIds(TokenIds {
+                        ids: vec![1, 999],
+                    })),
+                    ..GenerateRequest::default()
+                },
+                "token_ids[1] = 999 is outside the vocabulary of 300",
+            ),
+            (
+                GenerateRequest {
+                    stopping: Some(StoppingCriteria {
+                        max_tokens: Some(60),
+                        ..StoppingCriteria::default()
+                    }),
+                    ..text("hello")
+                },
+                "exceeds the context limit of 64 tokens",
+            ),
+            (text(&"x".repeat(64)), "leave no room"),
+            (
+                GenerateRequest {
+                    logprobs: 21,
+                    ..text("hi")
+                },
+                "logprobs must be at most 20",
+            ),
+            (
+                GenerateRequest {
+                    sampling: Some(PbSampling {
+                        top_p: Some(1.5),
+                        ..PbSampling::default()
+                    }),
+                    ..text("hi")
+                },
+                "sampling.top_p must be in (0, 1]",
+            ),
+            (
+                GenerateRequest {
+                    stopping: Some(StoppingCriteria {
+                        stop: vec!["ok".into(), String::new()],
+                        ..StoppingCriteria::default()
+                    }),
+                    ..text("hi")
+                },
+                "stopping.stop[1] is empty",
+            ),
+        ];
+        for (request, expected) in cases {
+            let message = check(request).unwrap_err();
+            assert!(message.contains(expected), "{message:?} lacks {expected:?}");
+        }
+    }
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("10u"), Some(Duration::from_micros(10)));
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("S"), None);
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+    }
+}

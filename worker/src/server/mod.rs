@@ -1,0 +1,186 @@
+//! The worker's network face: the gRPC API over the engine (with health and reflection),
+//! Prometheus metrics and HTTP probes, and the SIGTERM drain.
+
+pub mod grpc;
+pub mod http;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use latentserve_proto::v1::inference_server::InferenceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use grpc::{InferenceService, LoadedModel};
+use metrics::Metrics;
+
+/// The health service name of the inference API.
+pub const INFERENCE_SERVICE_NAME: &str = "latentserve.v1.Inference";
+
+/// Errors starting the servers.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("building the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("HTTP server: {0}")]
+    Http(std::io::Error),
+    #[error("server task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// The gRPC and HTTP servers, running on the current tokio runtime.
+pub struct RunningServer {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    loaded: Arc<OnceLock<LoadedModel>>,
+    health: HealthReporter,
+    ready: Arc<AtomicBool>,
+    shutdown: watch::Sender<bool>,
+    grpc_task: JoinHandle<Result<(), tonic::transport::Error>>,
+    http_task: JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningServer {
+    /// Binds both ports (port 0 picks a free one) and serves health, reflection and metrics at
+    /// once; health reports NOT_SERVING and inference calls UNAVAILABLE until [`Self::set_loaded`].
+    pub async fn start(
+        grpc_addr: SocketAddr,
+        metrics_addr: SocketAddr,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ServerError> {
+        let grpc_listener =
+            TcpListener::bind(grpc_addr)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    what: "the gRPC port",
+                    addr: grpc_addr,
+                    source,
+                })?;
+        let http_listener =
+            TcpListener::bind(metrics_addr)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    what: "the metrics port",
+                    addr: metrics_addr,
+                    source,
+                })?;
+        let bound = |listener: &TcpListener, what, addr| {
+            listener
+                .local_addr()
+                .map_err(|source| ServerError::Bind { what, addr, source })
+        };
+        let grpc_addr = bound(&grpc_listener, "the gRPC port", grpc_addr)?;
+        let metrics_addr = bound(&http_listener, "the metrics port", metrics_addr)?;
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        set_health(&health, ServingStatus::NotServing).await;
+        // grpcurl and most tools speak v1; older clients still ask v1alpha.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(latentserve_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+        let loaded = Arc::new(OnceLock::new());
+        let inference = InferenceServer::new(InferenceService::new(loaded.clone()));
+        let ready = Arc::new(AtomicBool::new(false));
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let wait_for = |mut receiver: watch::Receiver<bool>| async move {
+            let _ = receiver.wait_for(|stop| *stop).await;
+        };
+        let grpc_task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .add_service(inference)
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(grpc_listener),
+                    wait_for(shutdown_rx.clone()),
+                ),
+        );
+        let http_task = tokio::spawn(
+            axum::serve(http_listener, http::router(metrics, ready.clone()))
+                .with_graceful_shutdown(wait_for(shutdown_rx))
+                .into_future(),
+        );
+        tracing::info!(%grpc_addr, %metrics_addr, "listening");
+        Ok(Self {
+            grpc_addr,
+            metrics_addr,
+            loaded,
+            health,
+            ready,
+            shutdown,
+            grpc_task,
+            http_task,
+        })
+    }
+
+    /// Starts serving inference: the model is loaded and its engine has run its warm-up step.
+    pub async fn set_loaded(&self, model: LoadedModel) {
+        if self.loaded.set(model).is_err() {
+            tracing::warn!("the model was already set; keeping the first one");
+        }
+        self.ready.store(true, Ordering::SeqCst);
+        set_health(&self.health, ServingStatus::Serving).await;
+        tracing::info!("ready");
+    }
+
+    /// Stops taking requests (health NOT_SERVING, new requests UNAVAILABLE), lets in-flight
+    /// requests finish for up to `timeout`, cancels what is left, then stops both servers.
+    pub async fn drain(self, timeout: Duration) -> Result<(), ServerError> {
+        self.ready.store(false, Ordering::SeqCst);
+        set_health(&self.health, ServingStatus::NotServing).await;
+        if let Some(model) = self.loaded.get() {
+            let engine = &model.engine;
+            tracing::info!(in_flight = engine.in_flight(), ?timeout, "draining");
+            engine.start_draining();
+            let until = Instant::now() + timeout;
+            while engine.in_flight() > 0 && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if engine.in_flight() > 0 {
+                tracing::warn!(
+                    in_flight = engine.in_flight(),
+                    "drain timeout passed; cancelling the remaining requests"
+                );
+                engine.cancel_all();
+                // Give the streams a moment to carry their final message to the clients.
+                let grace = Instant::now() + Duration::from_secs(2);
+                while engine.in_flight() > 0 && Instant::now() < grace {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        let _ = self.shutdown.send(true);
+        self.grpc_task.await??;
+        self.http_task.await?.map_err(ServerError::Http)?;
+        tracing::info!("drained");
+        Ok(())
+    }
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(INFERENCE_SERVICE_NAME, status)
+        .await;
+}

@@ -11,14 +11,17 @@
 # LATENTSERVE_TEST_KUBECONFIG, default /tmp/latentserve-k8s/kubeconfig; never $KUBECONFIG, so
 # that it cannot touch a real cluster). No scheduler or kubelet is needed: nothing waits for
 # pods. It uses its own release and namespaces (helm-check*), so it can share the control plane
-# with other tests. Needs kubectl and what fetch-helm.sh needs. Takes ~45 s (mostly the ~80
-# `kubectl auth can-i` calls).
+# with other tests. Needs what fetch-helm.sh needs; where no kubectl is installed, fetch-helm.sh
+# provides one. Takes ~45 s (mostly the ~80 `kubectl auth can-i` calls).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 export KUBECONFIG=${LATENTSERVE_TEST_KUBECONFIG:-/tmp/latentserve-k8s/kubeconfig}
 [ -f "$KUBECONFIG" ] || { echo "cluster-check: no test control plane ($KUBECONFIG missing): run tests/k8s/up.sh" >&2; exit 1; }
 HELM=$(tests/helm/fetch-helm.sh)
+if ! command -v kubectl >/dev/null; then
+  PATH=$(dirname "$(tests/helm/fetch-helm.sh kubectl)"):$PATH
+fi
 CHART=charts/latentserve
 RELEASE=helm-check
 NS=helm-check

@@ -6,7 +6,7 @@
 //! Needs the control plane of `tests/k8s/up.sh` (kubeconfig in `LATENTSERVE_TEST_KUBECONFIG`,
 //! default `/tmp/latentserve-k8s/kubeconfig`); without one it is skipped, except under `CI=true`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -106,10 +106,11 @@ async fn a_pending_pod_runs_as_a_local_process_and_reports_real_readiness() {
 
     let scratch =
         std::env::temp_dir().join(format!("latentserve-node-agent-{}", std::process::id()));
-    let config = AgentConfig::new(
+    let mut config = AgentConfig::new(
         BTreeMap::from([("python3".to_owned(), python())]),
         scratch.clone(),
     );
+    config.namespaces = BTreeSet::from([NAMESPACE.to_owned()]);
     let node_name = config.node_name.clone();
     let agent = NodeAgent::start(client.clone(), config).await.unwrap();
 

@@ -31,6 +31,9 @@ use super::{
 pub struct AgentConfig {
     /// Name of the Node the agent registers and binds pods to.
     pub node_name: String,
+    /// Only pods in these namespaces are bound and run (all when empty), so that the agent leaves
+    /// alone the pods of other tests that share the control plane.
+    pub namespaces: BTreeSet<String>,
     /// Local binaries by command name (`latentserve-worker` -> the workspace's build).
     pub binaries: BTreeMap<String, PathBuf>,
     /// hostPath volume paths -> directories on this machine (see [`Placement::host_paths`]).
@@ -49,6 +52,7 @@ impl AgentConfig {
     pub fn new(binaries: BTreeMap<String, PathBuf>, scratch_root: PathBuf) -> Self {
         Self {
             node_name: "latentserve-test-node".to_owned(),
+            namespaces: BTreeSet::new(),
             binaries,
             host_paths: BTreeMap::new(),
             scratch_root,
@@ -218,6 +222,9 @@ impl Agent {
             ) else {
                 continue;
             };
+            if !self.config.namespaces.is_empty() && !self.config.namespaces.contains(&namespace) {
+                continue;
+            }
             let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
             let key = (namespace.clone(), name.clone());
             match node {

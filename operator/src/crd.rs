@@ -48,35 +48,12 @@ pub const MAX_TOTAL_PODS: i32 = 1024;
         status_replicas_path = ".status.replicas",
         label_selector_path = ".status.selector"
     ),
-    printcolumn(
-        name = "Ready",
-        type_ = "integer",
-        json_path = ".status.readyReplicas",
-        description = "Serving groups whose every shard is ready"
-    ),
-    printcolumn(
-        name = "Replicas",
-        type_ = "integer",
-        json_path = ".spec.replicas",
-        description = "Serving groups asked for"
-    ),
-    printcolumn(
-        name = "Shards",
-        type_ = "integer",
-        json_path = ".spec.expertShards",
-        description = "Pods per serving group"
-    ),
-    printcolumn(
-        name = "Available",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Available\")].status"
-    ),
-    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas", "description": "Serving groups whose every shard is ready"}"#,
+    printcolumn = r#"{"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas", "description": "Serving groups asked for"}"#,
+    printcolumn = r#"{"name": "Shards", "type": "integer", "jsonPath": ".spec.expertShards", "description": "Pods per serving group"}"#,
+    printcolumn = r#"{"name": "Available", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Available\")].status"}"#,
+    printcolumn = r#"{"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[x_kube(
     validation = Rule::new("self.replicas * self.expertShards <= 1024").message("replicas x expertShards must be at most 1024 pods"),
@@ -376,13 +353,30 @@ impl ModelDeployment {
     }
 }
 
-/// The CRD as installed on clusters that enforce CEL rules (1.25+).
+/// The CRD, with CEL rules that clusters from 1.25 enforce and older ones drop.
 pub fn crd() -> CustomResourceDefinition {
-    ModelDeployment::crd()
+    let mut value = serde_json::to_value(ModelDeployment::crd()).expect("a CRD serializes to JSON");
+    drop_null_enum_values(&mut value);
+    serde_json::from_value(value).expect("the CRD is still a CRD")
 }
 
-/// The CRD without `x-kubernetes-validations`, for clusters before 1.25, whose clients reject the
-/// unknown field. The reconciler applies the same rules there.
+/// Optional enums come out of schemars as `enum: [..., null]`; `nullable: true` already admits
+/// null, and API servers up to at least 1.20 refuse a CRD whose enum lists null.
+fn drop_null_enum_values(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if let Some(serde_json::Value::Array(values)) = map.get_mut("enum") {
+                values.retain(|v| !v.is_null());
+            }
+            map.values_mut().for_each(drop_null_enum_values);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(drop_null_enum_values),
+        _ => {}
+    }
+}
+
+/// The CRD without `x-kubernetes-validations`, for clusters before 1.25, where server-side apply
+/// refuses the unknown field. The reconciler applies the same rules there.
 pub fn crd_without_cel() -> CustomResourceDefinition {
     let mut value = serde_json::to_value(crd()).expect("a CRD serializes to JSON");
     strip_key(&mut value, "x-kubernetes-validations");
@@ -476,14 +470,18 @@ mod tests {
         let spec = &schema["properties"]["spec"]["properties"];
         assert_eq!(spec["replicas"]["minimum"], 0.0);
         assert_eq!(spec["expertShards"]["minimum"], 1.0);
-        // Optional enums are nullable, so `null` joins the allowed values.
+        let service_type = &spec["service"]["properties"]["type"];
         assert_eq!(
-            spec["service"]["properties"]["type"]["enum"],
-            serde_json::json!(["ClusterIP", "NodePort", "LoadBalancer", null])
+            service_type["enum"],
+            serde_json::json!(["ClusterIP", "NodePort", "LoadBalancer"])
+        );
+        assert_eq!(
+            service_type["nullable"], true,
+            "optional enums admit null through nullable"
         );
         assert_eq!(
             spec["serving"]["properties"]["dtype"]["enum"],
-            serde_json::json!(["f32", "f16", null])
+            serde_json::json!(["f32", "f16"])
         );
     }
 

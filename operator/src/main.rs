@@ -30,8 +30,8 @@ enum Command {
     Run(RunArgs),
     /// Prints the ModelDeployment CRD as YAML.
     Crd {
-        /// Leave out the CEL `x-kubernetes-validations` rules, for clusters before 1.25 whose
-        /// clients reject the unknown field (the operator enforces the same rules).
+        /// Leave out the CEL `x-kubernetes-validations` rules, for clusters before 1.25, where
+        /// server-side apply refuses the unknown field (the operator enforces the same rules).
         #[arg(long)]
         without_cel: bool,
     },

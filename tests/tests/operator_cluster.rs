@@ -326,6 +326,20 @@ async fn a_model_deployment_becomes_wired_workers_scales_updates_pauses_and_is_c
         setup.pdbs().get("demo-1").await.ok()
     })
     .await;
+    let events = setup.api::<k8s_openapi::api::events::v1::Event>();
+    for reason in ["Created", "Available", "Scaled"] {
+        wait_for(&format!("a {reason} event"), SHORT, || async {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            list.items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some(reason)
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("demo")
+                })
+                .then_some(())
+        })
+        .await;
+    }
 
     // A spec change -> the StatefulSets carry the new arguments.
     let mut spec = demo_spec(2);

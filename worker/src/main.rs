@@ -1,21 +1,7 @@
-//! `latentserve-worker`: loads a DeepSeek-style checkpoint and serves it.
+//! `latentserve-worker`: loads a DeepSeek-style checkpoint and runs it.
 
-use clap::{Parser, Subcommand};
-use latentserve_worker::cli;
-
-/// The latentserve inference worker.
-#[derive(Debug, Parser)]
-#[command(name = "latentserve-worker", version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Load against a running server: throughput and TTFT/ITL/end-to-end latency percentiles.
-    BenchServe(cli::bench_serve::BenchServeArgs),
-}
+use clap::Parser;
+use latentserve_worker::cli::Cli;
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -24,15 +10,5 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
-        Command::BenchServe(args) => runtime()?.block_on(cli::bench_serve::run(args)),
-    }
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    use anyhow::Context;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
+    Cli::parse().run()
 }

@@ -1,3 +1,64 @@
-//! The `latentserve-worker` subcommands.
+//! Subcommands of `latentserve-worker`.
 
+pub mod bench;
 pub mod bench_serve;
+pub mod generate;
+pub mod init_random;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// The latentserve inference worker.
+#[derive(Debug, Parser)]
+#[command(name = "latentserve-worker", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one generation from a prompt, without a server.
+    Generate(generate::GenerateArgs),
+    /// Write a model directory with random weights for a config.
+    InitRandom(init_random::InitRandomArgs),
+    /// Measure offline model speed (prefill, decode at several depths, memory).
+    Bench(bench::BenchArgs),
+    /// Load against a running server: throughput and TTFT/ITL/end-to-end latency percentiles.
+    BenchServe(bench_serve::BenchServeArgs),
+}
+
+impl Cli {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self.command {
+            Command::Generate(args) => generate::run(&args),
+            Command::InitRandom(args) => init_random::run(&args),
+            Command::Bench(args) => bench::run(&args),
+            Command::BenchServe(args) => runtime()?.block_on(bench_serve::run(args)),
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Storage dtype of the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum WeightDtype {
+    #[default]
+    F32,
+    F16,
+}
+
+impl WeightDtype {
+    pub fn candle(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::F16 => candle_core::DType::F16,
+        }
+    }
+}

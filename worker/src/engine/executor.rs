@@ -11,13 +11,31 @@ pub struct BatchChunk<'a> {
     pub block_table: &'a [u32],
 }
 
+/// Why a batched forward failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StepError {
+    /// The model itself failed; the requests of the step end with INTERNAL.
+    #[error("{0}")]
+    Failed(String),
+    /// Something the step needs is unreachable (an expert shard); the requests of the step end
+    /// with UNAVAILABLE and may be retried.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<String> for StepError {
+    fn from(message: String) -> Self {
+        StepError::Failed(message)
+    }
+}
+
 /// A model with its latent cache, as the engine drives it. The engine thread is its only user.
 pub trait ModelExecutor: Send {
     fn vocab_size(&self) -> usize;
 
     /// Runs every chunk in one batched forward, writing their latents into the cache. Returns the
     /// logits of each chunk's last token: `chunks.len()` rows of `vocab_size()` values.
-    fn forward(&mut self, chunks: &[BatchChunk<'_>]) -> Result<Vec<f32>, String>;
+    fn forward(&mut self, chunks: &[BatchChunk<'_>]) -> Result<Vec<f32>, StepError>;
 
     /// Tokens routed to each expert since the previous call, as `(layer, expert, tokens)`;
     /// models without routing statistics report none.

@@ -104,6 +104,9 @@ pub enum GenerationError {
     TooLongForCache { needed: usize, pool: usize },
     #[error("model step failed: {0}")]
     Model(String),
+    /// A shard holding some of the step's experts is unreachable.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// The stream of one request's outputs, as the engine sends them.

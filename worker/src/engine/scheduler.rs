@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::cache::{BlockManager, BlockTable};
 use super::detokenizer::{IncrementalDecoder, StopStringMatcher, TokenCodec};
-use super::executor::{BatchChunk, ModelExecutor};
+use super::executor::{BatchChunk, ModelExecutor, StepError};
 use super::request::{
     FinishReason, Finished, GenerationError, GenerationOutput, GenerationRequest, OutputSender,
     Timings, TokenLogprob, Usage,
@@ -160,7 +160,7 @@ impl<E: ModelExecutor> Scheduler<E> {
             block_table: table.blocks(),
         }]);
         self.blocks.free(&mut table);
-        result.map(|_| ())
+        result.map(|_| ()).map_err(|e| e.to_string())
     }
 
     /// Ends every request with finish reason `cancelled` (draining past its timeout).
@@ -398,11 +398,15 @@ impl<E: ModelExecutor> Scheduler<E> {
                     logits.len(),
                     plan.len()
                 );
-                self.fail_planned(plan, &message);
+                self.fail_planned(plan, GenerationError::Model(message));
                 return;
             }
-            Err(message) => {
-                self.fail_planned(plan, &message);
+            Err(StepError::Failed(message)) => {
+                self.fail_planned(plan, GenerationError::Model(message));
+                return;
+            }
+            Err(StepError::Unavailable(message)) => {
+                self.fail_planned(plan, GenerationError::Unavailable(message));
                 return;
             }
         };
@@ -554,15 +558,13 @@ impl<E: ModelExecutor> Scheduler<E> {
     }
 
     /// A failed forward fails the requests of that batch only; the engine keeps serving.
-    fn fail_planned(&mut self, plan: &[(usize, usize)], message: &str) {
-        tracing::error!(error = message, "model step failed");
+    fn fail_planned(&mut self, plan: &[(usize, usize)], error: GenerationError) {
+        tracing::error!(%error, "model step failed");
         let mut indices: Vec<usize> = plan.iter().map(|&(index, _)| index).collect();
         indices.sort_unstable_by(|a, b| b.cmp(a));
         for index in indices {
             let mut seq = self.running.remove(index);
-            let _ = seq
-                .sender
-                .send(Err(GenerationError::Model(message.to_owned())));
+            let _ = seq.sender.send(Err(error.clone()));
             self.release(&mut seq);
         }
     }
@@ -609,7 +611,7 @@ mod tests {
             VOCAB
         }
 
-        fn forward(&mut self, chunks: &[BatchChunk<'_>]) -> Result<Vec<f32>, String> {
+        fn forward(&mut self, chunks: &[BatchChunk<'_>]) -> Result<Vec<f32>, StepError> {
             let mut logits = Vec::with_capacity(chunks.len() * VOCAB);
             for chunk in chunks {
                 for (offset, &token) in chunk.tokens.iter().enumerate() {

@@ -9,6 +9,9 @@
 
 pub mod peers;
 pub mod placement;
+pub mod remote;
+pub mod service;
+pub mod shard;
 pub mod wire;
 
 use std::io::Read;

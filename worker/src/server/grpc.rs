@@ -213,6 +213,7 @@ fn generation_status(error: GenerationError) -> Status {
         GenerationError::DeadlineExceeded { .. } => Status::deadline_exceeded(error.to_string()),
         GenerationError::TooLongForCache { .. } => Status::invalid_argument(error.to_string()),
         GenerationError::Model(_) => Status::internal(error.to_string()),
+        GenerationError::Unavailable(_) => Status::unavailable(error.to_string()),
     }
 }
 

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use latentserve_proto::v1::experts_server::ExpertsServer;
 use latentserve_proto::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -18,6 +19,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::experts::EXPERTS_SERVICE_NAME;
+use crate::experts::service::ExpertsService;
 use grpc::{InferenceService, LoadedModel};
 use metrics::Metrics;
 
@@ -48,8 +51,7 @@ pub struct RunningServer {
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     loaded: Arc<OnceLock<LoadedModel>>,
-    health: HealthReporter,
-    ready: Arc<AtomicBool>,
+    readiness: Arc<Readiness>,
     shutdown: watch::Sender<bool>,
     grpc_task: JoinHandle<Result<(), tonic::transport::Error>>,
     http_task: JoinHandle<std::io::Result<()>>,
@@ -62,6 +64,16 @@ impl RunningServer {
         grpc_addr: SocketAddr,
         metrics_addr: SocketAddr,
         metrics: Arc<Metrics>,
+    ) -> Result<Self, ServerError> {
+        Self::start_with_experts(grpc_addr, metrics_addr, metrics, None).await
+    }
+
+    /// [`Self::start`], plus `experts`, the expert exchange of a sharded worker, on the gRPC port.
+    pub async fn start_with_experts(
+        grpc_addr: SocketAddr,
+        metrics_addr: SocketAddr,
+        metrics: Arc<Metrics>,
+        experts: Option<ExpertsServer<ExpertsService>>,
     ) -> Result<Self, ServerError> {
         let grpc_listener =
             TcpListener::bind(grpc_addr)
@@ -100,6 +112,13 @@ impl RunningServer {
         let loaded = Arc::new(OnceLock::new());
         let inference = InferenceServer::new(InferenceService::new(loaded.clone()));
         let ready = Arc::new(AtomicBool::new(false));
+        let readiness = Arc::new(Readiness {
+            health,
+            ready: ready.clone(),
+            loaded: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            peers_ok: AtomicBool::new(true),
+        });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let wait_for = |mut receiver: watch::Receiver<bool>| async move {
@@ -111,6 +130,7 @@ impl RunningServer {
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
                 .add_service(inference)
+                .add_optional_service(experts)
                 .serve_with_incoming_shutdown(
                     TcpListenerStream::new(grpc_listener),
                     wait_for(shutdown_rx.clone()),
@@ -126,8 +146,7 @@ impl RunningServer {
             grpc_addr,
             metrics_addr,
             loaded,
-            health,
-            ready,
+            readiness,
             shutdown,
             grpc_task,
             http_task,
@@ -139,16 +158,32 @@ impl RunningServer {
         if self.loaded.set(model).is_err() {
             tracing::warn!("the model was already set; keeping the first one");
         }
-        self.ready.store(true, Ordering::SeqCst);
-        set_health(&self.health, ServingStatus::Serving).await;
+        self.readiness.loaded.store(true, Ordering::SeqCst);
+        self.readiness.refresh().await;
         tracing::info!("ready");
+    }
+
+    /// Makes readiness follow `peers_ok` too (expert shards: every peer reachable, ready and
+    /// with our fingerprint), from now until the server stops.
+    pub fn follow_peers(&self, mut peers_ok: watch::Receiver<bool>) {
+        let readiness = self.readiness.clone();
+        tokio::spawn(async move {
+            loop {
+                let ok = *peers_ok.borrow_and_update();
+                readiness.peers_ok.store(ok, Ordering::SeqCst);
+                readiness.refresh().await;
+                if peers_ok.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
     }
 
     /// Stops taking requests (health NOT_SERVING, new requests UNAVAILABLE), lets in-flight
     /// requests finish for up to `timeout`, cancels what is left, then stops both servers.
     pub async fn drain(self, timeout: Duration) -> Result<(), ServerError> {
-        self.ready.store(false, Ordering::SeqCst);
-        set_health(&self.health, ServingStatus::NotServing).await;
+        self.readiness.draining.store(true, Ordering::SeqCst);
+        self.readiness.refresh().await;
         if let Some(model) = self.loaded.get() {
             let engine = &model.engine;
             tracing::info!(in_flight = engine.in_flight(), ?timeout, "draining");
@@ -178,9 +213,38 @@ impl RunningServer {
     }
 }
 
+/// What health and /readyz report: SERVING when the model is loaded, the worker is not draining
+/// and (for expert shards) every peer is usable.
+struct Readiness {
+    health: HealthReporter,
+    ready: Arc<AtomicBool>,
+    loaded: AtomicBool,
+    draining: AtomicBool,
+    peers_ok: AtomicBool,
+}
+
+impl Readiness {
+    async fn refresh(&self) {
+        let serving = self.loaded.load(Ordering::SeqCst)
+            && !self.draining.load(Ordering::SeqCst)
+            && self.peers_ok.load(Ordering::SeqCst);
+        let was = self.ready.swap(serving, Ordering::SeqCst);
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        set_health(&self.health, status).await;
+        if was != serving {
+            tracing::info!(serving, "readiness changed");
+        }
+    }
+}
+
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
     health.set_service_status("", status).await;
     health
         .set_service_status(INFERENCE_SERVICE_NAME, status)
         .await;
+    health.set_service_status(EXPERTS_SERVICE_NAME, status).await;
 }

@@ -1,0 +1,238 @@
+//! `bench`: offline model speed on one model directory.
+//!
+//! Prefill of a 512-token prompt; decode at batch 1 at several cache depths over the latent cache
+//! (absorbed attention) and, at the deepest, over a decompressed per-head K/V cache; peak RSS; KV
+//! bytes per token; weight bytes read per decoded token against a measured 2-thread memory read
+//! bandwidth. Cache rows below the measured depth are filled with synthetic values: decode cost
+//! does not depend on them, and a 4000-token prefill would dominate the run.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use clap::Args;
+
+use super::WeightDtype;
+use crate::model::{
+    CacheLayout, DeepSeekModel, LatentCache, LoadOptions, LogitsFor, ModelConfig, SequenceChunk,
+};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Storage dtype of the weights.
+    #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
+    pub dtype: WeightDtype,
+    /// Prompt length of the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_tokens: usize,
+    /// Cache depths at which decode is measured (clamped to the model context).
+    #[arg(long, value_delimiter = ',', default_value = "128,2048,4000")]
+    pub depths: Vec<usize>,
+    /// Decode steps timed at each depth.
+    #[arg(long, default_value_t = 32)]
+    pub decode_tokens: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+const BLOCK_SIZE: usize = 16;
+
+/// Peak resident set size of this process in bytes (VmHWM), if the platform reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Memory-read bandwidth in bytes/s: two threads summing halves of a 512 MiB array, best of 3.
+pub fn read_bandwidth() -> f64 {
+    let data: Vec<f32> = (0..(128 << 20)).map(|i| (i % 7) as f32).collect();
+    let bytes = (data.len() * 4) as f64;
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let sums: Vec<f32> = std::thread::scope(|s| {
+            let handles: Vec<_> = data
+                .chunks(data.len() / 2)
+                .map(|half| {
+                    s.spawn(move || {
+                        let mut acc = [0f32; 16];
+                        for chunk in half.chunks_exact(16) {
+                            for k in 0..16 {
+                                acc[k] += chunk[k];
+                            }
+                        }
+                        acc.iter().sum::<f32>()
+                    })
+                })
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        });
+        std::hint::black_box(sums);
+        best = best.max(bytes / started.elapsed().as_secs_f64());
+    }
+    best
+}
+
+fn tokens(config: &ModelConfig, n: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 7919 + 13) % config.vocab_size) as u32)
+        .collect()
+}
+
+/// Decode tokens/s at batch 1 after `depth` cached positions.
+fn decode_rate(
+    model: &DeepSeekModel,
+    layout: CacheLayout,
+    depth: usize,
+    steps: usize,
+) -> anyhow::Result<f64> {
+    let config = model.config();
+    let total = depth + steps;
+    let blocks = total.div_ceil(BLOCK_SIZE);
+    let mut cache =
+        LatentCache::with_layout(config, blocks, BLOCK_SIZE, DType::F32, &Device::Cpu, layout)?;
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    cache.fill_synthetic(&table, depth, 7);
+    let ids = tokens(config, steps);
+    // One untimed step warms caches and thread pools.
+    let warm = [ids[0]];
+    model.forward(
+        &[SequenceChunk {
+            tokens: &warm,
+            start_pos: depth,
+            block_table: &table,
+        }],
+        &mut cache,
+        LogitsFor::LastToken,
+    )?;
+    let started = Instant::now();
+    for (i, id) in ids.iter().enumerate().skip(1) {
+        model.forward(
+            &[SequenceChunk {
+                tokens: std::slice::from_ref(id),
+                start_pos: depth + i,
+                block_table: &table,
+            }],
+            &mut cache,
+            LogitsFor::LastToken,
+        )?;
+    }
+    Ok((steps - 1) as f64 / started.elapsed().as_secs_f64())
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let options = LoadOptions {
+        dtype: args.dtype.candle(),
+        ..LoadOptions::default()
+    };
+    let load_started = Instant::now();
+    let model = DeepSeekModel::load(&args.model, &options)
+        .with_context(|| format!("loading the model in {}", args.model.display()))?;
+    let load_seconds = load_started.elapsed().as_secs_f64();
+    let config = model.config().clone();
+    let context = config.max_position_embeddings;
+    let steps = args.decode_tokens.max(2);
+
+    let prefill_n = args.prefill_tokens.clamp(1, context);
+    let blocks = prefill_n.div_ceil(BLOCK_SIZE);
+    let mut cache = LatentCache::new(&config, blocks, BLOCK_SIZE, DType::F32, &Device::Cpu)?;
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let prompt = tokens(&config, prefill_n);
+    let started = Instant::now();
+    model.forward(
+        &[SequenceChunk {
+            tokens: &prompt,
+            start_pos: 0,
+            block_table: &table,
+        }],
+        &mut cache,
+        LogitsFor::LastToken,
+    )?;
+    let prefill_rate = prefill_n as f64 / started.elapsed().as_secs_f64();
+    tracing::info!(
+        tokens = prefill_n,
+        tokens_per_s = format!("{prefill_rate:.1}"),
+        "prefill"
+    );
+
+    let mut decode = Vec::new();
+    for &depth in &args.depths {
+        let depth = depth.min(context.saturating_sub(steps));
+        let rate = decode_rate(&model, CacheLayout::Latent, depth, steps)?;
+        tracing::info!(
+            depth,
+            tokens_per_s = format!("{rate:.1}"),
+            "decode (absorbed, latent cache)"
+        );
+        decode.push(serde_json::json!({"depth": depth, "tokens_per_second": rate}));
+    }
+    let deepest = args
+        .depths
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .min(context.saturating_sub(steps));
+    let decompressed_rate = decode_rate(&model, CacheLayout::DecompressedHeads, deepest, steps)?;
+    let absorbed_deepest = decode_rate(&model, CacheLayout::Latent, deepest, steps)?;
+    tracing::info!(
+        depth = deepest,
+        absorbed = format!("{absorbed_deepest:.1}"),
+        decompressed = format!("{decompressed_rate:.1}"),
+        "decode at depth: absorbed vs decompressed per-head cache"
+    );
+
+    let latent_bytes = LatentCache::new(&config, 1, 1, DType::F32, &Device::Cpu)?.bytes_per_token();
+    let heads_bytes = LatentCache::with_layout(
+        &config,
+        1,
+        1,
+        DType::F32,
+        &Device::Cpu,
+        CacheLayout::DecompressedHeads,
+    )?
+    .bytes_per_token();
+    let weight_bytes = model.weight_bytes_per_decode_token();
+    let bandwidth = read_bandwidth();
+    let batch1_rate = decode
+        .first()
+        .and_then(|d| d["tokens_per_second"].as_f64())
+        .unwrap_or(0.0);
+    let bandwidth_fraction = weight_bytes as f64 * batch1_rate / bandwidth;
+    let report = serde_json::json!({
+        "model": args.model.display().to_string(),
+        "dtype": format!("{:?}", args.dtype).to_lowercase(),
+        "threads": rayon::current_num_threads(),
+        "load_seconds": load_seconds,
+        "prefill": {"tokens": prefill_n, "tokens_per_second": prefill_rate},
+        "decode": decode,
+        "decode_at_depth": {
+            "depth": deepest,
+            "absorbed_tokens_per_second": absorbed_deepest,
+            "decompressed_tokens_per_second": decompressed_rate,
+            "speedup": absorbed_deepest / decompressed_rate,
+        },
+        "kv_bytes_per_token": {
+            "latent_f32": latent_bytes,
+            "decompressed_f32": heads_bytes,
+            "ratio": heads_bytes as f64 / latent_bytes as f64,
+        },
+        "weight_bytes_per_decode_token": weight_bytes,
+        "read_bandwidth_bytes_per_second": bandwidth,
+        "bandwidth_fraction_at_first_depth": bandwidth_fraction,
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}

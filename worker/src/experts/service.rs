@@ -1,0 +1,273 @@
+//! `latentserve.v1.Experts`: runs this shard's routed experts for a peer, and tells peers who this
+//! shard is in the handshake. Served on the same gRPC port as `latentserve.v1.Inference`.
+
+use std::sync::{Arc, OnceLock};
+
+use latentserve_proto::v1::experts_server::{Experts, ExpertsServer};
+use latentserve_proto::v1::{
+    HandshakeRequest, HandshakeResponse, RunExpertsRequest, RunExpertsResponse, WireDtype,
+};
+use tonic::{Request, Response, Status};
+
+use super::peers::MAX_MESSAGE_BYTES;
+use super::placement::Placement;
+use super::wire;
+use crate::model::{DispatchPlan, ExpertExecutor, ExpertWork};
+use crate::server::metrics::Metrics;
+
+/// Who this shard is: what peers compare in the handshake.
+#[derive(Debug, Clone)]
+pub struct ShardIdentity {
+    pub rank: usize,
+    pub placement: Placement,
+    pub fingerprint: String,
+    pub model_name: String,
+}
+
+/// The local experts, once the model is loaded.
+pub struct LocalBackend {
+    pub experts: Arc<dyn ExpertExecutor>,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+}
+
+/// The service; it reports not ready (and refuses work with UNAVAILABLE) until
+/// [`ExpertsService::backend`] is set.
+#[derive(Clone)]
+pub struct ExpertsService {
+    identity: Arc<ShardIdentity>,
+    backend: Arc<OnceLock<LocalBackend>>,
+    metrics: Arc<Metrics>,
+}
+
+impl ExpertsService {
+    pub fn new(identity: ShardIdentity, metrics: Arc<Metrics>) -> Self {
+        Self {
+            identity: Arc::new(identity),
+            backend: Arc::new(OnceLock::new()),
+            metrics,
+        }
+    }
+
+    /// Where the loaded model's experts go; set once.
+    pub fn backend(&self) -> Arc<OnceLock<LocalBackend>> {
+        self.backend.clone()
+    }
+
+    /// The tonic server, with message limits that fit a long prefill chunk of a large model.
+    pub fn into_server(self) -> ExpertsServer<Self> {
+        ExpertsServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+/// Checks a peer's request against this shard and turns it into a dispatch plan over its rows.
+pub fn plan_for_request(
+    request: &RunExpertsRequest,
+    identity: &ShardIdentity,
+    hidden_size: usize,
+    num_layers: usize,
+) -> Result<(Vec<f32>, DispatchPlan), Status> {
+    if request.fingerprint != identity.fingerprint {
+        return Err(Status::failed_precondition(format!(
+            "fingerprint {} does not match this shard's {} (different model, placement or shard count)",
+            request.fingerprint, identity.fingerprint
+        )));
+    }
+    let layer = request.layer as usize;
+    if layer >= num_layers {
+        return Err(Status::invalid_argument(format!(
+            "layer {layer} is out of range for a model of {num_layers} layers"
+        )));
+    }
+    let rows = request
+        .hidden
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("hidden is missing"))?;
+    if rows.cols as usize != hidden_size {
+        return Err(Status::invalid_argument(format!(
+            "hidden has {} columns, the model's hidden_size is {hidden_size}",
+            rows.cols
+        )));
+    }
+    let hidden = wire::decode(rows).map_err(|e| Status::invalid_argument(format!("hidden: {e}")))?;
+    let tokens = rows.rows;
+    let mut works = Vec::with_capacity(request.experts.len());
+    for (index, entry) in request.experts.iter().enumerate() {
+        let expert = entry.expert as usize;
+        if !identity.placement.holds(identity.rank, expert) {
+            return Err(Status::invalid_argument(format!(
+                "experts[{index}]: expert {expert} is not held by shard {}",
+                identity.rank
+            )));
+        }
+        if entry.rows.len() != entry.weights.len() {
+            return Err(Status::invalid_argument(format!(
+                "experts[{index}]: {} rows but {} weights",
+                entry.rows.len(),
+                entry.weights.len()
+            )));
+        }
+        if let Some(&bad) = entry.rows.iter().find(|&&r| r >= tokens) {
+            return Err(Status::invalid_argument(format!(
+                "experts[{index}]: row {bad} is out of range for {tokens} hidden rows"
+            )));
+        }
+        works.push(ExpertWork {
+            expert,
+            rows: entry.rows.clone(),
+            weights: entry.weights.clone(),
+        });
+    }
+    Ok((hidden, DispatchPlan { works }))
+}
+
+#[tonic::async_trait]
+impl Experts for ExpertsService {
+    async fn handshake(
+        &self,
+        request: Request<HandshakeRequest>,
+    ) -> Result<Response<HandshakeResponse>, Status> {
+        let request = request.into_inner();
+        if request.fingerprint != self.identity.fingerprint {
+            tracing::warn!(
+                peer = request.rank,
+                theirs = %request.fingerprint,
+                ours = %self.identity.fingerprint,
+                "a peer with a different fingerprint connected"
+            );
+        }
+        Ok(Response::new(HandshakeResponse {
+            rank: self.identity.rank as u32,
+            shard_count: self.identity.placement.shard_count() as u32,
+            fingerprint: self.identity.fingerprint.clone(),
+            ready: self.backend.get().is_some(),
+            model_name: self.identity.model_name.clone(),
+        }))
+    }
+
+    async fn run_experts(
+        &self,
+        request: Request<RunExpertsRequest>,
+    ) -> Result<Response<RunExpertsResponse>, Status> {
+        let backend = self
+            .backend
+            .get()
+            .ok_or_else(|| Status::unavailable("the model is still loading"))?;
+        let request = request.into_inner();
+        let hidden_size = backend.hidden_size;
+        let (hidden, plan) =
+            plan_for_request(&request, &self.identity, hidden_size, backend.num_layers)?;
+        let layer = request.layer as usize;
+        for work in &plan.works {
+            self.metrics
+                .record_expert_tokens(layer, work.expert, work.rows.len() as u64);
+        }
+        let response_dtype = match WireDtype::try_from(request.response_dtype) {
+            Ok(WireDtype::Unspecified) | Err(_) => request
+                .hidden
+                .as_ref()
+                .and_then(|h| WireDtype::try_from(h.dtype).ok())
+                .unwrap_or(WireDtype::F32),
+            Ok(dtype) => dtype,
+        };
+        let experts = backend.experts.clone();
+        let tokens = hidden.len() / hidden_size;
+        // Expert matmuls are CPU work: keep them off the async workers.
+        let sums = tokio::task::spawn_blocking(move || {
+            experts.run_experts(layer, &hidden, hidden_size, &plan)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("expert task failed: {e}")))?
+        .map_err(|e| Status::internal(format!("running experts of layer {layer}: {e}")))?;
+        Ok(Response::new(RunExpertsResponse {
+            partial_sums: Some(wire::encode(&sums, tokens, hidden_size, response_dtype)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use latentserve_proto::v1::ExpertRows;
+
+    use super::*;
+
+    fn identity() -> ShardIdentity {
+        ShardIdentity {
+            rank: 1,
+            placement: Placement::default_for(4, 1, 2).unwrap(),
+            fingerprint: "fp".to_owned(),
+            model_name: "tiny".to_owned(),
+        }
+    }
+
+    fn request() -> RunExpertsRequest {
+        RunExpertsRequest {
+            layer: 1,
+            fingerprint: "fp".to_owned(),
+            hidden: Some(wire::encode(&[1.0; 6], 2, 3, WireDtype::F32)),
+            experts: vec![ExpertRows {
+                expert: 3,
+                rows: vec![0, 1],
+                weights: vec![0.5, 0.25],
+            }],
+            response_dtype: WireDtype::F32 as i32,
+        }
+    }
+
+    #[test]
+    fn a_valid_request_becomes_a_plan() {
+        let (hidden, plan) = plan_for_request(&request(), &identity(), 3, 2).unwrap();
+        assert_eq!(hidden.len(), 6);
+        assert_eq!(plan.works.len(), 1);
+        assert_eq!(plan.works[0].expert, 3);
+        assert_eq!(plan.works[0].rows, vec![0, 1]);
+    }
+
+    #[test]
+    fn bad_requests_are_refused_with_a_named_reason() {
+        let check = |request: RunExpertsRequest, code: tonic::Code, needle: &str| {
+            let status = plan_for_request(&request, &identity(), 3, 2).unwrap_err();
+            assert_eq!(status.code(), code, "{status:?}");
+            assert!(status.message().contains(needle), "{status:?}");
+        };
+        check(
+            RunExpertsRequest {
+                fingerprint: "other".to_owned(),
+                ..request()
+            },
+            tonic::Code::FailedPrecondition,
+            "fingerprint other",
+        );
+        check(
+            RunExpertsRequest {
+                layer: 2,
+                ..request()
+            },
+            tonic::Code::InvalidArgument,
+            "layer 2",
+        );
+        let mut wrong_expert = request();
+        wrong_expert.experts[0].expert = 0;
+        check(
+            wrong_expert,
+            tonic::Code::InvalidArgument,
+            "expert 0 is not held by shard 1",
+        );
+        let mut bad_row = request();
+        bad_row.experts[0].rows[1] = 2;
+        check(bad_row, tonic::Code::InvalidArgument, "row 2 is out of range");
+        let mut short = request();
+        short.experts[0].weights.pop();
+        check(short, tonic::Code::InvalidArgument, "2 rows but 1 weights");
+        check(
+            RunExpertsRequest {
+                hidden: Some(wire::encode(&[1.0; 4], 2, 2, WireDtype::F32)),
+                ..request()
+            },
+            tonic::Code::InvalidArgument,
+            "hidden_size is 3",
+        );
+    }
+}

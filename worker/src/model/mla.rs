@@ -1,0 +1,547 @@
+//! Multi-head latent attention.
+//!
+//! Every new token's latent (normalized `c_kv` ++ rotated `k_pe`) is written to the paged cache.
+//! Prefill chunks decompress the latents of all their positions (cached ones included) into
+//! per-head K/V with `kv_b_proj` and run causal attention. Decode tokens use the absorbed form:
+//! `W_UK` is folded into the query, attention runs directly over the latent rows, and `W_UV` is
+//! applied to the attended latent; nothing per head outlives the step.
+
+use candle_core::{Device, Tensor};
+use latentserve_kernels::Linear;
+use rayon::prelude::*;
+
+use super::ModelError;
+use super::cache::{CacheBuffers, CacheLayout, CacheValue, LatentCache};
+use super::config::ModelConfig;
+use super::ops::{axpy, dot, project, rms_norm, rms_norm_rows};
+use super::rope::RopeTable;
+
+/// Where the tokens of one chunk sit in the flattened batch and in their sequence.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkSpan<'a> {
+    /// First row of this chunk in the batch.
+    pub first_row: usize,
+    pub len: usize,
+    pub start_pos: usize,
+    pub block_table: &'a [u32],
+}
+
+impl ChunkSpan<'_> {
+    /// A single token continuing a sequence: runs the absorbed decode path.
+    pub fn is_decode(&self) -> bool {
+        self.len == 1 && self.start_pos > 0
+    }
+}
+
+/// Dimensions of the attention block.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    heads: usize,
+    nope: usize,
+    rope: usize,
+    v: usize,
+    kv_lora: usize,
+    /// Width of the query part of the fused input projection: q_lora_rank or heads * qk.
+    q_in: usize,
+}
+
+impl Dims {
+    fn qk(&self) -> usize {
+        self.nope + self.rope
+    }
+    fn latent(&self) -> usize {
+        self.kv_lora + self.rope
+    }
+}
+
+/// One layer's `self_attn`.
+#[derive(Debug)]
+pub struct MlaAttention {
+    dims: Dims,
+    /// (q_in + kv_lora + rope, hidden): `q_a_proj` (or `q_proj`) and `kv_a_proj_with_mqa` fused,
+    /// because both read the same normalized hidden state.
+    input_proj: Linear,
+    /// `q_a_layernorm` weight when q_lora_rank is set.
+    q_a_norm: Option<Vec<f32>>,
+    /// `q_b_proj`: (heads * qk, q_lora_rank) when q_lora_rank is set.
+    q_b_proj: Option<Linear>,
+    kv_a_norm: Vec<f32>,
+    /// `kv_b_proj`: (heads * (nope + v), kv_lora) for the decompressed prefill path.
+    kv_b_proj: Linear,
+    /// The same weight in f32 for the absorbed path: rows h*(nope+v) .. +nope are W_UK[h]
+    /// (nope, kv_lora), the next v rows are W_UV[h] (v, kv_lora).
+    kv_b_f32: Vec<f32>,
+    /// `o_proj`: (hidden, heads * v)
+    o_proj: Linear,
+    eps: f64,
+    softmax_scale: f32,
+}
+
+/// Weights of one attention block as loaded.
+pub struct MlaWeights {
+    pub input_proj: Linear,
+    pub q_a_norm: Option<Vec<f32>>,
+    pub q_b_proj: Option<Linear>,
+    pub kv_a_norm: Vec<f32>,
+    pub kv_b_proj: Linear,
+    pub kv_b_f32: Vec<f32>,
+    pub o_proj: Linear,
+}
+
+impl MlaAttention {
+    pub fn new(config: &ModelConfig, w: MlaWeights) -> Self {
+        let heads = config.num_attention_heads;
+        let dims = Dims {
+            heads,
+            nope: config.qk_nope_head_dim,
+            rope: config.qk_rope_head_dim,
+            v: config.v_head_dim,
+            kv_lora: config.kv_lora_rank,
+            q_in: config.q_lora_rank.unwrap_or(heads * config.qk_head_dim()),
+        };
+        Self {
+            dims,
+            input_proj: w.input_proj,
+            q_a_norm: w.q_a_norm,
+            q_b_proj: w.q_b_proj,
+            kv_a_norm: w.kv_a_norm,
+            kv_b_proj: w.kv_b_proj,
+            kv_b_f32: w.kv_b_f32,
+            o_proj: w.o_proj,
+            eps: config.rms_norm_eps,
+            softmax_scale: config.softmax_scale() as f32,
+        }
+    }
+
+    /// Weight bytes one decoded token reads (projections; kv_b in its f32 absorbed form).
+    pub fn decode_weight_bytes(&self) -> usize {
+        self.input_proj.weight_bytes()
+            + self.q_b_proj.as_ref().map_or(0, Linear::weight_bytes)
+            + self.kv_b_f32.len() * 4
+            + self.o_proj.weight_bytes()
+    }
+
+    /// x: (rows, hidden) normalized hidden states of all chunks -> (rows, hidden).
+    pub fn forward(
+        &self,
+        x: &[f32],
+        rows: usize,
+        spans: &[ChunkSpan],
+        table: &RopeTable,
+        cache: &mut LatentCache,
+        layer: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        let d = self.dims;
+        let qk = d.qk();
+        // (rows, q_in + kv_lora + rope)
+        let fused = project(&self.input_proj, x, rows)?;
+        let fused_w = d.q_in + d.latent();
+        // (rows, heads * qk)
+        let mut q = match (&self.q_b_proj, &self.q_a_norm) {
+            (Some(q_b), Some(norm)) => {
+                let mut q_a: Vec<f32> = fused
+                    .chunks_exact(fused_w)
+                    .flat_map(|r| &r[..d.q_in])
+                    .copied()
+                    .collect();
+                rms_norm_rows(&mut q_a, norm, self.eps);
+                project(q_b, &q_a, rows)?
+            }
+            _ => fused
+                .chunks_exact(fused_w)
+                .flat_map(|r| &r[..d.q_in])
+                .copied()
+                .collect(),
+        };
+        // (rows, latent): normalized c_kv ++ rotated k_pe
+        let mut latents: Vec<f32> = fused
+            .chunks_exact(fused_w)
+            .flat_map(|r| &r[d.q_in..])
+            .copied()
+            .collect();
+        for (row, latent) in latents.chunks_exact_mut(d.latent()).enumerate() {
+            let (c_kv, k_pe) = latent.split_at_mut(d.kv_lora);
+            rms_norm(c_kv, &self.kv_a_norm, self.eps);
+            table.apply(row, k_pe);
+        }
+        for (row, q_row) in q.chunks_exact_mut(d.heads * qk).enumerate() {
+            for head in q_row.chunks_exact_mut(qk) {
+                table.apply(row, &mut head[d.nope..]);
+            }
+        }
+        self.write_cache(&latents, rows, spans, cache, layer)?;
+
+        // (rows, heads * v)
+        let mut attn = vec![0f32; rows * d.heads * d.v];
+        for span in spans {
+            let q_span = &q[span.first_row * d.heads * qk..][..span.len * d.heads * qk];
+            let out = &mut attn[span.first_row * d.heads * d.v..][..span.len * d.heads * d.v];
+            if span.is_decode() {
+                match cache.layout() {
+                    CacheLayout::Latent => self.decode_absorbed(q_span, span, cache, layer, out),
+                    CacheLayout::DecompressedHeads => {
+                        self.decode_decompressed(q_span, span, cache, layer, out)
+                    }
+                }
+            } else {
+                self.prefill(q_span, span, cache, layer, out)?;
+            }
+        }
+        project(&self.o_proj, &attn, rows)
+    }
+
+    fn write_cache(
+        &self,
+        latents: &[f32],
+        rows: usize,
+        spans: &[ChunkSpan],
+        cache: &mut LatentCache,
+        layer: usize,
+    ) -> Result<(), ModelError> {
+        let d = self.dims;
+        match cache.layout() {
+            CacheLayout::Latent => {
+                for span in spans {
+                    for i in 0..span.len {
+                        let slot = cache.slot(span.block_table, span.start_pos + i);
+                        let row = span.first_row + i;
+                        cache.write_row(layer, slot, &latents[row * d.latent()..][..d.latent()]);
+                    }
+                }
+            }
+            CacheLayout::DecompressedHeads => {
+                let c_kv: Vec<f32> = latents
+                    .chunks_exact(d.latent())
+                    .flat_map(|l| &l[..d.kv_lora])
+                    .copied()
+                    .collect();
+                // (rows, heads * (nope + v))
+                let kv = project(&self.kv_b_proj, &c_kv, rows)?;
+                let mut row_buf = Vec::with_capacity(d.heads * (d.qk() + d.v));
+                for span in spans {
+                    for i in 0..span.len {
+                        let row = span.first_row + i;
+                        let kv_row =
+                            &kv[row * d.heads * (d.nope + d.v)..][..d.heads * (d.nope + d.v)];
+                        let k_pe = &latents[row * d.latent() + d.kv_lora..][..d.rope];
+                        row_buf.clear();
+                        for h in 0..d.heads {
+                            row_buf.extend_from_slice(&kv_row[h * (d.nope + d.v)..][..d.nope]);
+                            row_buf.extend_from_slice(k_pe);
+                        }
+                        for h in 0..d.heads {
+                            row_buf
+                                .extend_from_slice(&kv_row[h * (d.nope + d.v) + d.nope..][..d.v]);
+                        }
+                        let slot = cache.slot(span.block_table, span.start_pos + i);
+                        cache.write_row(layer, slot, &row_buf);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decompressed causal attention for a prefill chunk over positions 0..start_pos + len.
+    /// q: (len, heads * qk) -> out (len, heads * v).
+    fn prefill(
+        &self,
+        q: &[f32],
+        span: &ChunkSpan,
+        cache: &LatentCache,
+        layer: usize,
+        out: &mut [f32],
+    ) -> Result<(), ModelError> {
+        let d = self.dims;
+        let (qk, n) = (d.qk(), span.len);
+        let total = span.start_pos + span.len;
+        let rows = cache.gather(layer, span.block_table, total);
+        // (heads, total, qk) and (heads, total, v)
+        let mut k = vec![0f32; d.heads * total * qk];
+        let mut v = vec![0f32; d.heads * total * d.v];
+        match cache.layout() {
+            CacheLayout::Latent => {
+                let c_kv: Vec<f32> = rows
+                    .chunks_exact(d.latent())
+                    .flat_map(|l| &l[..d.kv_lora])
+                    .copied()
+                    .collect();
+                // (total, heads * (nope + v))
+                let kv = project(&self.kv_b_proj, &c_kv, total)?;
+                for t in 0..total {
+                    let k_pe = &rows[t * d.latent() + d.kv_lora..][..d.rope];
+                    let kv_row = &kv[t * d.heads * (d.nope + d.v)..];
+                    for h in 0..d.heads {
+                        let src = &kv_row[h * (d.nope + d.v)..][..d.nope + d.v];
+                        let k_dst = &mut k[(h * total + t) * qk..][..qk];
+                        k_dst[..d.nope].copy_from_slice(&src[..d.nope]);
+                        k_dst[d.nope..].copy_from_slice(k_pe);
+                        v[(h * total + t) * d.v..][..d.v].copy_from_slice(&src[d.nope..]);
+                    }
+                }
+            }
+            CacheLayout::DecompressedHeads => {
+                let width = d.heads * (qk + d.v);
+                for t in 0..total {
+                    let row = &rows[t * width..][..width];
+                    for h in 0..d.heads {
+                        k[(h * total + t) * qk..][..qk].copy_from_slice(&row[h * qk..][..qk]);
+                        v[(h * total + t) * d.v..][..d.v]
+                            .copy_from_slice(&row[d.heads * qk + h * d.v..][..d.v]);
+                    }
+                }
+            }
+        }
+        // (heads, n, qk)
+        let mut q_heads = vec![0f32; d.heads * n * qk];
+        for i in 0..n {
+            for h in 0..d.heads {
+                q_heads[(h * n + i) * qk..][..qk]
+                    .copy_from_slice(&q[(i * d.heads + h) * qk..][..qk]);
+            }
+        }
+        let dev = Device::Cpu;
+        let q_t = Tensor::from_vec(q_heads, (d.heads, n, qk), &dev)?;
+        let k_t = Tensor::from_vec(k, (d.heads, total, qk), &dev)?;
+        let v_t = Tensor::from_vec(v, (d.heads, total, d.v), &dev)?;
+        // (heads, n, total)
+        let mut scores = q_t.matmul(&k_t.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        for (r, row) in scores.chunks_exact_mut(total).enumerate() {
+            // query i sits at position start_pos + i and sees positions 0..=start_pos + i
+            let visible = span.start_pos + r % n + 1;
+            for s in row[..visible].iter_mut() {
+                *s *= self.softmax_scale;
+            }
+            row[visible..].fill(f32::NEG_INFINITY);
+            super::ops::softmax(row);
+        }
+        let probs = Tensor::from_vec(scores, (d.heads, n, total), &dev)?;
+        // (heads, n, v)
+        let o = probs.matmul(&v_t)?.flatten_all()?.to_vec1::<f32>()?;
+        for h in 0..d.heads {
+            for i in 0..n {
+                out[(i * d.heads + h) * d.v..][..d.v]
+                    .copy_from_slice(&o[(h * n + i) * d.v..][..d.v]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Absorbed decode of one token over its sequence's latent rows. q: (heads * qk) -> out
+    /// (heads * v).
+    fn decode_absorbed(
+        &self,
+        q: &[f32],
+        span: &ChunkSpan,
+        cache: &LatentCache,
+        layer: usize,
+        out: &mut [f32],
+    ) {
+        let d = self.dims;
+        let (qk, lat) = (d.qk(), d.latent());
+        let stride = d.nope + d.v;
+        // (heads, latent): q_nope W_UK ++ q_pe, so that a score is one dot with a latent row.
+        let mut q_lat = vec![0f32; d.heads * lat];
+        for h in 0..d.heads {
+            let q_h = &q[h * qk..][..qk];
+            let dst = &mut q_lat[h * lat..][..lat];
+            for (j, &qv) in q_h[..d.nope].iter().enumerate() {
+                axpy(
+                    &mut dst[..d.kv_lora],
+                    qv,
+                    &self.kv_b_f32[(h * stride + j) * d.kv_lora..][..d.kv_lora],
+                );
+            }
+            dst[d.kv_lora..].copy_from_slice(&q_h[d.nope..]);
+        }
+        let total = span.start_pos + 1;
+        // (heads, kv_lora): attention-weighted c_kv per head
+        let o_lat = match &cache.buffers {
+            CacheBuffers::F32(layers) => attend_rows(
+                &layers[layer],
+                cache,
+                span.block_table,
+                total,
+                &q_lat,
+                d.heads,
+                lat,
+                lat,
+                d.kv_lora,
+                RowValues::Shared,
+                self.softmax_scale,
+            ),
+            CacheBuffers::F16(layers) => attend_rows(
+                &layers[layer],
+                cache,
+                span.block_table,
+                total,
+                &q_lat,
+                d.heads,
+                lat,
+                lat,
+                d.kv_lora,
+                RowValues::Shared,
+                self.softmax_scale,
+            ),
+        };
+        // W_UV: (heads, v)
+        for h in 0..d.heads {
+            let o_h = &o_lat[h * d.kv_lora..][..d.kv_lora];
+            for j in 0..d.v {
+                let w = &self.kv_b_f32[(h * stride + d.nope + j) * d.kv_lora..][..d.kv_lora];
+                out[h * d.v + j] = dot(o_h, w);
+            }
+        }
+    }
+
+    /// Decode over a per-head K/V cache (for measuring what the latent cache saves).
+    fn decode_decompressed(
+        &self,
+        q: &[f32],
+        span: &ChunkSpan,
+        cache: &LatentCache,
+        layer: usize,
+        out: &mut [f32],
+    ) {
+        let d = self.dims;
+        let total = span.start_pos + 1;
+        let width = d.heads * (d.qk() + d.v);
+        let o = match &cache.buffers {
+            CacheBuffers::F32(layers) => attend_rows(
+                &layers[layer],
+                cache,
+                span.block_table,
+                total,
+                q,
+                d.heads,
+                d.qk(),
+                width,
+                d.v,
+                RowValues::PerHead {
+                    offset: d.heads * d.qk(),
+                },
+                self.softmax_scale,
+            ),
+            CacheBuffers::F16(layers) => attend_rows(
+                &layers[layer],
+                cache,
+                span.block_table,
+                total,
+                q,
+                d.heads,
+                d.qk(),
+                width,
+                d.v,
+                RowValues::PerHead {
+                    offset: d.heads * d.qk(),
+                },
+                self.softmax_scale,
+            ),
+        };
+        out.copy_from_slice(&o);
+    }
+}
+
+/// Where a cache row keeps the values a head attends to.
+#[derive(Debug, Clone, Copy)]
+enum RowValues {
+    /// Every head reads the first `value_dim` values of the row (the latent c_kv); keys are the
+    /// first `key_dim` values.
+    Shared,
+    /// Head h's key is row[h * key_dim..], its value row[offset + h * value_dim..].
+    PerHead { offset: usize },
+}
+
+/// Positions per parallel part of a decode attention.
+const PART: usize = 256;
+
+/// Softmax attention of `heads` queries (heads, key_dim) over positions 0..total of one
+/// sequence, read from a paged buffer with rows of `row_width`. Positions are split into parts
+/// processed in parallel (each with its own running max), then merged. Returns
+/// (heads, value_dim).
+#[allow(clippy::too_many_arguments)]
+fn attend_rows<T: CacheValue>(
+    buffer: &[T],
+    cache: &LatentCache,
+    block_table: &[u32],
+    total: usize,
+    q: &[f32],
+    heads: usize,
+    key_dim: usize,
+    row_width: usize,
+    value_dim: usize,
+    values: RowValues,
+    scale: f32,
+) -> Vec<f32> {
+    let parts = total.div_ceil(PART);
+    // Per part: (max per head, sum per head, weighted values (heads, value_dim)).
+    let partials: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..parts)
+        .into_par_iter()
+        .map(|p| {
+            let range = p * PART..((p + 1) * PART).min(total);
+            let len = range.len();
+            let mut row = vec![0f32; row_width];
+            // (len, heads) raw scores, then probabilities
+            let mut scores = vec![0f32; len * heads];
+            let mut slots = Vec::with_capacity(len);
+            for (i, pos) in range.clone().enumerate() {
+                let slot = cache.slot(block_table, pos);
+                slots.push(slot);
+                load_row(&buffer[slot * row_width..][..row_width], &mut row);
+                for h in 0..heads {
+                    let key = match values {
+                        RowValues::Shared => &row[..key_dim],
+                        RowValues::PerHead { .. } => &row[h * key_dim..][..key_dim],
+                    };
+                    scores[i * heads + h] = dot(&q[h * key_dim..][..key_dim], key) * scale;
+                }
+            }
+            let mut max = vec![f32::NEG_INFINITY; heads];
+            for s in scores.chunks_exact(heads) {
+                for h in 0..heads {
+                    max[h] = max[h].max(s[h]);
+                }
+            }
+            let mut sum = vec![0f32; heads];
+            let mut acc = vec![0f32; heads * value_dim];
+            for (i, &slot) in slots.iter().enumerate() {
+                load_row(&buffer[slot * row_width..][..row_width], &mut row);
+                for h in 0..heads {
+                    let p = (scores[i * heads + h] - max[h]).exp();
+                    sum[h] += p;
+                    let value = match values {
+                        RowValues::Shared => &row[..value_dim],
+                        RowValues::PerHead { offset } => {
+                            &row[offset + h * value_dim..][..value_dim]
+                        }
+                    };
+                    axpy(&mut acc[h * value_dim..][..value_dim], p, value);
+                }
+            }
+            (max, sum, acc)
+        })
+        .collect();
+    let mut out = vec![0f32; heads * value_dim];
+    for h in 0..heads {
+        let global = partials
+            .iter()
+            .map(|(m, _, _)| m[h])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut denominator = 0.0;
+        let dst = &mut out[h * value_dim..][..value_dim];
+        for (m, s, acc) in &partials {
+            let w = (m[h] - global).exp();
+            denominator += w * s[h];
+            axpy(dst, w, &acc[h * value_dim..][..value_dim]);
+        }
+        dst.iter_mut().for_each(|v| *v /= denominator);
+    }
+    out
+}
+
+#[inline]
+fn load_row<T: CacheValue>(src: &[T], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}

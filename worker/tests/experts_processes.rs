@@ -1,0 +1,324 @@
+//! Expert parallelism across real `latentserve-worker serve` processes on 127.0.0.1 ports: the
+//! same greedy tokens on 1, 2 and 4 shards from every rank, a shard killed mid-stream and
+//! restarted, and a peer serving another model refused.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use latentserve_proto::v1::inference_client::InferenceClient;
+use latentserve_proto::v1::{
+    GenerateRequest, GetModelInfoRequest, SamplingParams, StoppingCriteria, TokenIds,
+    generate_request,
+};
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn reference_ids(name: &str, key: &str) -> Vec<u32> {
+    let text = std::fs::read_to_string(fixture(name).join("reference.json")).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    value[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Free 127.0.0.1 ports (bound, noted, released).
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// A worker process; killed when dropped.
+struct Worker {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Worker {
+    fn start(
+        model: &str,
+        rank: usize,
+        ports: &[u16],
+        log_dir: &Path,
+        extra: &[&str],
+    ) -> Worker {
+        let port = ports[rank];
+        let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let log = log_dir.join(format!("rank-{rank}-{port}-{}.log", rand_suffix()));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_latentserve-worker"));
+        command
+            .arg("serve")
+            .arg("--model")
+            .arg(fixture(model))
+            .args(["--grpc-addr", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--kv-cache-memory", "16Mi"])
+            .args(["--shard-rank", &rank.to_string()])
+            .args(["--shard-count", &ports.len().to_string()])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if ports.len() > 1 {
+            command.args(["--peers", &peers.join(",")]);
+        }
+        Worker {
+            child: command.spawn().unwrap(),
+            port,
+            log,
+        }
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Resident set size in KiB, from /proc.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+async fn channel(address: &str) -> Option<Channel> {
+    tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .ok()?
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .ok()
+}
+
+async fn health(address: &str) -> Option<ServingStatus> {
+    let channel = channel(address).await?;
+    let answer = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
+    ServingStatus::try_from(answer.into_inner().status).ok()
+}
+
+/// Polls the health of `worker` until it is `wanted`, for at most 120 seconds (debug builds
+/// load slowly on two shared cores).
+async fn wait_health(worker: &mut Worker, wanted: ServingStatus) {
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = worker.child.try_wait().unwrap() {
+            panic!("worker exited with {status}:\n{}", worker.log_text());
+        }
+        if health(&worker.address()).await == Some(wanted) {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "{} never became {wanted:?}:\n{}",
+            worker.address(),
+            worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn greedy(prompt: &[u32], max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        request_id: String::new(),
+        prompt: Some(generate_request::Prompt::TokenIds(TokenIds {
+            ids: prompt.to_vec(),
+        })),
+        sampling: Some(SamplingParams {
+            temperature: Some(0.0),
+            ..SamplingParams::default()
+        }),
+        stopping: Some(StoppingCriteria {
+            max_tokens: Some(max_tokens),
+            ignore_eos: true,
+            ..StoppingCriteria::default()
+        }),
+        logprobs: 0,
+    }
+}
+
+async fn generate(address: &str, request: GenerateRequest) -> Result<Vec<u32>, tonic::Status> {
+    let channel = channel(address)
+        .await
+        .ok_or_else(|| tonic::Status::unavailable("no connection"))?;
+    let mut stream = InferenceClient::new(channel)
+        .generate(request)
+        .await?
+        .into_inner();
+    let mut tokens = Vec::new();
+    while let Some(message) = stream.message().await? {
+        tokens.extend(message.token_ids);
+    }
+    Ok(tokens)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_two_and_four_processes_give_the_reference_tokens_from_every_rank() {
+    let model = "v3-tiny-f32";
+    let prompt = reference_ids(model, "prompt_ids");
+    let expected = reference_ids(model, "greedy_ids");
+    let logs = tempfile::tempdir().unwrap();
+    for n in [1usize, 2, 4] {
+        let ports = free_ports(n);
+        let mut workers: Vec<Worker> = (0..n)
+            .map(|rank| Worker::start(model, rank, &ports, logs.path(), &[]))
+            .collect();
+        for worker in &mut workers {
+            wait_health(worker, ServingStatus::Serving).await;
+        }
+        for (rank, worker) in workers.iter().enumerate() {
+            let tokens = generate(&worker.address(), greedy(&prompt, expected.len() as u32))
+                .await
+                .unwrap_or_else(|e| panic!("N = {n}, rank {rank}: {e}\n{}", worker.log_text()));
+            assert_eq!(tokens, expected, "N = {n}, rank {rank}");
+            let info = InferenceClient::new(channel(&worker.address()).await.unwrap())
+                .get_model_info(GetModelInfoRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(info.local_routed_experts as usize * n, 16, "N = {n}, rank {rank}");
+            eprintln!(
+                "N = {n}, rank {rank}: {} local routed experts, RSS {} KiB",
+                info.local_routed_experts,
+                worker.rss_kib()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_shard_fails_requests_clearly_and_the_group_recovers_when_it_returns() {
+    let model = "v3-tiny-f32";
+    let prompt = reference_ids(model, "prompt_ids");
+    let expected = reference_ids(model, "greedy_ids");
+    let logs = tempfile::tempdir().unwrap();
+    let ports = free_ports(2);
+    let rpc_timeout = ["--expert-rpc-timeout", "3s"];
+    let mut first = Worker::start(model, 0, &ports, logs.path(), &rpc_timeout);
+    let mut second = Worker::start(model, 1, &ports, logs.path(), &rpc_timeout);
+    wait_health(&mut first, ServingStatus::Serving).await;
+    wait_health(&mut second, ServingStatus::Serving).await;
+
+    // A long stream on rank 0; rank 1 dies after its first tokens.
+    let channel0 = channel(&first.address()).await.unwrap();
+    let mut stream = InferenceClient::new(channel0)
+        .generate(greedy(&prompt, 1000))
+        .await
+        .unwrap()
+        .into_inner();
+    let first_message = stream.message().await.unwrap().expect("a first token");
+    assert!(!first_message.token_ids.is_empty());
+    second.child.kill().unwrap();
+    second.child.wait().unwrap();
+    // The stream must end with UNAVAILABLE naming the lost shard, within a bounded time.
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return Ok(()),
+                Err(status) => return Err(status),
+            }
+        }
+    })
+    .await
+    .expect("the stream must not hang when a shard dies");
+    let status = ended.expect_err("the stream cannot finish 1000 tokens without shard 1");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("expert shard 1") && status.message().contains(&second.address()),
+        "{status:?}"
+    );
+    wait_health(&mut first, ServingStatus::NotServing).await;
+    // A new request fails fast the same way.
+    let status = tokio::time::timeout(
+        Duration::from_secs(30),
+        generate(&first.address(), greedy(&prompt, 8)),
+    )
+    .await
+    .expect("a request must not hang while a shard is down")
+    .expect_err("shard 1 is down");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("expert shard 1"), "{status:?}");
+
+    // Rank 1 comes back on the same address: rank 0 recovers by itself.
+    let mut second = Worker::start(model, 1, &ports, logs.path(), &rpc_timeout);
+    wait_health(&mut second, ServingStatus::Serving).await;
+    wait_health(&mut first, ServingStatus::Serving).await;
+    let tokens = generate(&first.address(), greedy(&prompt, expected.len() as u32))
+        .await
+        .unwrap();
+    assert_eq!(tokens, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_serving_another_model_is_refused() {
+    let logs = tempfile::tempdir().unwrap();
+    let ports = free_ports(2);
+    let mut first = Worker::start("v3-tiny-f32", 0, &ports, logs.path(), &[]);
+    let _other = Worker::start("v3-neox-bf16-sharded", 1, &ports, logs.path(), &[]);
+    // Rank 0 connects, sees the other fingerprint, says so, and stays NOT_SERVING.
+    let until = Instant::now() + Duration::from_secs(120);
+    while !first.log_text().contains("refused: it serves model") {
+        assert!(
+            Instant::now() < until,
+            "rank 0 never refused its peer:\n{}",
+            first.log_text()
+        );
+        assert!(first.child.try_wait().unwrap().is_none(), "{}", first.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        health(&first.address()).await,
+        Some(ServingStatus::NotServing)
+    );
+    // Its tokens need shard 1's experts (every token visits 2 of the 4 groups, and shard 1
+    // holds 2): refused, not computed with the wrong model.
+    let status = generate(&first.address(), greedy(&[1, 2, 3], 4))
+        .await
+        .expect_err("a request needing the refused peer");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("expert shard 1"), "{status:?}");
+}

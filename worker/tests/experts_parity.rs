@@ -56,11 +56,7 @@ fn start_group(
     placement: Option<&Path>,
 ) -> Vec<TestShard> {
     let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| {
-            runtime
-                .block_on(TcpListener::bind("127.0.0.1:0"))
-                .unwrap()
-        })
+        .map(|_| runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap())
         .collect();
     let addresses: Vec<String> = listeners
         .iter()
@@ -112,7 +108,10 @@ fn start_group(
         .collect();
     let until = Instant::now() + Duration::from_secs(20);
     while !shards.iter().all(|s| s.shard.peers.is_healthy()) {
-        assert!(Instant::now() < until, "the shards never all saw each other");
+        assert!(
+            Instant::now() < until,
+            "the shards never all saw each other"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     shards
@@ -152,8 +151,7 @@ fn generate(
     let n_experts = config.moe.map_or(0, |m| m.n_routed_experts);
     let block_size = 16;
     let blocks = (prompt.len() + new_tokens).div_ceil(block_size);
-    let mut cache =
-        LatentCache::new(config, blocks, block_size, DType::F32, &Device::Cpu).unwrap();
+    let mut cache = LatentCache::new(config, blocks, block_size, DType::F32, &Device::Cpu).unwrap();
     let table: Vec<u32> = (0..blocks as u32).collect();
     let local = Counting {
         inner: shard.model.local_experts(),
@@ -176,7 +174,11 @@ fn generate(
                 .model
                 .forward_with_experts(&[chunk], cache, logits, &local),
         };
-        out.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        out.unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
     };
     let vocab = config.vocab_size;
     let prompt_logits = forward(&mut cache, prompt, 0, LogitsFor::AllTokens);
@@ -200,7 +202,10 @@ fn generate(
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -278,7 +283,11 @@ fn a_replicated_expert_spreads_its_tokens_over_its_replicas() {
     drop(single);
     // The busiest expert of the 8 that shard 1 holds by default gets a replica on shard 0.
     let hot = (8..16).max_by_key(|&e| counts[e]).unwrap();
-    assert!(counts[hot] >= 4, "expert {hot} got only {} tokens", counts[hot]);
+    assert!(
+        counts[hot] >= 4,
+        "expert {hot} got only {} tokens",
+        counts[hot]
+    );
     let experts: Vec<Vec<usize>> = (0..16)
         .map(|e| match e {
             e if e == hot => vec![0, 1],

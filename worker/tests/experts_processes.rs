@@ -59,13 +59,7 @@ impl Drop for Worker {
 }
 
 impl Worker {
-    fn start(
-        model: &str,
-        rank: usize,
-        ports: &[u16],
-        log_dir: &Path,
-        extra: &[&str],
-    ) -> Worker {
+    fn start(model: &str, rank: usize, ports: &[u16], log_dir: &Path, extra: &[&str]) -> Worker {
         let port = ports[rank];
         let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let log = log_dir.join(format!("rank-{rank}-{port}-{}.log", rand_suffix()));
@@ -219,7 +213,11 @@ async fn one_two_and_four_processes_give_the_reference_tokens_from_every_rank() 
                 .await
                 .unwrap()
                 .into_inner();
-            assert_eq!(info.local_routed_experts as usize * n, 16, "N = {n}, rank {rank}");
+            assert_eq!(
+                info.local_routed_experts as usize * n,
+                16,
+                "N = {n}, rank {rank}"
+            );
             eprintln!(
                 "N = {n}, rank {rank}: {} local routed experts, RSS {} KiB",
                 info.local_routed_experts,
@@ -307,7 +305,11 @@ async fn a_peer_serving_another_model_is_refused() {
             "rank 0 never refused its peer:\n{}",
             first.log_text()
         );
-        assert!(first.child.try_wait().unwrap().is_none(), "{}", first.log_text());
+        assert!(
+            first.child.try_wait().unwrap().is_none(),
+            "{}",
+            first.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bench_serve;
 pub mod generate;
 pub mod init_random;
+pub mod serve;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -23,6 +24,8 @@ pub enum Command {
     InitRandom(init_random::InitRandomArgs),
     /// Measure offline model speed (prefill, decode at several depths, memory).
     Bench(bench::BenchArgs),
+    /// Serve a model over gRPC (metrics and probes on a second port) until SIGTERM drains it.
+    Serve(serve::ServeArgs),
     /// Load against a running server: throughput and TTFT/ITL/end-to-end latency percentiles.
     BenchServe(bench_serve::BenchServeArgs),
 }
@@ -33,12 +36,14 @@ impl Cli {
             Command::Generate(args) => generate::run(&args),
             Command::InitRandom(args) => init_random::run(&args),
             Command::Bench(args) => bench::run(&args),
-            Command::BenchServe(args) => runtime()?.block_on(bench_serve::run(args)),
+            Command::Serve(args) => async_runtime()?.block_on(serve::run(args)),
+            Command::BenchServe(args) => async_runtime()?.block_on(bench_serve::run(args)),
         }
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// The tokio runtime of the network subcommands (the model subcommands need none).
+fn async_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     use anyhow::Context;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -3,6 +3,7 @@
 //! their own channel, so a dropped stream is a cancellation.
 
 pub mod cache;
+pub mod deepseek;
 pub mod detokenizer;
 pub mod executor;
 pub mod request;

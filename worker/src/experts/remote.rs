@@ -37,10 +37,9 @@ pub fn split_plan(
         .map(|w| (w.expert, w.rows.len()))
         .collect();
     let assigned = placement.assign(&loads, local_rank);
-    let shards = placement.shard_count();
-    let mut per_shard: Vec<Vec<ExpertWork>> = vec![Vec::new(); shards];
+    let mut per_shard: Vec<Vec<ExpertWork>> = vec![Vec::new(); placement.shard_count()];
     for (work, ranks) in plan.works.iter().zip(&assigned) {
-        for rank in 0..shards {
+        for (rank, works) in per_shard.iter_mut().enumerate() {
             let mut part = ExpertWork {
                 expert: work.expert,
                 rows: Vec::new(),
@@ -57,7 +56,7 @@ pub fn split_plan(
                 part.weights.push(weight);
             }
             if !part.rows.is_empty() {
-                per_shard[rank].push(part);
+                works.push(part);
             }
         }
     }
@@ -240,7 +239,9 @@ impl ExpertExecutor for ShardedStep<'_> {
         let (local_plan, peer_works) =
             split_plan(plan, &sharded.placement, sharded.peers.local_rank());
         if peer_works.is_empty() || !sharded.exchange.load(Ordering::SeqCst) {
-            return self.local.run_experts(layer, hidden, hidden_size, &local_plan);
+            return self
+                .local
+                .run_experts(layer, hidden, hidden_size, &local_plan);
         }
         // Fail fast, before any work, when a peer is known to be down.
         for work in &peer_works {
@@ -259,10 +260,10 @@ impl ExpertExecutor for ShardedStep<'_> {
             })
             .collect();
         // The local experts run while the peers compute theirs.
-        let local = self.local.run_experts(layer, hidden, hidden_size, &local_plan);
-        let answers = sharded
-            .runtime
-            .block_on(futures::future::join_all(calls));
+        let local = self
+            .local
+            .run_experts(layer, hidden, hidden_size, &local_plan);
+        let answers = sharded.runtime.block_on(futures::future::join_all(calls));
         let mut out = local?;
         for answer in answers {
             let (token_rows, sums) = answer

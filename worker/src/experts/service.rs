@@ -91,7 +91,8 @@ pub fn plan_for_request(
             rows.cols
         )));
     }
-    let hidden = wire::decode(rows).map_err(|e| Status::invalid_argument(format!("hidden: {e}")))?;
+    let hidden =
+        wire::decode(rows).map_err(|e| Status::invalid_argument(format!("hidden: {e}")))?;
     let tokens = rows.rows;
     let mut works = Vec::with_capacity(request.experts.len());
     for (index, entry) in request.experts.iter().enumerate() {
@@ -257,7 +258,11 @@ mod tests {
         );
         let mut bad_row = request();
         bad_row.experts[0].rows[1] = 2;
-        check(bad_row, tonic::Code::InvalidArgument, "row 2 is out of range");
+        check(
+            bad_row,
+            tonic::Code::InvalidArgument,
+            "row 2 is out of range",
+        );
         let mut short = request();
         short.experts[0].weights.pop();
         check(short, tonic::Code::InvalidArgument, "2 rows but 1 weights");

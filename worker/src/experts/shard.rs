@@ -17,7 +17,9 @@ use super::remote::ShardedExperts;
 use super::service::{ExpertsService, LocalBackend, ShardIdentity};
 use super::{fingerprint, model_digest};
 use crate::model::moe::LocalExperts;
-use crate::model::{DeepSeekModel, DispatchPlan, ExpertExecutor, ExpertFilter, ModelConfig, ModelError};
+use crate::model::{
+    DeepSeekModel, DispatchPlan, ExpertExecutor, ExpertFilter, ModelConfig, ModelError,
+};
 use crate::server::metrics::Metrics;
 
 /// Element type of hidden rows sent between shards.
@@ -60,7 +62,7 @@ pub struct ShardArgs {
     pub expert_wire_dtype: WireDtypeArg,
     /// Longest a call to a peer's experts may take before its requests fail with UNAVAILABLE
     /// (e.g. 10s, 500ms).
-    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+    #[arg(long, default_value = "10s", value_parser = crate::cli::serve::parse_duration)]
     pub expert_rpc_timeout: Duration,
 }
 
@@ -161,7 +163,9 @@ impl Shard {
         }
         let placement = self.identity.placement.clone();
         let rank = self.identity.rank;
-        Some(Arc::new(move |_layer, expert| placement.holds(rank, expert)))
+        Some(Arc::new(move |_layer: usize, expert: usize| {
+            placement.holds(rank, expert)
+        }))
     }
 
     /// Starts handshaking the peers (on the current runtime).
@@ -240,16 +244,4 @@ pub fn loaded_expert_bytes(experts: &LocalExperts) -> usize {
         .flatten()
         .map(|mlp| mlp.weight_bytes())
         .sum()
-}
-
-fn parse_timeout(text: &str) -> Result<Duration, String> {
-    let (number, scale) = match text.strip_suffix("ms") {
-        Some(ms) => (ms, 1e-3),
-        None => (text.strip_suffix('s').unwrap_or(text), 1.0),
-    };
-    number
-        .parse::<f64>()
-        .ok()
-        .and_then(|v| Duration::try_from_secs_f64(v * scale).ok())
-        .ok_or_else(|| format!("`{text}` is not a duration like 10s or 500ms"))
 }

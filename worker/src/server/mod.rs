@@ -246,5 +246,7 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
     health
         .set_service_status(INFERENCE_SERVICE_NAME, status)
         .await;
-    health.set_service_status(EXPERTS_SERVICE_NAME, status).await;
+    health
+        .set_service_status(EXPERTS_SERVICE_NAME, status)
+        .await;
 }

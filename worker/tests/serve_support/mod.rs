@@ -1,0 +1,190 @@
+//! Shared by the serve_* tests: fixture paths, an in-process server on 127.0.0.1, a client, and a
+//! bounded wait for metrics.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use latentserve_proto::v1::inference_client::InferenceClient;
+use latentserve_proto::v1::{
+    GenerateRequest, GenerateResponse, SamplingParams, StoppingCriteria, TokenIds, generate_request,
+};
+use latentserve_worker::cli::WeightDtype;
+use latentserve_worker::cli::serve::{ServeArgs, Serving, start};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+
+pub const FIXTURES: [&str; 5] = [
+    "v3-tiny-f32",
+    "v3-neox-bf16-sharded",
+    "v3-fp8",
+    "v2-lite-f16",
+    "v2-group-limited-bf16",
+];
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// The transformers reference of a fixture.
+pub struct Reference {
+    pub prompt_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    pub prompt_text: String,
+}
+
+pub fn reference(name: &str) -> Reference {
+    let path = fixture(name).join("reference.json");
+    let text = std::fs::read_to_string(&path).expect("reference.json is readable");
+    let value: serde_json::Value = serde_json::from_str(&text).expect("reference.json parses");
+    let ids = |key: &str| -> Vec<u32> {
+        value[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key} missing"))
+            .iter()
+            .map(|v| v.as_u64().expect("token id") as u32)
+            .collect()
+    };
+    Reference {
+        prompt_ids: ids("prompt_ids"),
+        greedy_ids: ids("greedy_ids"),
+        prompt_text: value["prompt_text"]
+            .as_str()
+            .expect("prompt_text")
+            .to_owned(),
+    }
+}
+
+/// Latent cache bytes of one block of `block_size` tokens in f32, from the fixture's config.
+pub fn block_bytes(name: &str, block_size: usize) -> u64 {
+    let text = std::fs::read_to_string(fixture(name).join("config.json")).expect("config");
+    let config: serde_json::Value = serde_json::from_str(&text).expect("config parses");
+    let get = |key: &str| config[key].as_u64().expect(key);
+    (get("kv_lora_rank") + get("qk_rope_head_dim"))
+        * get("num_hidden_layers")
+        * 4
+        * block_size as u64
+}
+
+pub fn args(model: &str) -> ServeArgs {
+    ServeArgs {
+        model: fixture(model),
+        model_name: Some(model.to_owned()),
+        grpc_addr: "127.0.0.1:0".parse().expect("address"),
+        metrics_addr: "127.0.0.1:0".parse().expect("address"),
+        max_batch_size: 64,
+        max_tokens_per_step: 256,
+        max_seq_len: None,
+        kv_cache_memory: 64 << 20,
+        block_size: 16,
+        no_prefix_caching: false,
+        max_queue: 256,
+        drain_timeout: Duration::from_secs(30),
+        dtype: WeightDtype::F32,
+        shard: latentserve_worker::experts::shard::ShardArgs::default(),
+    }
+}
+
+pub async fn serve(args: &ServeArgs) -> Serving {
+    start(args).await.expect("server starts")
+}
+
+pub async fn client(serving: &Serving) -> InferenceClient<Channel> {
+    InferenceClient::connect(format!("http://{}", serving.server.grpc_addr))
+        .await
+        .expect("client connects")
+}
+
+pub fn greedy_request(prompt: &[u32], max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        request_id: String::new(),
+        prompt: Some(generate_request::Prompt::TokenIds(TokenIds {
+            ids: prompt.to_vec(),
+        })),
+        sampling: Some(SamplingParams {
+            temperature: Some(0.0),
+            ..SamplingParams::default()
+        }),
+        stopping: Some(StoppingCriteria {
+            max_tokens: Some(max_tokens),
+            ignore_eos: true,
+            ..StoppingCriteria::default()
+        }),
+        logprobs: 0,
+    }
+}
+
+pub fn seeded_request(prompt: &[u32], max_tokens: u32, seed: u64) -> GenerateRequest {
+    let mut request = greedy_request(prompt, max_tokens);
+    request.sampling = Some(SamplingParams {
+        temperature: Some(0.8),
+        top_p: Some(0.9),
+        top_k: 50,
+        seed: Some(seed),
+        ..SamplingParams::default()
+    });
+    request
+}
+
+/// Runs a generation to its end: every token and the last message.
+pub async fn generate(
+    client: &mut InferenceClient<Channel>,
+    request: GenerateRequest,
+) -> Result<(Vec<u32>, GenerateResponse), tonic::Status> {
+    let mut stream = client.generate(request).await?.into_inner();
+    let mut tokens = Vec::new();
+    let mut last = None;
+    while let Some(message) = stream.message().await? {
+        tokens.extend(&message.token_ids);
+        last = Some(message);
+    }
+    Ok((tokens, last.expect("at least one message")))
+}
+
+/// GET on the metrics port.
+pub async fn http_get(serving: &Serving, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(serving.server.metrics_addr)
+        .await
+        .expect("metrics port accepts");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status code");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_owned());
+    (status, body)
+}
+
+/// The value of an unlabelled (apart from `model`) metric.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|line| line.starts_with(&format!("latentserve_{name}{{")))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} not found"))
+}
+
+/// Polls /metrics until `predicate` holds, for at most 30 seconds.
+pub async fn wait_for_metrics(serving: &Serving, what: &str, predicate: impl Fn(&str) -> bool) {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, text) = http_get(serving, "/metrics").await;
+        if predicate(&text) {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "timed out waiting for {what}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

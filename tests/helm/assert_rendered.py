@@ -20,20 +20,19 @@ RELEASE = "latentserve"
 NAMESPACE = "latentserve-system"
 REPO = Path(__file__).resolve().parents[2]
 
-# The API access the operator uses, as issue 6 lists it. operator/rbac/clusterrole.yaml (the role
-# the operator's integration tests run with) is the authoritative list: when it exists, the chart
-# must grant exactly what it grants. The Lease rule is separate: the chart grants it in the
+# The API access the operator uses. operator/rbac/clusterrole.yaml (the role the operator's
+# integration tests run with) is the authoritative list: when it exists, the chart must grant
+# exactly what it grants; this copy of it (as of the operator's first commit) is the fallback. The Lease rule is separate: the chart grants it in the
 # operator's own namespace only, and only with leader election.
 CONTRACT_RULES = {
-    ("latentserve.io", "modeldeployments"): {"get", "list", "watch", "patch"},
-    ("latentserve.io", "modeldeployments/status"): {"get", "patch", "update"},
+    ("latentserve.io", "modeldeployments"): {"get", "list", "watch"},
+    ("latentserve.io", "modeldeployments/status"): {"get", "patch"},
     ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "services"): {"get", "list", "watch", "create", "patch"},
+    ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
     ("", "pods"): {"get", "list", "watch"},
-    ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("networking.k8s.io", "networkpolicies"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "events"): {"create", "patch"},
+    ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }
 LEASE_RULES = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}

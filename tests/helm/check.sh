@@ -66,6 +66,22 @@ for values in tests/helm/invalid/*.yaml; do
   echo "$(basename "$values"): rejected ($expected)"
 done
 
+echo "--- the operator knows every flag the chart passes"
+operator=${LATENTSERVE_OPERATOR_BIN:-target/debug/latentserve-operator}
+if [ -x "$operator" ]; then
+  help=$("$operator" run --help)
+  for scenario in default customized high-availability watch-namespace; do
+    # Every flag of `run` the chart renders (extraArgs excepted: the test values invent one).
+    for flag in $(grep -o -- '- --[a-z-]*' "$work/$scenario.yaml" | sed 's/^- //' | sort -u); do
+      [ "$flag" = --example-flag ] && continue
+      grep -q -- "$flag" <<< "$help" || { echo "check.sh: $operator run has no $flag (rendered for $scenario)" >&2; exit 1; }
+    done
+  done
+  echo "flags match $operator run --help"
+else
+  echo "$operator is not built (scripts/test builds it): flag check skipped"
+fi
+
 echo "--- examples and Dockerfiles"
 python3 tests/helm/check_files.py
 

@@ -9,12 +9,14 @@
 //!
 //! This module holds the pure translation from a Pod to a process (command line, environment
 //! with downward-API fields, hostPath and emptyDir volumes, bind addresses, peer names) and the
-//! readiness check to run against it; the loop that talks to the API server and supervises the
-//! processes is built on top of it.
+//! readiness check to run against it; [`runtime`] is the loop that talks to the API server and
+//! supervises the processes.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+
+pub mod runtime;
 
 use k8s_openapi::api::core::v1::{Container, EnvVarSource, Pod, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -236,6 +238,9 @@ pub struct Placement<'a> {
     pub scratch_root: &'a Path,
     /// Local binaries by command name (`latentserve-worker` -> `target/debug/latentserve-worker`).
     pub binaries: &'a BTreeMap<String, PathBuf>,
+    /// hostPath volumes whose node path lives elsewhere on this machine (the examples' demo
+    /// model path `/srv/models/latentserve-demo` -> the repository's demo model folder).
+    pub host_paths: &'a BTreeMap<String, PathBuf>,
 }
 
 /// Translates a pod into a local process: its one container's command and args with `$(VAR)`
@@ -280,7 +285,7 @@ pub fn process_for_pod(
     let pod_ip = book.address_of(namespace, name)?;
 
     let env = container_env(pod, container, pod_ip, placement)?;
-    let (mounts, scratch_dirs) = mount_map(pod, container, placement.scratch_root)?;
+    let (mounts, scratch_dirs) = mount_map(pod, container, placement)?;
 
     let mut words: Vec<String> = container.command.clone().unwrap_or_default();
     let program_word = if words.is_empty() {
@@ -435,7 +440,7 @@ type MountedDir = (String, PathBuf);
 fn mount_map(
     pod: &Pod,
     container: &Container,
-    scratch_root: &Path,
+    placement: &Placement<'_>,
 ) -> Result<(Vec<MountedDir>, Vec<PathBuf>), AgentError> {
     let pod_ref = pod_ref(pod);
     let volumes = pod
@@ -458,9 +463,14 @@ fn mount_map(
                 )
             })?;
         let base = if let Some(host) = &volume.host_path {
-            PathBuf::from(&host.path)
+            placement
+                .host_paths
+                .get(host.path.trim_end_matches('/'))
+                .cloned()
+                .unwrap_or_else(|| PathBuf::from(&host.path))
         } else if volume.empty_dir.is_some() {
-            let dir = scratch_root
+            let dir = placement
+                .scratch_root
                 .join(pod.metadata.namespace.as_deref().unwrap_or_default())
                 .join(pod.metadata.name.as_deref().unwrap_or_default())
                 .join(&volume.name);
@@ -731,11 +741,16 @@ mod tests {
 
     fn run(pod: &Pod, book: &mut AddressBook) -> Result<ProcessSpec, AgentError> {
         let binaries = binaries();
+        let host_paths = BTreeMap::from([(
+            "/srv/models/elsewhere".to_owned(),
+            PathBuf::from("/work/models/demo"),
+        )]);
         let placement = Placement {
             node_name: "test-node",
             host_ip: Ipv4Addr::LOCALHOST,
             scratch_root: Path::new("/tmp/agent"),
             binaries: &binaries,
+            host_paths: &host_paths,
         };
         process_for_pod(pod, &placement, book)
     }
@@ -900,6 +915,13 @@ mod tests {
             map_mount_path("/modelx", &[("/model".to_owned(), PathBuf::from("/srv"))]),
             "/modelx"
         );
+    }
+
+    #[test]
+    fn a_host_path_can_point_at_a_directory_elsewhere_on_this_machine() {
+        let volume = json!({"name": "model", "hostPath": {"path": "/srv/models/elsewhere/"}});
+        let spec = run(&worker_pod("demo-0-0", volume), &mut AddressBook::default()).unwrap();
+        assert_eq!(flag(&spec.args, "--model"), "/work/models/demo");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `generate`: one generation from a prompt, without a server.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -10,13 +10,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::WeightDtype;
+use super::model_dir::resolve_model_dir;
 use crate::model::{
     DeepSeekModel, LatentCache, LoadOptions, LogitsFor, ModelError, SequenceChunk, Tokenizer,
 };
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Model directory (config.json, safetensors, tokenizer.json).
+    /// Model directory (config.json, safetensors, tokenizer.json); the demo model by default.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Prompt text (needs the model's tokenizer.json).
@@ -168,15 +169,8 @@ pub fn generate_ids(
     })
 }
 
-fn model_dir(arg: Option<&Path>) -> anyhow::Result<&Path> {
-    match arg {
-        Some(dir) => Ok(dir),
-        None => bail!("--model DIR is required (no demo model is bundled with this build)"),
-    }
-}
-
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
-    let dir = model_dir(args.model.as_deref())?;
+    let dir = &resolve_model_dir(args.model.as_deref())?;
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         bail!(
             "--temperature must be a finite number >= 0, got {}",

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod bench_serve;
 pub mod generate;
 pub mod init_random;
+pub mod model_dir;
 pub mod serve;
 
 use clap::{Parser, Subcommand, ValueEnum};

@@ -12,6 +12,7 @@ use clap::Args;
 use latentserve_proto::v1::ModelInfo;
 
 use super::WeightDtype;
+use super::model_dir::resolve_model_dir;
 use crate::engine::cache::BlockManager;
 use crate::engine::deepseek::DeepSeekExecutor;
 use crate::engine::detokenizer::TokenCodec;
@@ -34,9 +35,10 @@ fn dtype_name(dtype: WeightDtype) -> &'static str {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Model directory (config.json, safetensors weights, tokenizer.json).
+    /// Model directory (config.json, safetensors weights, tokenizer.json); the demo model that
+    /// ships with the project by default.
     #[arg(long, env = "LATENTSERVE_MODEL")]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Name the model is served under (label `model` of every metric); the directory name by default.
     #[arg(long)]
     pub model_name: Option<String>,
@@ -153,17 +155,18 @@ pub struct Serving {
 /// Binds both ports (health NOT_SERVING), loads the model, runs the warm-up step and starts
 /// serving. Used by `serve` and by in-process tests.
 pub async fn start(args: &ServeArgs) -> anyhow::Result<Serving> {
+    let model_dir = resolve_model_dir(args.model.as_deref())?;
     let model_name = match &args.model_name {
         Some(name) => name.clone(),
-        None => model_dir_name(&args.model),
+        None => model_dir_name(&model_dir),
     };
     let metrics = Arc::new(Metrics::new(&model_name).context("registering metrics")?);
-    let config_path = args.model.join("config.json");
+    let config_path = model_dir.join("config.json");
     let config = ModelConfig::from_file(&config_path)
         .with_context(|| format!("reading {}", config_path.display()))?;
     let mut shard = Shard::new(
         &args.shard,
-        &args.model,
+        &model_dir,
         &config,
         &model_name,
         metrics.clone(),
@@ -190,7 +193,14 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Serving> {
     let load_shard = shard.clone();
     let runtime = tokio::runtime::Handle::current();
     let (engine, handle, info, limits, codec) = tokio::task::spawn_blocking(move || {
-        load_engine(&load_args, model_name, load_metrics, &load_shard, runtime)
+        load_engine(
+            &load_args,
+            &model_dir,
+            model_name,
+            load_metrics,
+            &load_shard,
+            runtime,
+        )
     })
     .await
     .context("the model loading task panicked")??;
@@ -220,12 +230,12 @@ type Loaded = (
 
 fn load_engine(
     args: &ServeArgs,
+    dir: &Path,
     model_name: String,
     metrics: Arc<Metrics>,
     shard: &Shard,
     runtime: tokio::runtime::Handle,
 ) -> anyhow::Result<Loaded> {
-    let dir = &args.model;
     let started = Instant::now();
     let model = DeepSeekModel::load(
         dir,

@@ -71,7 +71,7 @@ pub fn block_bytes(name: &str, block_size: usize) -> u64 {
 
 pub fn args(model: &str) -> ServeArgs {
     ServeArgs {
-        model: fixture(model),
+        model: Some(fixture(model)),
         model_name: Some(model.to_owned()),
         grpc_addr: "127.0.0.1:0".parse().expect("address"),
         metrics_addr: "127.0.0.1:0".parse().expect("address"),

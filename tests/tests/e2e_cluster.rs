@@ -51,7 +51,11 @@ const MODEL: &str = "demo";
 const DEMO_MODEL_PATH: &str = "/srv/models/latentserve-demo";
 /// Expert shards per serving group (the example asks for 2).
 const EXPERT_SHARDS: i64 = 2;
-/// Greedy tokens compared between the pod and the local worker.
+/// A question for the demo model, and its answer.
+const PROMPT: &str = "What is 12 plus 30?";
+const ANSWER: &str = "42";
+/// Greedy tokens compared between the pod and the local worker (past EOS, so every shard's
+/// experts are exercised at every step).
 const NEW_TOKENS: u32 = 12;
 /// Generous bounds: model load and warm-up of debug builds on a busy 2-core machine.
 const READY_LIMIT: Duration = Duration::from_secs(240);
@@ -65,21 +69,10 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The model the pods serve: the demo model once it is in the repository, until then a tiny
-/// DeepSeek-V3 reference fixture (16 routed experts, so two shards hold 8 each).
+/// The model the pods serve: the demo model that ships in the repository (8 routed experts in 4
+/// groups, so two shards hold two groups each).
 fn model_dir() -> PathBuf {
-    repo_root().join("worker/tests/fixtures/v3-tiny-f32")
-}
-
-/// The model's context length (`max_position_embeddings`).
-fn model_context() -> anyhow::Result<u64> {
-    let path = model_dir().join("config.json");
-    let config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
-    )?;
-    config["max_position_embeddings"]
-        .as_u64()
-        .with_context(|| format!("{} has no max_position_embeddings", path.display()))
+    repo_root().join("models/demo")
 }
 
 fn kubeconfig_path() -> PathBuf {
@@ -330,8 +323,6 @@ async fn scenario(started: &mut Started) -> anyhow::Result<()> {
         "the demo example no longer reads {DEMO_MODEL_PATH}"
     );
     model["spec"]["expertShards"] = json!(EXPERT_SHARDS);
-    // The stand-in model's context is shorter than the demo model's.
-    model["spec"]["serving"]["maxSeqLen"] = json!(model_context()?);
     let models: Api<ModelDeployment> = Api::namespaced(client.clone(), &model_ns);
     let model: ModelDeployment = serde_json::from_value(model)?;
     models
@@ -405,8 +396,7 @@ async fn scenario(started: &mut Started) -> anyhow::Result<()> {
         info.shard_count
     );
 
-    let prompt_ids = reference_prompt_ids()?;
-    let local = local_greedy(&prompt_ids)?;
+    let (prompt_ids, local) = local_greedy(PROMPT)?;
     let metrics_before = metrics_of(target).await?;
     let served = served_greedy(&mut inference, &prompt_ids).await?;
     ensure!(
@@ -427,6 +417,12 @@ async fn scenario(started: &mut Started) -> anyhow::Result<()> {
         "/metrics of {} counts {} generated tokens more, not {NEW_TOKENS}",
         target.name_any(),
         generated(&metrics_after) - generated(&metrics_before)
+    );
+    // And the question, asked as text, gets the right answer from the two shards.
+    let answer = served_answer(&mut inference, PROMPT).await?;
+    ensure!(
+        answer.trim() == ANSWER,
+        "the pod answered {PROMPT:?} with {answer:?}, not {ANSWER:?}"
     );
 
     // A worker crashes: the watch sees the ModelDeployment lose Available, then get it back
@@ -707,24 +703,6 @@ fn metric_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// The prompt of the fixture's reference (BOS first, 60+ tokens).
-fn reference_prompt_ids() -> anyhow::Result<Vec<u32>> {
-    let path = model_dir().join("reference.json");
-    let reference: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
-    )?;
-    reference["prompt_ids"]
-        .as_array()
-        .context("reference.json has no prompt_ids")?
-        .iter()
-        .map(|id| {
-            id.as_u64()
-                .and_then(|id| u32::try_from(id).ok())
-                .context("a prompt id is not a u32")
-        })
-        .collect()
-}
-
 /// Whether the built worker has the `serve` subcommand that the operator's pods run.
 fn worker_serves() -> anyhow::Result<bool> {
     let output = workspace_binary("latentserve-worker")?
@@ -734,13 +712,12 @@ fn worker_serves() -> anyhow::Result<bool> {
     Ok(output.status.success())
 }
 
-/// Greedy tokens of a single local worker process on the same model.
-fn local_greedy(prompt_ids: &[u32]) -> anyhow::Result<Vec<u32>> {
-    let ids: Vec<String> = prompt_ids.iter().map(u32::to_string).collect();
+/// Prompt ids and greedy tokens of a single local worker process on the same model.
+fn local_greedy(prompt: &str) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
     let output = workspace_binary("latentserve-worker")?
         .args(["generate", "--model"])
         .arg(model_dir())
-        .args(["--prompt-ids", &ids.join(",")])
+        .args(["--prompt", prompt])
         .args(["--max-new-tokens", &NEW_TOKENS.to_string()])
         .args(["--temperature", "0", "--ignore-eos", "--json"])
         .output()
@@ -752,8 +729,45 @@ fn local_greedy(prompt_ids: &[u32]) -> anyhow::Result<Vec<u32>> {
     );
     let answer: serde_json::Value = serde_json::from_slice(&output.stdout)
         .context("latentserve-worker generate --json printed no JSON object")?;
-    serde_json::from_value(answer["generated_ids"].clone())
-        .context("generate --json has no generated_ids list")
+    let ids = |key: &str| -> anyhow::Result<Vec<u32>> {
+        serde_json::from_value(answer[key].clone())
+            .with_context(|| format!("generate --json has no {key} list"))
+    };
+    Ok((ids("prompt_ids")?, ids("generated_ids")?))
+}
+
+/// The text of a greedy answer to `prompt`, asked as text, through the pod's Inference service.
+async fn served_answer(
+    inference: &mut InferenceClient<tonic::transport::Channel>,
+    prompt: &str,
+) -> anyhow::Result<String> {
+    let request = GenerateRequest {
+        prompt: Some(generate_request::Prompt::Text(prompt.to_owned())),
+        sampling: Some(SamplingParams {
+            temperature: Some(0.0),
+            ..SamplingParams::default()
+        }),
+        stopping: Some(StoppingCriteria {
+            max_tokens: Some(8),
+            ..StoppingCriteria::default()
+        }),
+        ..GenerateRequest::default()
+    };
+    let mut stream = tokio::time::timeout(Duration::from_secs(60), inference.generate(request))
+        .await
+        .context("Generate did not start within 60 s")??
+        .into_inner();
+    let mut text = String::new();
+    let collect = async {
+        while let Some(response) = stream.message().await? {
+            text.push_str(&response.text);
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(120), collect)
+        .await
+        .context("Generate did not finish within 120 s")??;
+    Ok(text)
 }
 
 /// Greedy tokens through the pod's Inference service, collected from the stream.

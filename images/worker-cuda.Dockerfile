@@ -1,4 +1,6 @@
 # syntax=docker/dockerfile:1
+# NOT YET BUILDABLE: the worker has no `cuda` feature yet (its forward pass runs on CPU kernels).
+# This file fixes the image layout the CUDA worker will have.
 # The latentserve worker for NVIDIA GPUs: built with the worker's `cuda` feature (candle's CUDA
 # backend) on the CUDA devel image, run on the much smaller CUDA runtime image (cuBLAS, cuRAND,
 # NVRTC; the driver's libcuda comes from the node through the NVIDIA container toolkit).
@@ -46,6 +48,9 @@ LABEL org.opencontainers.image.title="latentserve-worker-cuda" \
 # The base image already asks the NVIDIA container toolkit for the compute driver libraries;
 # which GPUs the container sees is up to the device plugin (the pod's nvidia.com/gpu limit).
 COPY --from=build /out/latentserve-worker /usr/local/bin/latentserve-worker
+# The demo model: what `serve` and `generate` load when no --model is given (the worker looks in
+# <prefix>/share/latentserve/models/demo next to its binary).
+COPY models/demo/ /usr/local/share/latentserve/models/demo/
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/latentserve-worker"]
 CMD ["serve", "--device", "cuda"]

@@ -15,7 +15,7 @@ use latentserve_proto::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -155,7 +155,7 @@ impl RunningServer {
                 .add_service(inference)
                 .add_optional_service(experts_on_grpc_port)
                 .serve_with_incoming_shutdown(
-                    TcpListenerStream::new(grpc_listener),
+                    no_delay(grpc_listener),
                     wait_for(shutdown_rx.clone()),
                 ),
         );
@@ -174,7 +174,7 @@ impl RunningServer {
                     tonic::transport::Server::builder()
                         .add_service(service)
                         .serve_with_incoming_shutdown(
-                            TcpListenerStream::new(listener),
+                            no_delay(listener),
                             wait_for(shutdown_rx.clone()),
                         ),
                 );
@@ -300,4 +300,32 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
     health
         .set_service_status(EXPERTS_SERVICE_NAME, status)
         .await;
+}
+
+/// Accepted connections of a listener we bound ourselves, with Nagle's algorithm off. tonic sets
+/// TCP_NODELAY only on listeners it binds; without it a small response (an expert partial sum, a
+/// streamed token) can wait ~40 ms for the peer's delayed ACK, once per MoE layer per step.
+fn no_delay(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = no_delay(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = tokio::time::timeout(Duration::from_secs(10), incoming.next())
+            .await
+            .expect("the connection is accepted")
+            .expect("the listener yields it")
+            .unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
 }

@@ -171,22 +171,29 @@ impl MlaAttention {
         }
         self.write_cache(&latents, rows, spans, cache, layer)?;
 
-        // (rows, heads * v)
-        let mut attn = vec![0f32; rows * d.heads * d.v];
-        for span in spans {
-            let q_span = &q[span.first_row * d.heads * qk..][..span.len * d.heads * qk];
-            let out = &mut attn[span.first_row * d.heads * d.v..][..span.len * d.heads * d.v];
-            if span.is_decode() {
-                match cache.layout() {
-                    CacheLayout::Latent => self.decode_absorbed(q_span, span, cache, layer, out),
-                    CacheLayout::DecompressedHeads => {
-                        self.decode_decompressed(q_span, span, cache, layer, out)
+        // (rows, heads * v). Sequences attend independently, so they run in parallel: with many
+        // short decode steps in a batch, a serial loop here left the second core idle.
+        let out_width = d.heads * d.v;
+        let mut attn = vec![0f32; rows * out_width];
+        let cache: &LatentCache = cache;
+        split_rows(&mut attn, out_width, spans)
+            .into_par_iter()
+            .try_for_each(|(span, out)| {
+                let q_span = &q[span.first_row * d.heads * qk..][..span.len * d.heads * qk];
+                if span.is_decode() {
+                    match cache.layout() {
+                        CacheLayout::Latent => {
+                            self.decode_absorbed(q_span, span, cache, layer, out)
+                        }
+                        CacheLayout::DecompressedHeads => {
+                            self.decode_decompressed(q_span, span, cache, layer, out)
+                        }
                     }
+                    Ok(())
+                } else {
+                    self.prefill(q_span, span, cache, layer, out)
                 }
-            } else {
-                self.prefill(q_span, span, cache, layer, out)?;
-            }
-        }
+            })?;
         project(&self.o_proj, &attn, rows)
     }
 
@@ -453,6 +460,28 @@ enum RowValues {
 }
 
 /// Positions per parallel part of a decode attention.
+/// Each span's rows of `buffer` ((rows, width) row-major) as its own mutable slice, so that spans
+/// can be processed in parallel. Spans cover disjoint row ranges, in any order.
+fn split_rows<'b, 's, 'a>(
+    mut buffer: &'b mut [f32],
+    width: usize,
+    spans: &'s [ChunkSpan<'a>],
+) -> Vec<(&'s ChunkSpan<'a>, &'b mut [f32])> {
+    let mut order: Vec<&ChunkSpan> = spans.iter().collect();
+    order.sort_by_key(|span| span.first_row);
+    let mut consumed = 0;
+    let mut parts = Vec::with_capacity(spans.len());
+    for span in order {
+        let rest = std::mem::take(&mut buffer);
+        let (_gap, rest) = rest.split_at_mut((span.first_row - consumed) * width);
+        let (rows, rest) = rest.split_at_mut(span.len * width);
+        parts.push((span, rows));
+        buffer = rest;
+        consumed = span.first_row + span.len;
+    }
+    parts
+}
+
 const PART: usize = 256;
 
 /// Softmax attention of `heads` queries (heads, key_dim) over positions 0..total of one
@@ -543,5 +572,38 @@ fn attend_rows<T: CacheValue>(
 fn load_row<T: CacheValue>(src: &[T], dst: &mut [f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d = s.to_f32();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(first_row: usize, len: usize) -> ChunkSpan<'static> {
+        ChunkSpan {
+            first_row,
+            len,
+            start_pos: 0,
+            block_table: &[],
+        }
+    }
+
+    #[test]
+    fn split_rows_gives_each_span_its_own_rows_in_any_order() {
+        // Rows 0..6, width 2; spans out of order, with row 2 in no span.
+        let spans = [span(3, 3), span(0, 2)];
+        let mut buffer: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let parts = split_rows(&mut buffer, 2, &spans);
+        let seen: Vec<(usize, Vec<f32>)> = parts
+            .iter()
+            .map(|(span, rows)| (span.first_row, rows.to_vec()))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (0, vec![0.0, 1.0, 2.0, 3.0]),
+                (3, vec![6.0, 7.0, 8.0, 9.0, 10.0, 11.0]),
+            ]
+        );
     }
 }

@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod serve_support;
+
 use latentserve_proto::v1::inference_client::InferenceClient;
-use latentserve_proto::v1::{
-    GenerateRequest, GetModelInfoRequest, SamplingParams, StoppingCriteria, TokenIds,
-    generate_request,
-};
+use latentserve_proto::v1::{GenerateRequest, GetModelInfoRequest};
+use serve_support::greedy_request;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -155,25 +155,6 @@ async fn wait_health(worker: &mut Worker, wanted: ServingStatus) {
     }
 }
 
-fn greedy(prompt: &[u32], max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        request_id: String::new(),
-        prompt: Some(generate_request::Prompt::TokenIds(TokenIds {
-            ids: prompt.to_vec(),
-        })),
-        sampling: Some(SamplingParams {
-            temperature: Some(0.0),
-            ..SamplingParams::default()
-        }),
-        stopping: Some(StoppingCriteria {
-            max_tokens: Some(max_tokens),
-            ignore_eos: true,
-            ..StoppingCriteria::default()
-        }),
-        logprobs: 0,
-    }
-}
-
 async fn generate(address: &str, request: GenerateRequest) -> Result<Vec<u32>, tonic::Status> {
     let channel = channel(address)
         .await
@@ -204,9 +185,12 @@ async fn one_two_and_four_processes_give_the_reference_tokens_from_every_rank() 
             wait_health(worker, ServingStatus::Serving).await;
         }
         for (rank, worker) in workers.iter().enumerate() {
-            let tokens = generate(&worker.address(), greedy(&prompt, expected.len() as u32))
-                .await
-                .unwrap_or_else(|e| panic!("N = {n}, rank {rank}: {e}\n{}", worker.log_text()));
+            let tokens = generate(
+                &worker.address(),
+                greedy_request(&prompt, expected.len() as u32),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("N = {n}, rank {rank}: {e}\n{}", worker.log_text()));
             assert_eq!(tokens, expected, "N = {n}, rank {rank}");
             let info = InferenceClient::new(channel(&worker.address()).await.unwrap())
                 .get_model_info(GetModelInfoRequest::default())
@@ -245,7 +229,7 @@ async fn a_killed_shard_fails_requests_clearly_and_the_group_recovers_when_it_re
     let channel0 = channel(&first.address()).await.unwrap();
     let short_prompt = &prompt[..8];
     let mut stream = InferenceClient::new(channel0)
-        .generate(greedy(short_prompt, 120))
+        .generate(greedy_request(short_prompt, 120))
         .await
         .unwrap()
         .into_inner();
@@ -275,7 +259,7 @@ async fn a_killed_shard_fails_requests_clearly_and_the_group_recovers_when_it_re
     // A new request fails fast the same way.
     let status = tokio::time::timeout(
         Duration::from_secs(30),
-        generate(&first.address(), greedy(&prompt, 8)),
+        generate(&first.address(), greedy_request(&prompt, 8)),
     )
     .await
     .expect("a request must not hang while a shard is down")
@@ -287,9 +271,12 @@ async fn a_killed_shard_fails_requests_clearly_and_the_group_recovers_when_it_re
     let mut second = Worker::start(model, 1, &ports, logs.path(), &rpc_timeout);
     wait_health(&mut second, ServingStatus::Serving).await;
     wait_health(&mut first, ServingStatus::Serving).await;
-    let tokens = generate(&first.address(), greedy(&prompt, expected.len() as u32))
-        .await
-        .unwrap();
+    let tokens = generate(
+        &first.address(),
+        greedy_request(&prompt, expected.len() as u32),
+    )
+    .await
+    .unwrap();
     assert_eq!(tokens, expected);
 }
 
@@ -320,7 +307,7 @@ async fn a_peer_serving_another_model_is_refused() {
     );
     // Its tokens need shard 1's experts (every token visits 2 of the 4 groups, and shard 1
     // holds 2): refused, not computed with the wrong model.
-    let status = generate(&first.address(), greedy(&[1, 2, 3], 4))
+    let status = generate(&first.address(), greedy_request(&[1, 2, 3], 4))
         .await
         .expect_err("a request needing the refused peer");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");

@@ -363,34 +363,21 @@ impl MlaAttention {
         }
         let total = span.start_pos + 1;
         // (heads, kv_lora): attention-weighted c_kv per head
-        let o_lat = match &cache.buffers {
-            CacheBuffers::F32(layers) => attend_rows(
-                &layers[layer],
-                cache,
-                span.block_table,
-                total,
-                &q_lat,
-                d.heads,
-                lat,
-                lat,
-                d.kv_lora,
-                RowValues::Shared,
-                self.softmax_scale,
-            ),
-            CacheBuffers::F16(layers) => attend_rows(
-                &layers[layer],
-                cache,
-                span.block_table,
-                total,
-                &q_lat,
-                d.heads,
-                lat,
-                lat,
-                d.kv_lora,
-                RowValues::Shared,
-                self.softmax_scale,
-            ),
-        };
+        let o_lat = attend_cached(
+            cache,
+            layer,
+            span.block_table,
+            total,
+            RowAttention {
+                q: &q_lat,
+                heads: d.heads,
+                key_dim: lat,
+                row_width: lat,
+                value_dim: d.kv_lora,
+                values: RowValues::Shared,
+                scale: self.softmax_scale,
+            },
+        );
         // W_UV: (heads, v)
         for h in 0..d.heads {
             let o_h = &o_lat[h * d.kv_lora..][..d.kv_lora];
@@ -413,38 +400,23 @@ impl MlaAttention {
         let d = self.dims;
         let total = span.start_pos + 1;
         let width = d.heads * (d.qk() + d.v);
-        let o = match &cache.buffers {
-            CacheBuffers::F32(layers) => attend_rows(
-                &layers[layer],
-                cache,
-                span.block_table,
-                total,
+        let o = attend_cached(
+            cache,
+            layer,
+            span.block_table,
+            total,
+            RowAttention {
                 q,
-                d.heads,
-                d.qk(),
-                width,
-                d.v,
-                RowValues::PerHead {
+                heads: d.heads,
+                key_dim: d.qk(),
+                row_width: width,
+                value_dim: d.v,
+                values: RowValues::PerHead {
                     offset: d.heads * d.qk(),
                 },
-                self.softmax_scale,
-            ),
-            CacheBuffers::F16(layers) => attend_rows(
-                &layers[layer],
-                cache,
-                span.block_table,
-                total,
-                q,
-                d.heads,
-                d.qk(),
-                width,
-                d.v,
-                RowValues::PerHead {
-                    offset: d.heads * d.qk(),
-                },
-                self.softmax_scale,
-            ),
-        };
+                scale: self.softmax_scale,
+            },
+        );
         out.copy_from_slice(&o);
     }
 }
@@ -457,6 +429,37 @@ enum RowValues {
     Shared,
     /// Head h's key is row[h * key_dim..], its value row[offset + h * value_dim..].
     PerHead { offset: usize },
+}
+
+/// One decode query's attention over cached rows, apart from the rows themselves.
+#[derive(Debug, Clone, Copy)]
+struct RowAttention<'q> {
+    /// (heads, key_dim)
+    q: &'q [f32],
+    heads: usize,
+    key_dim: usize,
+    row_width: usize,
+    value_dim: usize,
+    values: RowValues,
+    scale: f32,
+}
+
+/// [`attend_rows`] over `layer` of the cache, whatever dtype the cache stores.
+fn attend_cached(
+    cache: &LatentCache,
+    layer: usize,
+    block_table: &[u32],
+    total: usize,
+    attention: RowAttention,
+) -> Vec<f32> {
+    match &cache.buffers {
+        CacheBuffers::F32(layers) => {
+            attend_rows(&layers[layer], cache, block_table, total, attention)
+        }
+        CacheBuffers::F16(layers) => {
+            attend_rows(&layers[layer], cache, block_table, total, attention)
+        }
+    }
 }
 
 /// Positions per parallel part of a decode attention.
@@ -494,14 +497,17 @@ fn attend_rows<T: CacheValue>(
     cache: &LatentCache,
     block_table: &[u32],
     total: usize,
-    q: &[f32],
-    heads: usize,
-    key_dim: usize,
-    row_width: usize,
-    value_dim: usize,
-    values: RowValues,
-    scale: f32,
+    attention: RowAttention,
 ) -> Vec<f32> {
+    let RowAttention {
+        q,
+        heads,
+        key_dim,
+        row_width,
+        value_dim,
+        values,
+        scale,
+    } = attention;
     let parts = total.div_ceil(PART);
     // Per part: (max per head, sum per head, weighted values (heads, value_dim)).
     let partials: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..parts)

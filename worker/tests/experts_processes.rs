@@ -307,9 +307,17 @@ async fn a_peer_serving_another_model_is_refused() {
     );
     // Its tokens need shard 1's experts (every token visits 2 of the 4 groups, and shard 1
     // holds 2): refused, not computed with the wrong model.
-    let status = generate(&first.address(), greedy_request(&[1, 2, 3], 4))
-        .await
-        .expect_err("a request needing the refused peer");
+    // The refusal can come before rank 0 has loaded its weights; wait those out.
+    let until = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let status = generate(&first.address(), greedy_request(&[1, 2, 3], 4))
+            .await
+            .expect_err("a request needing the refused peer");
+        if !status.message().contains("still loading") || Instant::now() >= until {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(status.message().contains("expert shard 1"), "{status:?}");
 }

@@ -189,7 +189,6 @@ impl MlaAttention {
                             self.decode_decompressed(q_span, span, cache, layer, out)
                         }
                     }
-                    Ok(())
                 } else {
                     self.prefill(q_span, span, cache, layer, out)
                 }
@@ -343,7 +342,7 @@ impl MlaAttention {
         cache: &LatentCache,
         layer: usize,
         out: &mut [f32],
-    ) {
+    ) -> Result<(), ModelError> {
         let d = self.dims;
         let (qk, lat) = (d.qk(), d.latent());
         let stride = d.nope + d.v;
@@ -377,7 +376,7 @@ impl MlaAttention {
                 values: RowValues::Shared,
                 scale: self.softmax_scale,
             },
-        );
+        )?;
         // W_UV: (heads, v)
         for h in 0..d.heads {
             let o_h = &o_lat[h * d.kv_lora..][..d.kv_lora];
@@ -386,6 +385,7 @@ impl MlaAttention {
                 out[h * d.v + j] = dot(o_h, w);
             }
         }
+        Ok(())
     }
 
     /// Decode over a per-head K/V cache (for measuring what the latent cache saves).
@@ -396,7 +396,7 @@ impl MlaAttention {
         cache: &LatentCache,
         layer: usize,
         out: &mut [f32],
-    ) {
+    ) -> Result<(), ModelError> {
         let d = self.dims;
         let total = span.start_pos + 1;
         let width = d.heads * (d.qk() + d.v);
@@ -416,8 +416,9 @@ impl MlaAttention {
                 },
                 scale: self.softmax_scale,
             },
-        );
+        )?;
         out.copy_from_slice(&o);
+        Ok(())
     }
 }
 
@@ -451,7 +452,7 @@ fn attend_cached(
     block_table: &[u32],
     total: usize,
     attention: RowAttention,
-) -> Vec<f32> {
+) -> Result<Vec<f32>, ModelError> {
     match &cache.buffers {
         CacheBuffers::F32(layers) => {
             attend_rows(&layers[layer], cache, block_table, total, attention)
@@ -498,7 +499,7 @@ fn attend_rows<T: CacheValue>(
     block_table: &[u32],
     total: usize,
     attention: RowAttention,
-) -> Vec<f32> {
+) -> Result<Vec<f32>, ModelError> {
     let RowAttention {
         q,
         heads,
@@ -510,10 +511,13 @@ fn attend_rows<T: CacheValue>(
     } = attention;
     let parts = total.div_ceil(PART);
     // Per part: (max per head, sum per head, weighted values (heads, value_dim)).
-    let partials: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..parts)
+    let partials: Vec<Partial> = (0..parts)
         .into_par_iter()
         .map(|p| {
             let range = p * PART..((p + 1) * PART).min(total);
+            if let RowValues::Shared = values {
+                return attend_shared_part(buffer, cache, block_table, range, attention);
+            }
             let len = range.len();
             let mut row = vec![0f32; row_width];
             // (len, heads) raw scores, then probabilities
@@ -553,9 +557,9 @@ fn attend_rows<T: CacheValue>(
                     axpy(&mut acc[h * value_dim..][..value_dim], p, value);
                 }
             }
-            (max, sum, acc)
+            Ok((max, sum, acc))
         })
-        .collect();
+        .collect::<Result<_, ModelError>>()?;
     let mut out = vec![0f32; heads * value_dim];
     for h in 0..heads {
         let global = partials
@@ -571,7 +575,69 @@ fn attend_rows<T: CacheValue>(
         }
         dst.iter_mut().for_each(|v| *v /= denominator);
     }
-    out
+    Ok(out)
+}
+
+/// Softmax pieces of one part of the rows: max per head, sum of exp per head, and the
+/// exp-weighted values (heads, value_dim), combined across parts by [`attend_rows`].
+type Partial = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// One part of the rows when every head reads the same row (the latent c_kv ++ k_pe): the part's
+/// rows are gathered once and both products are matrix products, which candle's gemm runs with
+/// the CPU's widest vectors, instead of one dot product per (row, head).
+fn attend_shared_part<T: CacheValue>(
+    buffer: &[T],
+    cache: &LatentCache,
+    block_table: &[u32],
+    range: std::ops::Range<usize>,
+    attention: RowAttention,
+) -> Result<Partial, ModelError> {
+    let RowAttention {
+        q,
+        heads,
+        key_dim,
+        row_width,
+        value_dim,
+        scale,
+        ..
+    } = attention;
+    let len = range.len();
+    // (len, row_width)
+    let mut rows = vec![0f32; len * row_width];
+    for (i, pos) in range.enumerate() {
+        let slot = cache.slot(block_table, pos);
+        load_row(
+            &buffer[slot * row_width..][..row_width],
+            &mut rows[i * row_width..][..row_width],
+        );
+    }
+    let dev = Device::Cpu;
+    let rows = Tensor::from_vec(rows, (len, row_width), &dev)?;
+    let q = Tensor::from_slice(q, (heads, key_dim), &dev)?;
+    // (heads, len)
+    let mut scores = q
+        .matmul(&rows.narrow(1, 0, key_dim)?.t()?)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mut max = vec![f32::NEG_INFINITY; heads];
+    let mut sum = vec![0f32; heads];
+    for (h, row) in scores.chunks_exact_mut(len).enumerate() {
+        for s in row.iter_mut() {
+            *s *= scale;
+            max[h] = max[h].max(*s);
+        }
+        for s in row.iter_mut() {
+            *s = (*s - max[h]).exp();
+            sum[h] += *s;
+        }
+    }
+    let probabilities = Tensor::from_vec(scores, (heads, len), &dev)?;
+    // (heads, value_dim)
+    let acc = probabilities
+        .matmul(&rows.narrow(1, 0, value_dim)?.contiguous()?)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok((max, sum, acc))
 }
 
 #[inline]

@@ -2,8 +2,8 @@
 """Trains latentserve's demo model: a tiny DeepSeek-V3-architecture model that does two-digit
 addition and subtraction asked in short English sentences ("What is 37 plus 48?" -> " 85").
 
-Every feature the worker supports is switched on: MLA with q_lora, YaRN RoPE (training sequences
-are longer than original_max_position_embeddings), a dense first layer, 8 routed experts with
+Every feature the worker supports is switched on: MLA with q_lora, YaRN RoPE (factor 4 over an
+original context of 16; its frequencies and mscale apply at every position), a dense first layer, 8 routed experts with
 group-limited sigmoid routing (noaux_tc) and an auxiliary-loss-free correction bias updated as
 DeepSeek-V3 does, and a shared expert. Fixed seed; the documented run is on the CPU (19 min on
 2 cores); `--device cuda` is for quicker experiments (other random streams, so other weights).

@@ -9,12 +9,13 @@ and a heatmap of the expert load per MoE layer made from the worker's own
 Starts `latentserve-worker serve` on the demo model (127.0.0.1, free ports), sends every held-out
 question through gRPC (greedy), reads /metrics once all have answered, stops the worker and
 prints one JSON object (--write keeps it: models/demo/evaluation.json is the model card's source,
-which worker/tests/demo_model.rs checks the worker against). Needs grpcio, grpcio-tools and, for --heatmap, matplotlib.
+which worker/tests/demo_model.rs checks the worker against). Needs the Python packages of
+the client test (scripts/install-deps: grpcio, grpcio-tools, grpcio-health-checking,
+grpcio-reflection) and, for --heatmap, matplotlib.
 """
 
 import argparse
 import concurrent.futures
-import importlib
 import json
 import pathlib
 import re
@@ -26,30 +27,11 @@ import time
 import urllib.request
 
 import grpc
-from grpc_tools import protoc
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = REPO / "models" / "demo"
-
-
-def stubs(out_dir: pathlib.Path):
-    proto_root = REPO / "proto"
-    status = protoc.main(
-        [
-            "grpc_tools.protoc",
-            f"-I{proto_root}",
-            f"--python_out={out_dir}",
-            f"--grpc_python_out={out_dir}",
-            str(proto_root / "latentserve/v1/inference.proto"),
-        ]
-    )
-    if status != 0:
-        raise SystemExit(f"protoc failed with status {status}")
-    sys.path.insert(0, str(out_dir))
-    return (
-        importlib.import_module("latentserve.v1.inference_pb2"),
-        importlib.import_module("latentserve.v1.inference_pb2_grpc"),
-    )
+sys.path.insert(0, str(REPO / "tests" / "python"))
+from test_grpc_client import generate_stubs  # noqa: E402  (the stubs our client test builds)
 
 
 def free_port() -> int:
@@ -147,7 +129,7 @@ def main():
     try:
         wait_ready(f"http://127.0.0.1:{metrics_port}/readyz", worker)
         with tempfile.TemporaryDirectory() as out_dir:
-            pb2, pb2_grpc = stubs(pathlib.Path(out_dir))
+            pb2, pb2_grpc = generate_stubs(pathlib.Path(out_dir))
             channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
             client = pb2_grpc.InferenceStub(channel)
 

@@ -38,8 +38,8 @@ use latentserve_e2e::{bin_dir, workspace_binary};
 use latentserve_operator::crd::ModelDeployment;
 use latentserve_proto::v1::inference_client::InferenceClient;
 use latentserve_proto::v1::{
-    GenerateRequest, GetModelInfoRequest, SamplingParams, StoppingCriteria, TokenIds,
-    generate_request,
+    GenerateRequest, GenerateResponse, GetModelInfoRequest, SamplingParams, StoppingCriteria,
+    TokenIds, generate_request,
 };
 use serde_json::json;
 
@@ -753,21 +753,8 @@ async fn served_answer(
         }),
         ..GenerateRequest::default()
     };
-    let mut stream = tokio::time::timeout(Duration::from_secs(60), inference.generate(request))
-        .await
-        .context("Generate did not start within 60 s")??
-        .into_inner();
-    let mut text = String::new();
-    let collect = async {
-        while let Some(response) = stream.message().await? {
-            text.push_str(&response.text);
-        }
-        anyhow::Ok(())
-    };
-    tokio::time::timeout(Duration::from_secs(120), collect)
-        .await
-        .context("Generate did not finish within 120 s")??;
-    Ok(text)
+    let responses = served_stream(inference, request).await?;
+    Ok(responses.into_iter().map(|r| r.text).collect())
 }
 
 /// Greedy tokens through the pod's Inference service, collected from the stream.
@@ -776,7 +763,6 @@ async fn served_greedy(
     prompt_ids: &[u32],
 ) -> anyhow::Result<Vec<u32>> {
     let request = GenerateRequest {
-        request_id: String::new(),
         prompt: Some(generate_request::Prompt::TokenIds(TokenIds {
             ids: prompt_ids.to_vec(),
         })),
@@ -789,21 +775,30 @@ async fn served_greedy(
             ignore_eos: true,
             ..StoppingCriteria::default()
         }),
-        logprobs: 0,
+        ..GenerateRequest::default()
     };
+    let responses = served_stream(inference, request).await?;
+    Ok(responses.into_iter().flat_map(|r| r.token_ids).collect())
+}
+
+/// Every message of one Generate stream, with bounds on its start and its end.
+async fn served_stream(
+    inference: &mut InferenceClient<tonic::transport::Channel>,
+    request: GenerateRequest,
+) -> anyhow::Result<Vec<GenerateResponse>> {
     let mut stream = tokio::time::timeout(Duration::from_secs(60), inference.generate(request))
         .await
         .context("Generate did not start within 60 s")??
         .into_inner();
-    let mut tokens = Vec::new();
+    let mut responses = Vec::new();
     let collect = async {
         while let Some(response) = stream.message().await? {
-            tokens.extend(response.token_ids);
+            responses.push(response);
         }
         anyhow::Ok(())
     };
     tokio::time::timeout(Duration::from_secs(120), collect)
         .await
         .context("Generate did not finish within 120 s")??;
-    Ok(tokens)
+    Ok(responses)
 }

@@ -139,26 +139,14 @@ impl MlaAttention {
         // (rows, heads * qk)
         let mut q = match (&self.q_b_proj, &self.q_a_norm) {
             (Some(q_b), Some(norm)) => {
-                let mut q_a: Vec<f32> = fused
-                    .chunks_exact(fused_w)
-                    .flat_map(|r| &r[..d.q_in])
-                    .copied()
-                    .collect();
+                let mut q_a = columns(&fused, fused_w, 0..d.q_in);
                 rms_norm_rows(&mut q_a, norm, self.eps);
                 project(q_b, &q_a, rows)?
             }
-            _ => fused
-                .chunks_exact(fused_w)
-                .flat_map(|r| &r[..d.q_in])
-                .copied()
-                .collect(),
+            _ => columns(&fused, fused_w, 0..d.q_in),
         };
         // (rows, latent): normalized c_kv ++ rotated k_pe
-        let mut latents: Vec<f32> = fused
-            .chunks_exact(fused_w)
-            .flat_map(|r| &r[d.q_in..])
-            .copied()
-            .collect();
+        let mut latents = columns(&fused, fused_w, d.q_in..fused_w);
         for (row, latent) in latents.chunks_exact_mut(d.latent()).enumerate() {
             let (c_kv, k_pe) = latent.split_at_mut(d.kv_lora);
             rms_norm(c_kv, &self.kv_a_norm, self.eps);
@@ -196,6 +184,13 @@ impl MlaAttention {
         project(&self.o_proj, &attn, rows)
     }
 
+    /// latents: (n, kv_lora + rope) -> per-head K_nope and V: (n, heads * (nope + v)).
+    fn decompress(&self, latents: &[f32], n: usize) -> Result<Vec<f32>, ModelError> {
+        let d = self.dims;
+        let c_kv = columns(latents, d.latent(), 0..d.kv_lora);
+        project(&self.kv_b_proj, &c_kv, n)
+    }
+
     fn write_cache(
         &self,
         latents: &[f32],
@@ -216,13 +211,7 @@ impl MlaAttention {
                 }
             }
             CacheLayout::DecompressedHeads => {
-                let c_kv: Vec<f32> = latents
-                    .chunks_exact(d.latent())
-                    .flat_map(|l| &l[..d.kv_lora])
-                    .copied()
-                    .collect();
-                // (rows, heads * (nope + v))
-                let kv = project(&self.kv_b_proj, &c_kv, rows)?;
+                let kv = self.decompress(latents, rows)?;
                 let mut row_buf = Vec::with_capacity(d.heads * (d.qk() + d.v));
                 for span in spans {
                     for i in 0..span.len {
@@ -267,13 +256,7 @@ impl MlaAttention {
         let mut v = vec![0f32; d.heads * total * d.v];
         match cache.layout() {
             CacheLayout::Latent => {
-                let c_kv: Vec<f32> = rows
-                    .chunks_exact(d.latent())
-                    .flat_map(|l| &l[..d.kv_lora])
-                    .copied()
-                    .collect();
-                // (total, heads * (nope + v))
-                let kv = project(&self.kv_b_proj, &c_kv, total)?;
+                let kv = self.decompress(&rows, total)?;
                 for t in 0..total {
                     let k_pe = &rows[t * d.latent() + d.kv_lora..][..d.rope];
                     let kv_row = &kv[t * d.heads * (d.nope + d.v)..];
@@ -501,13 +484,10 @@ fn attend_rows<T: CacheValue>(
     attention: RowAttention,
 ) -> Result<Vec<f32>, ModelError> {
     let RowAttention {
-        q,
         heads,
-        key_dim,
-        row_width,
         value_dim,
         values,
-        scale,
+        ..
     } = attention;
     let parts = total.div_ceil(PART);
     // Per part: (max per head, sum per head, weighted values (heads, value_dim)).
@@ -515,49 +495,19 @@ fn attend_rows<T: CacheValue>(
         .into_par_iter()
         .map(|p| {
             let range = p * PART..((p + 1) * PART).min(total);
-            if let RowValues::Shared = values {
-                return attend_shared_part(buffer, cache, block_table, range, attention);
-            }
-            let len = range.len();
-            let mut row = vec![0f32; row_width];
-            // (len, heads) raw scores, then probabilities
-            let mut scores = vec![0f32; len * heads];
-            let mut slots = Vec::with_capacity(len);
-            for (i, pos) in range.clone().enumerate() {
-                let slot = cache.slot(block_table, pos);
-                slots.push(slot);
-                load_row(&buffer[slot * row_width..][..row_width], &mut row);
-                for h in 0..heads {
-                    let key = match values {
-                        RowValues::Shared => &row[..key_dim],
-                        RowValues::PerHead { .. } => &row[h * key_dim..][..key_dim],
-                    };
-                    scores[i * heads + h] = dot(&q[h * key_dim..][..key_dim], key) * scale;
+            match values {
+                RowValues::Shared => {
+                    attend_shared_part(buffer, cache, block_table, range, attention)
                 }
+                RowValues::PerHead { offset } => Ok(attend_per_head_part(
+                    buffer,
+                    cache,
+                    block_table,
+                    range,
+                    attention,
+                    offset,
+                )),
             }
-            let mut max = vec![f32::NEG_INFINITY; heads];
-            for s in scores.chunks_exact(heads) {
-                for h in 0..heads {
-                    max[h] = max[h].max(s[h]);
-                }
-            }
-            let mut sum = vec![0f32; heads];
-            let mut acc = vec![0f32; heads * value_dim];
-            for (i, &slot) in slots.iter().enumerate() {
-                load_row(&buffer[slot * row_width..][..row_width], &mut row);
-                for h in 0..heads {
-                    let p = (scores[i * heads + h] - max[h]).exp();
-                    sum[h] += p;
-                    let value = match values {
-                        RowValues::Shared => &row[..value_dim],
-                        RowValues::PerHead { offset } => {
-                            &row[offset + h * value_dim..][..value_dim]
-                        }
-                    };
-                    axpy(&mut acc[h * value_dim..][..value_dim], p, value);
-                }
-            }
-            Ok((max, sum, acc))
         })
         .collect::<Result<_, ModelError>>()?;
     let mut out = vec![0f32; heads * value_dim];
@@ -576,6 +526,68 @@ fn attend_rows<T: CacheValue>(
         dst.iter_mut().for_each(|v| *v /= denominator);
     }
     Ok(out)
+}
+
+/// One part of the rows when each head has its own key and value in the row (the decompressed
+/// layout, kept to measure what the latent cache saves).
+fn attend_per_head_part<T: CacheValue>(
+    buffer: &[T],
+    cache: &LatentCache,
+    block_table: &[u32],
+    range: std::ops::Range<usize>,
+    attention: RowAttention,
+    value_offset: usize,
+) -> Partial {
+    let RowAttention {
+        q,
+        heads,
+        key_dim,
+        row_width,
+        value_dim,
+        scale,
+        ..
+    } = attention;
+    let len = range.len();
+    let mut row = vec![0f32; row_width];
+    // (len, heads) raw scores, then probabilities
+    let mut scores = vec![0f32; len * heads];
+    let mut slots = Vec::with_capacity(len);
+    for (i, pos) in range.enumerate() {
+        let slot = cache.slot(block_table, pos);
+        slots.push(slot);
+        load_row(&buffer[slot * row_width..][..row_width], &mut row);
+        for h in 0..heads {
+            let key = &row[h * key_dim..][..key_dim];
+            scores[i * heads + h] = dot(&q[h * key_dim..][..key_dim], key) * scale;
+        }
+    }
+    let mut max = vec![f32::NEG_INFINITY; heads];
+    for s in scores.chunks_exact(heads) {
+        for h in 0..heads {
+            max[h] = max[h].max(s[h]);
+        }
+    }
+    let mut sum = vec![0f32; heads];
+    let mut acc = vec![0f32; heads * value_dim];
+    for (i, &slot) in slots.iter().enumerate() {
+        load_row(&buffer[slot * row_width..][..row_width], &mut row);
+        for h in 0..heads {
+            let p = (scores[i * heads + h] - max[h]).exp();
+            sum[h] += p;
+            let value = &row[value_offset + h * value_dim..][..value_dim];
+            axpy(&mut acc[h * value_dim..][..value_dim], p, value);
+        }
+    }
+    (max, sum, acc)
+}
+
+/// Columns `range` of each row of a row-major (rows, width) buffer: (rows, range.len()).
+fn columns(buffer: &[f32], width: usize, range: std::ops::Range<usize>) -> Vec<f32> {
+    buffer
+        .chunks_exact(width)
+        .flat_map(|row| &row[range.clone()])
+        .copied()
+        .collect()
 }
 
 /// Softmax pieces of one part of the rows: max per head, sum of exp per head, and the

@@ -460,51 +460,54 @@ async fn a_model_deployment_becomes_wired_workers_scales_updates_pauses_and_is_c
 async fn snapshot(setup: &Setup) -> BTreeMap<String, String> {
     let mut all = BTreeMap::new();
     let lp = ListParams::default();
-    for md in setup.api::<ModelDeployment>().list(&lp).await.unwrap() {
-        all.insert(
-            format!("ModelDeployment/{}", md.name_any()),
-            md.resource_version().unwrap(),
-        );
-    }
-    for sts in setup.api::<StatefulSet>().list(&lp).await.unwrap() {
-        all.insert(
-            format!("StatefulSet/{}", sts.name_any()),
-            sts.resource_version().unwrap(),
-        );
-    }
-    for svc in setup.api::<Service>().list(&lp).await.unwrap() {
-        all.insert(
-            format!("Service/{}", svc.name_any()),
-            svc.resource_version().unwrap(),
-        );
-    }
-    for cm in setup
-        .api::<ConfigMap>()
-        .list(
-            &lp.clone()
-                .labels("app.kubernetes.io/managed-by=latentserve-operator"),
-        )
-        .await
-        .unwrap()
-    {
-        all.insert(
-            format!("ConfigMap/{}", cm.name_any()),
-            cm.resource_version().unwrap(),
-        );
-    }
-    for np in setup.api::<NetworkPolicy>().list(&lp).await.unwrap() {
-        all.insert(
-            format!("NetworkPolicy/{}", np.name_any()),
-            np.resource_version().unwrap(),
-        );
-    }
-    for pdb in setup.pdbs().list(&lp).await.unwrap() {
-        all.insert(
-            format!("PodDisruptionBudget/{}", pdb.name_any()),
-            pdb.resource_version().unwrap(),
-        );
-    }
+    let owned = lp
+        .clone()
+        .labels("app.kubernetes.io/managed-by=latentserve-operator");
+    record(
+        &mut all,
+        "ModelDeployment",
+        setup.api::<ModelDeployment>().list(&lp).await.unwrap(),
+    );
+    record(
+        &mut all,
+        "StatefulSet",
+        setup.api::<StatefulSet>().list(&lp).await.unwrap(),
+    );
+    record(
+        &mut all,
+        "Service",
+        setup.api::<Service>().list(&lp).await.unwrap(),
+    );
+    record(
+        &mut all,
+        "ConfigMap",
+        setup.api::<ConfigMap>().list(&owned).await.unwrap(),
+    );
+    record(
+        &mut all,
+        "NetworkPolicy",
+        setup.api::<NetworkPolicy>().list(&lp).await.unwrap(),
+    );
+    record(
+        &mut all,
+        "PodDisruptionBudget",
+        setup.pdbs().list(&lp).await.unwrap(),
+    );
     all
+}
+
+/// Adds `kind/name -> resourceVersion` of each object to `all`.
+fn record<K: ResourceExt>(
+    all: &mut BTreeMap<String, String>,
+    kind: &str,
+    objects: impl IntoIterator<Item = K>,
+) {
+    for object in objects {
+        all.insert(
+            format!("{kind}/{}", object.name_any()),
+            object.resource_version().unwrap(),
+        );
+    }
 }
 
 /// Waits until nothing in the namespace changed for `quiet`.

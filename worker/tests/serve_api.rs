@@ -36,11 +36,7 @@ async fn greedy_tokens_through_the_server_equal_the_transformers_references() {
         ));
         let (tokens, _) = generate(&mut client, by_text).await.expect("text prompt");
         assert_eq!(tokens, reference.greedy_ids, "fixture {name} from text");
-        serving
-            .server
-            .drain(Duration::from_secs(5))
-            .await
-            .expect("drain");
+        drain(serving).await;
     }
 }
 
@@ -74,11 +70,7 @@ async fn model_info_describes_model_cache_and_shard() {
     let (_, text) = http_get(&serving, "/metrics").await;
     assert_eq!(metric(&text, "kv_cache_bytes_per_token"), 480.0);
     assert!(metric(&text, "model_load_seconds") > 0.0);
-    serving
-        .server
-        .drain(Duration::from_secs(5))
-        .await
-        .expect("drain");
+    drain(serving).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,11 +97,7 @@ async fn thirty_two_concurrent_streams_all_complete() {
     // Continuous batching: far fewer steps than one per token per request.
     let steps = metric(&text, "batch_size_count");
     assert!(steps < 32.0 * 16.0 / 2.0, "{steps} steps for 512 tokens");
-    serving
-        .server
-        .drain(Duration::from_secs(5))
-        .await
-        .expect("drain");
+    drain(serving).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,11 +132,7 @@ async fn a_batch_of_16_gives_the_same_tokens_as_each_request_alone() {
     for (i, (batched, alone)) in batched.into_iter().zip(alone).enumerate() {
         assert_eq!(batched.expect("batched").0, alone, "request {i}");
     }
-    serving
-        .server
-        .drain(Duration::from_secs(5))
-        .await
-        .expect("drain");
+    drain(serving).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,11 +156,7 @@ async fn a_cancelled_stream_frees_its_blocks() {
         metric(text, "kv_cache_usage_ratio") == 0.0 && metric(text, "requests_running") == 0.0
     })
     .await;
-    serving
-        .server
-        .drain(Duration::from_secs(5))
-        .await
-        .expect("drain");
+    drain(serving).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,11 +201,7 @@ async fn a_full_queue_answers_resource_exhausted() {
         metric(text, "requests_waiting") == 0.0 && metric(text, "requests_running") == 0.0
     })
     .await;
-    serving
-        .server
-        .drain(Duration::from_secs(5))
-        .await
-        .expect("drain");
+    drain(serving).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,11 +236,7 @@ async fn the_client_deadline_is_honoured() {
         metric(text, "requests_running") == 0.0 && metric(text, "kv_cache_usage_ratio") == 0.0
     })
     .await;
-    serving
-        .server
-        .drain(Duration::from_secs(5))
-        .await
-        .expect("drain");
+    drain(serving).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,11 +256,7 @@ async fn a_repeated_prompt_hits_the_prefix_cache_with_the_same_tokens() {
     let (_, text) = http_get(&serving, "/metrics").await;
     assert_eq!(metric(&text, "prefix_cache_hits_total"), 64.0);
     assert_eq!(metric(&text, "prefix_cache_queries_total"), 132.0);
-    serving
-        .server
-        .drain(Duration::from_secs(5))
-        .await
-        .expect("drain");
+    drain(serving).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,11 +285,7 @@ async fn preemption_under_a_tiny_cache_still_completes_every_request_correctly()
         "no preemption happened"
     );
     assert_eq!(metric(&text, "kv_cache_usage_ratio"), 0.0);
-    serving
-        .server
-        .drain(Duration::from_secs(5))
-        .await
-        .expect("drain");
+    drain(serving).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -394,11 +358,7 @@ async fn bad_requests_get_invalid_argument_and_do_not_disturb_others() {
         .await
         .expect("a good request still works");
     assert!(!tokens.is_empty());
-    serving
-        .server
-        .drain(Duration::from_secs(5))
-        .await
-        .expect("drain");
+    drain(serving).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -467,9 +427,5 @@ async fn a_python_grpcio_client_streams_calls_checks_health_and_lists_services()
         "python client failed:\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("all checks passed"), "{stdout}");
-    serving
-        .server
-        .drain(Duration::from_secs(5))
-        .await
-        .expect("drain");
+    drain(serving).await;
 }

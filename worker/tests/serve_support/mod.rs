@@ -92,6 +92,15 @@ pub async fn serve(args: &ServeArgs) -> Serving {
     start(args).await.expect("server starts")
 }
 
+/// Drains the server (health NOT_SERVING, running requests finish) within 5 s.
+pub async fn drain(serving: Serving) {
+    serving
+        .server
+        .drain(Duration::from_secs(5))
+        .await
+        .expect("drain");
+}
+
 pub async fn client(serving: &Serving) -> InferenceClient<Channel> {
     InferenceClient::connect(format!("http://{}", serving.server.grpc_addr))
         .await

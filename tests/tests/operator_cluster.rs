@@ -280,10 +280,13 @@ async fn a_model_deployment_becomes_wired_workers_scales_updates_pauses_and_is_c
     }
     assert!(setup.api::<ConfigMap>().get("demo-config").await.is_ok());
     assert!(setup.api::<NetworkPolicy>().get("demo").await.is_ok());
-    assert!(
-        setup.pdbs().get("demo-0").await.is_ok(),
-        "policy/v1beta1 budget on 1.20"
-    );
+    // The budget is applied right after its StatefulSet, so it may not be there yet.
+    wait_for(
+        "the policy/v1beta1 budget demo-0 on 1.20",
+        SHORT,
+        || async { setup.pdbs().get("demo-0").await.ok() },
+    )
+    .await;
 
     // The real StatefulSet controller creates the pods; readiness makes the group available.
     let pods = setup.api::<Pod>();

@@ -21,6 +21,19 @@ pub enum KernelError {
     UnexpectedStorage(DType),
     #[error("tensor storage is not contiguous after `contiguous()`")]
     NotContiguous,
+    #[error("cache row {row} ({width} values from {start}) lies outside a buffer of {len}")]
+    RowOutOfBounds {
+        row: usize,
+        start: usize,
+        width: usize,
+        len: usize,
+    },
+    #[error("{what} has {got} values: expected {expected}")]
+    Length {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -1,22 +1,36 @@
-//! The single-threaded projection kernel, one version per instruction set.
+//! The single-threaded kernels, one version per instruction set.
 //!
-//! Contract shared by every version: for a block of weight rows `w` (rows, in) and inputs `x`
-//! (n, in), write `out[o * n + r] = sum_i x[r][i] * w[o][i]`, i.e. `out` is (rows, n): the
-//! transpose of the result, so that a block of weight rows owns a contiguous part of `out` and
-//! callers can split the work over threads by weight rows without sharing output memory.
+//! [`project`]: for weight rows `w` (rows, in) and inputs `x` (n, in), write
+//! `out[o * n + r] = sum_i x[r][i] * w[o][i]`, i.e. `out` is (rows, n): the transpose of the
+//! result, so that a block of weight rows owns a contiguous part of `out` and callers can split
+//! the work over threads by weight rows without sharing output memory. Each weight row is read
+//! from memory once per call and applied to all `n` inputs while it is in L1 (the decode path is
+//! bound by weight bandwidth, not arithmetic); inputs are re-read from cache.
 //!
-//! Each weight row is read from memory once per call and applied to all `n` inputs while it is
-//! in L1 (the decode path is bound by weight bandwidth, not arithmetic); inputs are re-read from
-//! cache. Accumulation is always f32.
+//! [`accumulate`]: for rows `w` (rows, width) and weights `p` (rows, n), add
+//! `sum_i p[i][b] * w[i][k]` to `out[b * width + k]`: the weighted sum of attention values, with
+//! the rows read in place from a paged cache.
+//!
+//! The rows of `w` need not be packed: [`RowStarts`] says where each one begins, so the same
+//! kernels read a weight matrix and rows gathered from a paged KV cache. Accumulation is always
+//! f32.
 
 use half::f16;
 
 use crate::isa::Isa;
 
-/// A weight element as stored: f32, or f16 widened to f32 as it is loaded.
-pub(crate) trait Element: Copy + Send + Sync + 'static {
+/// A stored element: f32, or f16 widened to f32 as it is loaded.
+pub trait Element: sealed::Sealed + Copy + Send + Sync + 'static {
+    #[doc(hidden)]
     const IS_F16: bool;
+    #[doc(hidden)]
     fn widen(self) -> f32;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
 }
 
 impl Element for f32 {
@@ -35,31 +49,158 @@ impl Element for f16 {
     }
 }
 
-/// Runs the kernel for `isa`. `w`: (rows, in_features), `x`: (n, in_features), `out`: (rows, n).
+/// Where each row a kernel reads begins in its buffer.
+pub(crate) trait RowStarts: Copy + Send + Sync {
+    fn len(&self) -> usize;
+    /// Offset of row `row`'s first element.
+    fn start(&self, row: usize) -> usize;
+    /// Whether every row, `width` elements long, lies inside a buffer of `buffer_len` elements.
+    fn fits(&self, width: usize, buffer_len: usize) -> bool;
+}
+
+/// Rows one after the other, `stride` elements apart (a weight matrix).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Packed {
+    pub(crate) rows: usize,
+    pub(crate) stride: usize,
+}
+
+impl RowStarts for Packed {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.rows
+    }
+    #[inline(always)]
+    fn start(&self, row: usize) -> usize {
+        row * self.stride
+    }
+    fn fits(&self, width: usize, buffer_len: usize) -> bool {
+        self.rows == 0 || (self.rows - 1) * self.stride + width <= buffer_len
+    }
+}
+
+/// Rows anywhere in the buffer (rows of a paged cache): row i begins at `starts[i] + offset`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Gathered<'a> {
+    pub(crate) starts: &'a [usize],
+    pub(crate) offset: usize,
+}
+
+impl RowStarts for Gathered<'_> {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.starts.len()
+    }
+    #[inline(always)]
+    fn start(&self, row: usize) -> usize {
+        self.starts[row] + self.offset
+    }
+    fn fits(&self, width: usize, buffer_len: usize) -> bool {
+        self.starts
+            .iter()
+            .all(|&start| start + self.offset + width <= buffer_len)
+    }
+}
+
+/// Runs the projection kernel for `isa`. `w` holds `rows.len()` rows of `in_features` values,
+/// `x`: (n, in_features), `out`: (rows, n).
 ///
-/// Panics if the slice lengths disagree (a bug in the caller, never user input) or if `isa` is
-/// not supported by this CPU (callers check [`Isa::is_supported`] first).
-pub(crate) fn project<E: Element>(
+/// Panics if the lengths disagree or a row lies outside `w` (a bug in the caller, never user
+/// input), or if `isa` is not supported by this CPU (callers check [`Isa::is_supported`] first).
+pub(crate) fn project<E: Element, S: RowStarts>(
     isa: Isa,
     w: &[E],
+    rows: S,
     in_features: usize,
     x: &[f32],
     n: usize,
     out: &mut [f32],
 ) {
     assert!(in_features > 0, "kernels need at least one input feature");
-    assert_eq!(w.len() % in_features, 0);
+    assert!(
+        rows.fits(in_features, w.len()),
+        "a weight row lies outside the buffer"
+    );
     assert_eq!(x.len(), n * in_features);
-    assert_eq!(out.len(), w.len() / in_features * n);
+    assert_eq!(out.len(), rows.len() * n);
     assert!(isa.is_supported(), "{isa} kernels are not supported here");
     match isa {
-        Isa::Scalar => scalar::project(w, in_features, x, n, out),
+        Isa::Scalar => scalar::project(w, rows, in_features, x, n, out),
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU supports AVX2, FMA and F16C (asserted above) and the lengths match.
-        Isa::Avx2 => unsafe { x86::avx2::project(w, in_features, x, n, out) },
+        // SAFETY: the CPU supports AVX2, FMA and F16C (asserted above) and the rows lie in `w`.
+        Isa::Avx2 => unsafe { x86::avx2::project(w, rows, in_features, x, n, out) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU supports AVX-512F (asserted above) and the lengths match.
-        Isa::Avx512 => unsafe { x86::avx512::project(w, in_features, x, n, out) },
+        // SAFETY: the CPU supports AVX-512F (asserted above) and the rows lie in `w`.
+        Isa::Avx512 => unsafe { x86::avx512::project(w, rows, in_features, x, n, out) },
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Avx2 | Isa::Avx512 => unreachable!("is_supported() is false off x86_64"),
+    }
+}
+
+/// Like [`project`], with the inputs transposed: `xt` is (in_features, n). When `n` is one or
+/// two vector widths of `isa` and `w` is f32, every output row is whole vectors: each row element
+/// is broadcast against all inputs at once and no dot product needs a horizontal sum, which
+/// makes the product bound by arithmetic alone (decode attention, where sixteen heads read the
+/// same latent row). Returns false, having done nothing, where there is no such version.
+///
+/// Panics as [`project`] does.
+pub(crate) fn project_transposed<E: Element, S: RowStarts>(
+    isa: Isa,
+    w: &[E],
+    rows: S,
+    in_features: usize,
+    xt: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> bool {
+    assert!(
+        rows.fits(in_features, w.len()),
+        "a weight row lies outside the buffer"
+    );
+    assert_eq!(xt.len(), n * in_features);
+    assert_eq!(out.len(), rows.len() * n);
+    assert!(isa.is_supported(), "{isa} kernels are not supported here");
+    if E::IS_F16 {
+        return false;
+    }
+    match isa {
+        Isa::Scalar => false,
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `project`.
+        Isa::Avx2 => unsafe { x86::avx2::project_transposed(w, rows, in_features, xt, n, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `project`.
+        Isa::Avx512 => unsafe { x86::avx512::project_transposed(w, rows, in_features, xt, n, out) },
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Avx2 | Isa::Avx512 => unreachable!("is_supported() is false off x86_64"),
+    }
+}
+
+/// Runs the accumulation kernel for `isa`. `w` holds `rows.len()` rows of `width` values,
+/// `p`: (rows, n), `out`: (n, width).
+///
+/// Panics as [`project`] does.
+pub(crate) fn accumulate<E: Element, S: RowStarts>(
+    isa: Isa,
+    w: &[E],
+    rows: S,
+    width: usize,
+    p: &[f32],
+    n: usize,
+    out: &mut [f32],
+) {
+    assert!(rows.fits(width, w.len()), "a row lies outside the buffer");
+    assert_eq!(p.len(), rows.len() * n);
+    assert_eq!(out.len(), n * width);
+    assert!(isa.is_supported(), "{isa} kernels are not supported here");
+    match isa {
+        Isa::Scalar => scalar::accumulate(w, rows, width, p, n, out),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `project`.
+        Isa::Avx2 => unsafe { x86::avx2::accumulate(w, rows, width, p, n, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `project`.
+        Isa::Avx512 => unsafe { x86::avx512::accumulate(w, rows, width, p, n, out) },
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx2 | Isa::Avx512 => unreachable!("is_supported() is false off x86_64"),
     }
@@ -68,20 +209,40 @@ pub(crate) fn project<E: Element>(
 /// Portable version: eight independent partial sums per dot product, which the compiler can keep
 /// in one vector register on any target and which shortens the dependency chain.
 mod scalar {
-    use super::Element;
+    use super::{Element, RowStarts};
 
     const LANES: usize = 8;
 
-    pub(super) fn project<E: Element>(
+    pub(super) fn project<E: Element, S: RowStarts>(
         w: &[E],
+        rows: S,
         in_features: usize,
         x: &[f32],
         n: usize,
         out: &mut [f32],
     ) {
-        for (weight_row, out_row) in w.chunks_exact(in_features).zip(out.chunks_exact_mut(n)) {
+        for (row, out_row) in out.chunks_exact_mut(n).enumerate() {
+            let weight_row = &w[rows.start(row)..][..in_features];
             for (input_row, slot) in x.chunks_exact(in_features).zip(out_row.iter_mut()) {
                 *slot = dot(weight_row, input_row);
+            }
+        }
+    }
+
+    pub(super) fn accumulate<E: Element, S: RowStarts>(
+        w: &[E],
+        rows: S,
+        width: usize,
+        p: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) {
+        for (row, weights) in p.chunks_exact(n).enumerate() {
+            let values = &w[rows.start(row)..][..width];
+            for (&weight, out_row) in weights.iter().zip(out.chunks_exact_mut(width)) {
+                for (o, v) in out_row.iter_mut().zip(values) {
+                    *o += weight * v.widen();
+                }
             }
         }
     }
@@ -107,8 +268,8 @@ mod scalar {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    /// Generates one x86 version of the kernel. The body is the same for every instruction set;
-    /// only the vector type, lane count and the load / fma / horizontal-sum intrinsics differ.
+    /// Generates one x86 version of the kernels. The bodies are the same for every instruction
+    /// set; only the vector type, lane count and the intrinsics differ.
     macro_rules! x86_kernel {
         (
             $module:ident,
@@ -116,15 +277,20 @@ mod x86 {
             lanes = $lanes:literal,
             vector = $vector:ty,
             zero = $zero:ident,
+            splat = $splat:ident,
             load_f32 = $load_f32:ident,
+            store_f32 = $store_f32:ident,
+            add = $add:ident,
             fma = $fma:ident,
+            accumulate_weights = $accumulate_weights:literal,
+            broadcast_accumulators = $broadcast_accumulators:literal,
             load_f16 = |$f16_ptr:ident| $load_f16:expr,
             horizontal_sum = |$sum_arg:ident| $horizontal_sum:expr $(,)?
         ) => {
             pub(super) mod $module {
                 use std::arch::x86_64::*;
 
-                use crate::kernel::Element;
+                use crate::kernel::{Element, RowStarts};
 
                 const LANES: usize = $lanes;
                 /// Weight rows per block: with `INPUTS` input rows, `ROWS * INPUTS` accumulators
@@ -132,14 +298,21 @@ mod x86 {
                 const ROWS: usize = 4;
                 /// Input rows per block.
                 const INPUTS: usize = 4;
+                /// `accumulate`: vectors of columns per block; with `WEIGHTS` weights per row,
+                /// `COLUMNS * WEIGHTS` accumulators stay in registers.
+                const COLUMNS: usize = 2;
+                const WEIGHTS: usize = $accumulate_weights;
+                /// `project_transposed`: accumulators in registers, shared out as
+                /// (rows per block) x (vectors per output row).
+                const BROADCAST: usize = $broadcast_accumulators;
 
-                /// Loads `LANES` weights starting at `ptr`, widened to f32.
+                /// Loads `LANES` elements starting at `ptr`, widened to f32.
                 ///
                 /// # Safety
                 /// `ptr..ptr + LANES` must be readable.
                 #[inline]
                 #[target_feature(enable = $features)]
-                unsafe fn load_weights<E: Element>(ptr: *const E) -> $vector {
+                unsafe fn load_widened<E: Element>(ptr: *const E) -> $vector {
                     if E::IS_F16 {
                         let $f16_ptr = ptr.cast::<u16>();
                         // SAFETY: forwarded from the caller; f16 is 16 bits, loads are unaligned.
@@ -159,8 +332,10 @@ mod x86 {
                 /// `out[(first_row + j) * n + first_input + b]` for `j < R`, `b < B`.
                 #[inline]
                 #[target_feature(enable = $features)]
-                fn block<const R: usize, const B: usize, E: Element>(
+                #[allow(clippy::too_many_arguments)]
+                fn block<const R: usize, const B: usize, E: Element, S: RowStarts>(
                     w: &[E],
+                    rows: S,
                     in_features: usize,
                     x: &[f32],
                     n: usize,
@@ -168,7 +343,7 @@ mod x86 {
                     first_row: usize,
                     first_input: usize,
                 ) {
-                    let weight_rows = &w[first_row * in_features..(first_row + R) * in_features];
+                    let starts: [usize; R] = std::array::from_fn(|j| rows.start(first_row + j));
                     let input_rows = &x[first_input * in_features..(first_input + B) * in_features];
                     let body = in_features - in_features % LANES;
                     let mut accumulators = [[$zero(); B]; R];
@@ -182,10 +357,9 @@ mod x86 {
                                 unsafe { $load_f32(input_rows.as_ptr().add(b * in_features + i)) };
                         }
                         for j in 0..R {
-                            // SAFETY: as above, inside weight row j of `weight_rows`.
-                            let weights = unsafe {
-                                load_weights(weight_rows.as_ptr().add(j * in_features + i))
-                            };
+                            // SAFETY: the caller checked that every row (in_features long) lies
+                            // in `w`, and i + LANES <= in_features.
+                            let weights = unsafe { load_widened(w.as_ptr().add(starts[j] + i)) };
                             for b in 0..B {
                                 accumulators[j][b] = $fma(weights, inputs[b], accumulators[j][b]);
                             }
@@ -193,7 +367,7 @@ mod x86 {
                         i += LANES;
                     }
                     for j in 0..R {
-                        let weight_row = &weight_rows[j * in_features..(j + 1) * in_features];
+                        let weight_row = &w[starts[j]..][..in_features];
                         for b in 0..B {
                             let input_row = &input_rows[b * in_features..(b + 1) * in_features];
                             let mut sum = horizontal_sum(accumulators[j][b]);
@@ -208,8 +382,9 @@ mod x86 {
                 /// All inputs against `R` weight rows starting at `first_row`.
                 #[inline]
                 #[target_feature(enable = $features)]
-                fn row_block<const R: usize, E: Element>(
+                fn row_block<const R: usize, E: Element, S: RowStarts>(
                     w: &[E],
+                    rows: S,
                     in_features: usize,
                     x: &[f32],
                     n: usize,
@@ -218,14 +393,50 @@ mod x86 {
                 ) {
                     let mut first_input = 0;
                     while first_input + INPUTS <= n {
-                        block::<R, INPUTS, E>(w, in_features, x, n, out, first_row, first_input);
+                        block::<R, INPUTS, E, S>(
+                            w,
+                            rows,
+                            in_features,
+                            x,
+                            n,
+                            out,
+                            first_row,
+                            first_input,
+                        );
                         first_input += INPUTS;
                     }
                     match n - first_input {
                         0 => {}
-                        1 => block::<R, 1, E>(w, in_features, x, n, out, first_row, first_input),
-                        2 => block::<R, 2, E>(w, in_features, x, n, out, first_row, first_input),
-                        3 => block::<R, 3, E>(w, in_features, x, n, out, first_row, first_input),
+                        1 => block::<R, 1, E, S>(
+                            w,
+                            rows,
+                            in_features,
+                            x,
+                            n,
+                            out,
+                            first_row,
+                            first_input,
+                        ),
+                        2 => block::<R, 2, E, S>(
+                            w,
+                            rows,
+                            in_features,
+                            x,
+                            n,
+                            out,
+                            first_row,
+                            first_input,
+                        ),
+                        3 => block::<R, 3, E, S>(
+                            w,
+                            rows,
+                            in_features,
+                            x,
+                            n,
+                            out,
+                            first_row,
+                            first_input,
+                        ),
                         _ => unreachable!("fewer than INPUTS inputs remain"),
                     }
                 }
@@ -233,24 +444,228 @@ mod x86 {
                 /// See [`crate::kernel::project`].
                 ///
                 /// # Safety
-                /// The CPU must support the features this module is compiled for.
+                /// The CPU must support the features this module is compiled for, and every row
+                /// (`in_features` long) must lie inside `w`.
                 #[target_feature(enable = $features)]
-                pub(crate) unsafe fn project<E: Element>(
+                pub(crate) unsafe fn project<E: Element, S: RowStarts>(
                     w: &[E],
+                    rows: S,
                     in_features: usize,
                     x: &[f32],
                     n: usize,
                     out: &mut [f32],
                 ) {
-                    let rows = w.len() / in_features;
+                    let count = rows.len();
                     let mut first_row = 0;
-                    while first_row + ROWS <= rows {
-                        row_block::<ROWS, E>(w, in_features, x, n, out, first_row);
+                    while first_row + ROWS <= count {
+                        row_block::<ROWS, E, S>(w, rows, in_features, x, n, out, first_row);
                         first_row += ROWS;
                     }
-                    while first_row < rows {
-                        row_block::<1, E>(w, in_features, x, n, out, first_row);
+                    while first_row < count {
+                        row_block::<1, E, S>(w, rows, in_features, x, n, out, first_row);
                         first_row += 1;
+                    }
+                }
+
+                /// `out[(first_row + j) * n ..][.. Q * LANES]` for `j < R`, from the transposed
+                /// inputs `xt` (in_features, n = Q * LANES).
+                #[inline]
+                #[target_feature(enable = $features)]
+                fn transposed_block<const Q: usize, const R: usize, E: Element, S: RowStarts>(
+                    w: &[E],
+                    rows: S,
+                    in_features: usize,
+                    xt: &[f32],
+                    out: &mut [f32],
+                    first_row: usize,
+                ) {
+                    let n = Q * LANES;
+                    let starts: [usize; R] = std::array::from_fn(|j| rows.start(first_row + j));
+                    let mut accumulators = [[$zero(); Q]; R];
+                    for k in 0..in_features {
+                        let mut inputs = [$zero(); Q];
+                        for c in 0..Q {
+                            // SAFETY: k < in_features and c * LANES + LANES <= n, inside `xt`.
+                            inputs[c] = unsafe { $load_f32(xt.as_ptr().add(k * n + c * LANES)) };
+                        }
+                        for j in 0..R {
+                            // SAFETY: the caller checked that row j (in_features long) lies in
+                            // `w`, and k < in_features.
+                            let value = unsafe { *w.as_ptr().add(starts[j] + k) };
+                            let value = $splat(value.widen());
+                            for c in 0..Q {
+                                accumulators[j][c] = $fma(inputs[c], value, accumulators[j][c]);
+                            }
+                        }
+                    }
+                    let out_rows = &mut out[first_row * n..(first_row + R) * n];
+                    for j in 0..R {
+                        for c in 0..Q {
+                            // SAFETY: j * n + c * LANES + LANES <= R * n = out_rows.len().
+                            unsafe {
+                                $store_f32(
+                                    out_rows.as_mut_ptr().add(j * n + c * LANES),
+                                    accumulators[j][c],
+                                )
+                            };
+                        }
+                    }
+                }
+
+                #[inline]
+                #[target_feature(enable = $features)]
+                fn transposed_rows<const Q: usize, const R: usize, E: Element, S: RowStarts>(
+                    w: &[E],
+                    rows: S,
+                    in_features: usize,
+                    xt: &[f32],
+                    out: &mut [f32],
+                ) {
+                    let count = rows.len();
+                    let mut first_row = 0;
+                    while first_row + R <= count {
+                        transposed_block::<Q, R, E, S>(w, rows, in_features, xt, out, first_row);
+                        first_row += R;
+                    }
+                    while first_row < count {
+                        transposed_block::<Q, 1, E, S>(w, rows, in_features, xt, out, first_row);
+                        first_row += 1;
+                    }
+                }
+
+                /// See [`crate::kernel::project_transposed`].
+                ///
+                /// # Safety
+                /// As for [`project`].
+                #[target_feature(enable = $features)]
+                pub(crate) unsafe fn project_transposed<E: Element, S: RowStarts>(
+                    w: &[E],
+                    rows: S,
+                    in_features: usize,
+                    xt: &[f32],
+                    n: usize,
+                    out: &mut [f32],
+                ) -> bool {
+                    match (n % LANES, n / LANES) {
+                        (0, 1) => {
+                            transposed_rows::<1, { BROADCAST }, E, S>(w, rows, in_features, xt, out)
+                        }
+                        (0, 2) => transposed_rows::<2, { BROADCAST / 2 }, E, S>(
+                            w,
+                            rows,
+                            in_features,
+                            xt,
+                            out,
+                        ),
+                        _ => return false,
+                    }
+                    true
+                }
+
+                /// Adds to `out[(first + b) * width + column ..][.. C * LANES]`, for `b < B`,
+                /// the weighted sum over all rows of their columns `column .. column + C * LANES`.
+                #[inline]
+                #[target_feature(enable = $features)]
+                #[allow(clippy::too_many_arguments)]
+                fn accumulate_block<const C: usize, const B: usize, E: Element, S: RowStarts>(
+                    w: &[E],
+                    rows: S,
+                    width: usize,
+                    p: &[f32],
+                    n: usize,
+                    out: &mut [f32],
+                    column: usize,
+                    first: usize,
+                ) {
+                    let mut accumulators = [[$zero(); C]; B];
+                    for row in 0..rows.len() {
+                        let start = rows.start(row) + column;
+                        let mut values = [$zero(); C];
+                        for c in 0..C {
+                            // SAFETY: the caller checked that every row (width long) lies in
+                            // `w`, and column + C * LANES <= width.
+                            values[c] = unsafe { load_widened(w.as_ptr().add(start + c * LANES)) };
+                        }
+                        let weights = &p[row * n + first..][..B];
+                        for b in 0..B {
+                            let weight = $splat(weights[b]);
+                            for c in 0..C {
+                                accumulators[b][c] = $fma(values[c], weight, accumulators[b][c]);
+                            }
+                        }
+                    }
+                    for b in 0..B {
+                        let out_part = &mut out[(first + b) * width + column..][..C * LANES];
+                        for c in 0..C {
+                            // SAFETY: c * LANES + LANES <= out_part.len().
+                            unsafe {
+                                let ptr = out_part.as_mut_ptr().add(c * LANES);
+                                $store_f32(ptr, $add($load_f32(ptr), accumulators[b][c]));
+                            }
+                        }
+                    }
+                }
+
+                /// Every weight against `C` vectors of columns starting at `column`.
+                #[inline]
+                #[target_feature(enable = $features)]
+                fn accumulate_columns<const C: usize, E: Element, S: RowStarts>(
+                    w: &[E],
+                    rows: S,
+                    width: usize,
+                    p: &[f32],
+                    n: usize,
+                    out: &mut [f32],
+                    column: usize,
+                ) {
+                    let mut first = 0;
+                    while first + WEIGHTS <= n {
+                        accumulate_block::<C, WEIGHTS, E, S>(
+                            w, rows, width, p, n, out, column, first,
+                        );
+                        first += WEIGHTS;
+                    }
+                    while first < n {
+                        accumulate_block::<C, 1, E, S>(w, rows, width, p, n, out, column, first);
+                        first += 1;
+                    }
+                }
+
+                /// See [`crate::kernel::accumulate`].
+                ///
+                /// # Safety
+                /// The CPU must support the features this module is compiled for, and every row
+                /// (`width` long) must lie inside `w`.
+                #[target_feature(enable = $features)]
+                pub(crate) unsafe fn accumulate<E: Element, S: RowStarts>(
+                    w: &[E],
+                    rows: S,
+                    width: usize,
+                    p: &[f32],
+                    n: usize,
+                    out: &mut [f32],
+                ) {
+                    let body = width - width % LANES;
+                    let mut column = 0;
+                    while column + COLUMNS * LANES <= body {
+                        accumulate_columns::<COLUMNS, E, S>(w, rows, width, p, n, out, column);
+                        column += COLUMNS * LANES;
+                    }
+                    while column < body {
+                        accumulate_columns::<1, E, S>(w, rows, width, p, n, out, column);
+                        column += LANES;
+                    }
+                    if body < width {
+                        for row in 0..rows.len() {
+                            let values = &w[rows.start(row)..][..width];
+                            for b in 0..n {
+                                let weight = p[row * n + b];
+                                let out_row = &mut out[b * width..][..width];
+                                for k in body..width {
+                                    out_row[k] += weight * values[k].widen();
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -263,8 +678,13 @@ mod x86 {
         lanes = 8,
         vector = __m256,
         zero = _mm256_setzero_ps,
+        splat = _mm256_set1_ps,
         load_f32 = _mm256_loadu_ps,
+        store_f32 = _mm256_storeu_ps,
+        add = _mm256_add_ps,
         fma = _mm256_fmadd_ps,
+        accumulate_weights = 4,
+        broadcast_accumulators = 8,
         load_f16 = |ptr| _mm256_cvtph_ps(_mm_loadu_si128(ptr.cast::<__m128i>())),
         horizontal_sum = |v| {
             let halves = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
@@ -279,8 +699,13 @@ mod x86 {
         lanes = 16,
         vector = __m512,
         zero = _mm512_setzero_ps,
+        splat = _mm512_set1_ps,
         load_f32 = _mm512_loadu_ps,
+        store_f32 = _mm512_storeu_ps,
+        add = _mm512_add_ps,
         fma = _mm512_fmadd_ps,
+        accumulate_weights = 8,
+        broadcast_accumulators = 8,
         load_f16 = |ptr| _mm512_cvtph_ps(_mm256_loadu_si256(ptr.cast::<__m256i>())),
         horizontal_sum = |v| _mm512_reduce_add_ps(v),
     );

@@ -1,4 +1,5 @@
-//! Dense projections `y = x W^T` for the decode path of the latentserve worker.
+//! Dense projections `y = x W^T` and decode attention over a paged cache, for the decode path of
+//! the latentserve worker.
 //!
 //! Decoding a DeepSeek-style model is a sequence of matrix-vector and few-row products whose cost
 //! is reading the weights once from memory. [`Linear`] owns the weights (f32 or f16, always
@@ -7,13 +8,16 @@
 //! a portable fallback), split over rayon's global pool by blocks of output rows. Larger batches
 //! (prefill) go to candle's matmul, which is compute-optimal there.
 
+mod attention;
 mod error;
 mod isa;
 mod kernel;
 mod parallel;
 
+pub use attention::CacheRows;
 pub use error::KernelError;
 pub use isa::Isa;
+pub use kernel::Element;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};

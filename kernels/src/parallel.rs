@@ -5,7 +5,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::isa::Isa;
-use crate::kernel;
+use crate::kernel::{self, Packed};
 
 /// Weight rows as stored.
 #[derive(Clone, Copy)]
@@ -57,14 +57,38 @@ pub(crate) struct Projection<'a> {
 }
 
 impl Projection<'_> {
+    /// The weight rows, packed `in_features` apart.
+    fn packed(&self) -> Packed {
+        Packed {
+            rows: self.weights.len() / self.in_features,
+            stride: self.in_features,
+        }
+    }
+
     fn weight_bytes(&self) -> usize {
         self.weights.len() * self.weights.element_bytes()
     }
 
     fn run(self, isa: Isa) {
         match self.weights {
-            Rows::F32(w) => kernel::project(isa, w, self.in_features, self.x, self.n, self.out),
-            Rows::F16(w) => kernel::project(isa, w, self.in_features, self.x, self.n, self.out),
+            Rows::F32(w) => kernel::project(
+                isa,
+                w,
+                self.packed(),
+                self.in_features,
+                self.x,
+                self.n,
+                self.out,
+            ),
+            Rows::F16(w) => kernel::project(
+                isa,
+                w,
+                self.packed(),
+                self.in_features,
+                self.x,
+                self.n,
+                self.out,
+            ),
         }
     }
 }

@@ -17,8 +17,8 @@ pub enum CacheLayout {
     DecompressedHeads,
 }
 
-/// A cache element type: f32 or f16, read back as f32.
-pub trait CacheValue: Copy + Send + Sync + 'static {
+/// A cache element type: f32 or f16, read back as f32 (by the kernels crate, for attention).
+pub trait CacheValue: latentserve_kernels::Element {
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;
 }

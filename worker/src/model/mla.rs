@@ -7,7 +7,7 @@
 //! applied to the attended latent; nothing per head outlives the step.
 
 use candle_core::{Device, Tensor};
-use latentserve_kernels::Linear;
+use latentserve_kernels::{CacheRows, Isa, Linear};
 use rayon::prelude::*;
 
 use super::ModelError;
@@ -428,6 +428,37 @@ struct RowAttention<'q> {
     scale: f32,
 }
 
+/// Heads that read the same columns of a row: all of them for the latent layout, one at a time
+/// for the per-head layout.
+#[derive(Debug, Clone, Copy)]
+struct HeadGroup {
+    first_head: usize,
+    heads: usize,
+    key_offset: usize,
+    value_offset: usize,
+}
+
+impl RowAttention<'_> {
+    fn head_groups(&self) -> Vec<HeadGroup> {
+        match self.values {
+            RowValues::Shared => vec![HeadGroup {
+                first_head: 0,
+                heads: self.heads,
+                key_offset: 0,
+                value_offset: 0,
+            }],
+            RowValues::PerHead { offset } => (0..self.heads)
+                .map(|h| HeadGroup {
+                    first_head: h,
+                    heads: 1,
+                    key_offset: h * self.key_dim,
+                    value_offset: offset + h * self.value_dim,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// [`attend_rows`] over `layer` of the cache, whatever dtype the cache stores.
 fn attend_cached(
     cache: &LatentCache,
@@ -446,7 +477,6 @@ fn attend_cached(
     }
 }
 
-/// Positions per parallel part of a decode attention.
 /// Each span's rows of `buffer` ((rows, width) row-major) as its own mutable slice, so that spans
 /// can be processed in parallel. Spans cover disjoint row ranges, in any order.
 fn split_rows<'b, 's, 'a>(
@@ -469,13 +499,13 @@ fn split_rows<'b, 's, 'a>(
     parts
 }
 
+/// Positions per parallel part of a decode attention.
 const PART: usize = 256;
 
 /// Softmax attention of `heads` queries (heads, key_dim) over positions 0..total of one
 /// sequence, read from a paged buffer with rows of `row_width`. Positions are split into parts
 /// processed in parallel (each with its own running max), then merged. Returns
 /// (heads, value_dim).
-#[allow(clippy::too_many_arguments)]
 fn attend_rows<T: CacheValue>(
     buffer: &[T],
     cache: &LatentCache,
@@ -484,30 +514,14 @@ fn attend_rows<T: CacheValue>(
     attention: RowAttention,
 ) -> Result<Vec<f32>, ModelError> {
     let RowAttention {
-        heads,
-        value_dim,
-        values,
-        ..
+        heads, value_dim, ..
     } = attention;
     let parts = total.div_ceil(PART);
-    // Per part: (max per head, sum per head, weighted values (heads, value_dim)).
     let partials: Vec<Partial> = (0..parts)
         .into_par_iter()
         .map(|p| {
             let range = p * PART..((p + 1) * PART).min(total);
-            match values {
-                RowValues::Shared => {
-                    attend_shared_part(buffer, cache, block_table, range, attention)
-                }
-                RowValues::PerHead { offset } => Ok(attend_per_head_part(
-                    buffer,
-                    cache,
-                    block_table,
-                    range,
-                    attention,
-                    offset,
-                )),
-            }
+            attend_part(buffer, cache, block_table, range, attention)
         })
         .collect::<Result<_, ModelError>>()?;
     let mut out = vec![0f32; heads * value_dim];
@@ -528,59 +542,6 @@ fn attend_rows<T: CacheValue>(
     Ok(out)
 }
 
-/// One part of the rows when each head has its own key and value in the row (the decompressed
-/// layout, kept to measure what the latent cache saves).
-fn attend_per_head_part<T: CacheValue>(
-    buffer: &[T],
-    cache: &LatentCache,
-    block_table: &[u32],
-    range: std::ops::Range<usize>,
-    attention: RowAttention,
-    value_offset: usize,
-) -> Partial {
-    let RowAttention {
-        q,
-        heads,
-        key_dim,
-        row_width,
-        value_dim,
-        scale,
-        ..
-    } = attention;
-    let len = range.len();
-    let mut row = vec![0f32; row_width];
-    // (len, heads) raw scores, then probabilities
-    let mut scores = vec![0f32; len * heads];
-    let mut slots = Vec::with_capacity(len);
-    for (i, pos) in range.enumerate() {
-        let slot = cache.slot(block_table, pos);
-        slots.push(slot);
-        load_row(&buffer[slot * row_width..][..row_width], &mut row);
-        for h in 0..heads {
-            let key = &row[h * key_dim..][..key_dim];
-            scores[i * heads + h] = dot(&q[h * key_dim..][..key_dim], key) * scale;
-        }
-    }
-    let mut max = vec![f32::NEG_INFINITY; heads];
-    for s in scores.chunks_exact(heads) {
-        for h in 0..heads {
-            max[h] = max[h].max(s[h]);
-        }
-    }
-    let mut sum = vec![0f32; heads];
-    let mut acc = vec![0f32; heads * value_dim];
-    for (i, &slot) in slots.iter().enumerate() {
-        load_row(&buffer[slot * row_width..][..row_width], &mut row);
-        for h in 0..heads {
-            let p = (scores[i * heads + h] - max[h]).exp();
-            sum[h] += p;
-            let value = &row[value_offset + h * value_dim..][..value_dim];
-            axpy(&mut acc[h * value_dim..][..value_dim], p, value);
-        }
-    }
-    (max, sum, acc)
-}
-
 /// Columns `range` of each row of a row-major (rows, width) buffer: (rows, range.len()).
 fn columns(buffer: &[f32], width: usize, range: std::ops::Range<usize>) -> Vec<f32> {
     buffer
@@ -594,10 +555,10 @@ fn columns(buffer: &[f32], width: usize, range: std::ops::Range<usize>) -> Vec<f
 /// exp-weighted values (heads, value_dim), combined across parts by [`attend_rows`].
 type Partial = (Vec<f32>, Vec<f32>, Vec<f32>);
 
-/// One part of the rows when every head reads the same row (the latent c_kv ++ k_pe): the part's
-/// rows are gathered once and both products are matrix products, which candle's gemm runs with
-/// the CPU's widest vectors, instead of one dot product per (row, head).
-fn attend_shared_part<T: CacheValue>(
+/// One part of the rows, read in place from the paged buffer by the kernels crate: per head
+/// group, the scores of its queries against every row, then the exp-weighted sum of the rows.
+/// In the latent layout every head reads the same row, so the sixteen queries share each load.
+fn attend_part<T: CacheValue>(
     buffer: &[T],
     cache: &LatentCache,
     block_table: &[u32],
@@ -613,50 +574,50 @@ fn attend_shared_part<T: CacheValue>(
         scale,
         ..
     } = attention;
+    let isa = Isa::detect();
     let len = range.len();
-    // (len, row_width)
-    let mut rows = vec![0f32; len * row_width];
-    for (i, pos) in range.enumerate() {
-        let slot = cache.slot(block_table, pos);
-        load_row(
-            &buffer[slot * row_width..][..row_width],
-            &mut rows[i * row_width..][..row_width],
-        );
-    }
-    let dev = Device::Cpu;
-    let rows = Tensor::from_vec(rows, (len, row_width), &dev)?;
-    let q = Tensor::from_slice(q, (heads, key_dim), &dev)?;
-    // (heads, len)
-    let mut scores = q
-        .matmul(&rows.narrow(1, 0, key_dim)?.t()?)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+    let starts: Vec<usize> = range
+        .map(|pos| cache.slot(block_table, pos) * row_width)
+        .collect();
     let mut max = vec![f32::NEG_INFINITY; heads];
     let mut sum = vec![0f32; heads];
-    for (h, row) in scores.chunks_exact_mut(len).enumerate() {
-        for s in row.iter_mut() {
-            *s *= scale;
-            max[h] = max[h].max(*s);
+    let mut acc = vec![0f32; heads * value_dim];
+    let mut scores = Vec::new();
+    for group in attention.head_groups() {
+        let n = group.heads;
+        let heads_of_group = group.first_head..group.first_head + n;
+        // (len, n)
+        scores.resize(len * n, 0.0);
+        CacheRows::new(buffer, &starts, group.key_offset, key_dim)?.scores(
+            isa,
+            &q[heads_of_group.start * key_dim..heads_of_group.end * key_dim],
+            n,
+            &mut scores,
+        )?;
+        let (max, sum) = (
+            &mut max[heads_of_group.clone()],
+            &mut sum[heads_of_group.clone()],
+        );
+        for row in scores.chunks_exact_mut(n) {
+            for (s, m) in row.iter_mut().zip(max.iter_mut()) {
+                *s *= scale;
+                *m = m.max(*s);
+            }
         }
-        for s in row.iter_mut() {
-            *s = (*s - max[h]).exp();
-            sum[h] += *s;
+        for row in scores.chunks_exact_mut(n) {
+            for ((s, m), total) in row.iter_mut().zip(max.iter()).zip(sum.iter_mut()) {
+                *s = (*s - m).exp();
+                *total += *s;
+            }
         }
+        CacheRows::new(buffer, &starts, group.value_offset, value_dim)?.accumulate(
+            isa,
+            &scores,
+            n,
+            &mut acc[heads_of_group.start * value_dim..heads_of_group.end * value_dim],
+        )?;
     }
-    let probabilities = Tensor::from_vec(scores, (heads, len), &dev)?;
-    // (heads, value_dim)
-    let acc = probabilities
-        .matmul(&rows.narrow(1, 0, value_dim)?.contiguous()?)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
     Ok((max, sum, acc))
-}
-
-#[inline]
-fn load_row<T: CacheValue>(src: &[T], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = s.to_f32();
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,128 @@
+//! Decode attention over rows read in place from a paged KV cache: the scores of a few queries
+//! against every row, and the probability-weighted sum of the rows. Rows are addressed by where
+//! they start, so nothing is gathered or copied, and both products run on the projection
+//! kernels' instruction sets (the cache may hold f32 or f16).
+
+use crate::KernelError;
+use crate::isa::Isa;
+use crate::kernel::{self, Element, Gathered};
+
+/// Rows of a paged buffer: row `i` is `data[starts[i] + offset..][..width]`.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheRows<'a, E> {
+    data: &'a [E],
+    starts: &'a [usize],
+    offset: usize,
+    width: usize,
+}
+
+impl<'a, E: Element> CacheRows<'a, E> {
+    /// Checks once that every row lies inside `data`, so that the kernels need not.
+    pub fn new(
+        data: &'a [E],
+        starts: &'a [usize],
+        offset: usize,
+        width: usize,
+    ) -> Result<Self, KernelError> {
+        let rows = Self {
+            data,
+            starts,
+            offset,
+            width,
+        };
+        if let Some((row, &start)) = starts
+            .iter()
+            .enumerate()
+            .find(|&(_, &start)| start + offset + width > data.len())
+        {
+            return Err(KernelError::RowOutOfBounds {
+                row,
+                start: start + offset,
+                width,
+                len: data.len(),
+            });
+        }
+        Ok(rows)
+    }
+
+    pub fn len(&self) -> usize {
+        self.starts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.starts.is_empty()
+    }
+
+    fn gathered(&self) -> Gathered<'a> {
+        Gathered {
+            starts: self.starts,
+            offset: self.offset,
+        }
+    }
+
+    /// Scores of `n` queries (n, width) against every row: `out` (rows, n),
+    /// `out[i * n + b] = row_i . query_b`.
+    pub fn scores(
+        &self,
+        isa: Isa,
+        queries: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        check(isa, "queries", n * self.width, queries.len())?;
+        check(isa, "scores", self.len() * n, out.len())?;
+        if self.width == 0 {
+            out.fill(0.0);
+            return Ok(());
+        }
+        // (width, n): one query per column, so that whole rows of scores are vectors.
+        let mut transposed = vec![0f32; self.width * n];
+        for (b, query) in queries.chunks_exact(self.width).enumerate() {
+            for (k, &value) in query.iter().enumerate() {
+                transposed[k * n + b] = value;
+            }
+        }
+        let done = kernel::project_transposed(
+            isa,
+            self.data,
+            self.gathered(),
+            self.width,
+            &transposed,
+            n,
+            out,
+        );
+        if !done {
+            kernel::project(isa, self.data, self.gathered(), self.width, queries, n, out);
+        }
+        Ok(())
+    }
+
+    /// Adds the weighted sum of the rows for each of `n` weightings `p` (rows, n) to `out`
+    /// (n, width): `out[b][k] += sum_i p[i * n + b] * row_i[k]`.
+    pub fn accumulate(
+        &self,
+        isa: Isa,
+        p: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        check(isa, "weights", self.len() * n, p.len())?;
+        check(isa, "output", n * self.width, out.len())?;
+        kernel::accumulate(isa, self.data, self.gathered(), self.width, p, n, out);
+        Ok(())
+    }
+}
+
+fn check(isa: Isa, what: &'static str, expected: usize, got: usize) -> Result<(), KernelError> {
+    if !isa.is_supported() {
+        return Err(KernelError::IsaUnsupported(isa));
+    }
+    if expected != got {
+        return Err(KernelError::Length {
+            what,
+            expected,
+            got,
+        });
+    }
+    Ok(())
+}

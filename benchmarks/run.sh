@@ -81,7 +81,7 @@ OURS=""
 if [[ $RUN_OURS == 1 ]]; then
   log "building latentserve-worker (release)"
   if (cd "$ROOT" && cargo build --release -p latentserve-worker 2>"$RESULTS/cargo-build.log"); then
-    OURS=$ROOT/target/release/latentserve-worker
+    OURS=${CARGO_TARGET_DIR:-$ROOT/target}/release/latentserve-worker
   else
     tail -20 "$RESULTS/cargo-build.log" >&2
     skip "latentserve-worker did not build (log: $RESULTS/cargo-build.log)"
@@ -90,6 +90,12 @@ fi
 
 # --- the model directory: init-random of the standard config, shared by every peer -----------
 config_sum=$(sha256sum "$CONFIG" | cut -d' ' -f1)
+# GGUFs made by an earlier recipe (before the f32 MLA matrices) are made again.
+GGUF_RECIPE=2
+if [[ "$(cat "$WORK/gguf-recipe" 2>/dev/null)" != "$GGUF_RECIPE" ]]; then
+  rm -f "$WORK"/model-*.gguf
+  echo "$GGUF_RECIPE" >"$WORK/gguf-recipe"
+fi
 if [[ $FRESH_MODEL == 1 || ! -f $MODEL/model.safetensors || "$(cat "$WORK/model.config-sha256" 2>/dev/null)" != "$config_sum" ]]; then
   rm -rf "$MODEL" "$WORK"/model-*.gguf "$WORK/model.config-sha256" "$WORK/model.made-by"
   if [[ -n $OURS ]] && "$OURS" init-random --config "$CONFIG" --out "$MODEL" --seed "$SEED"; then
@@ -135,6 +141,13 @@ if not bpe.get("merges"):
     bpe["merges"] = ["Ġ t"]
 json.dump(tok, open(sys.argv[2], "w"), ensure_ascii=False)
 EOF
+  # llama.cpp's CPU backend has no f16 kernel for the absorbed MLA products (attn_k_b with a
+  # permuted f32 query): an f16 GGUF aborts at its first graph. Those two small matrices (1% of
+  # the weights) stay f32, as norms and the router do; everything else is f16.
+  sed -i 's/^\( *\)gguf\.MODEL_TENSOR\.INDEXER_PROJ,$/&\n\1gguf.MODEL_TENSOR.ATTN_K_B,\n\1gguf.MODEL_TENSOR.ATTN_V_B,/' \
+    "$converter/conversion/base.py"
+  grep -q 'MODEL_TENSOR.ATTN_K_B,$' "$converter/conversion/base.py" ||
+    { echo "the converter's list of f32 tensors has moved; update run.sh" >&2; return 1; }
   local attempt
   for attempt in 1 2; do
     if PYTHONPATH=$LLAMA_DIR/gguf-py "$PYTHON" "$converter/convert_hf_to_gguf.py" "$view" \

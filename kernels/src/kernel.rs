@@ -298,6 +298,8 @@ mod x86 {
                 const ROWS: usize = 4;
                 /// Input rows per block.
                 const INPUTS: usize = 4;
+                /// How far ahead, in elements, an f16 weight row is prefetched (1 KiB).
+                const F16_PREFETCH_AHEAD: usize = 512;
                 /// `accumulate`: vectors of columns per block; with `WEIGHTS` weights per row,
                 /// `COLUMNS * WEIGHTS` accumulators stay in registers.
                 const COLUMNS: usize = 2;
@@ -357,6 +359,16 @@ mod x86 {
                                 unsafe { $load_f32(input_rows.as_ptr().add(b * in_features + i)) };
                         }
                         for j in 0..R {
+                            if E::IS_F16 {
+                                // An f16 row is walked half as fast per step as an f32 one, so
+                                // the out-of-order window alone keeps too few of its cache lines
+                                // in flight. A prefetch never faults, even past the buffer.
+                                _mm_prefetch::<_MM_HINT_T0>(
+                                    w.as_ptr()
+                                        .wrapping_add(starts[j] + i + F16_PREFETCH_AHEAD)
+                                        .cast::<i8>(),
+                                );
+                            }
                             // SAFETY: the caller checked that every row (in_features long) lies
                             // in `w`, and i + LANES <= in_features.
                             let weights = unsafe { load_widened(w.as_ptr().add(starts[j] + i)) };

@@ -6,7 +6,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use latentserve_kernels::{CacheRows, Isa};
+use latentserve_kernels::{GatheredRows, Isa};
 
 const DEPTH: usize = 4000;
 const PART: usize = 256;
@@ -89,11 +89,11 @@ impl Layout {
             for part in starts.chunks(PART) {
                 for &(n, key_offset, value_offset) in &self.groups {
                     let scores = &mut scores[..part.len() * n];
-                    let keys = CacheRows::new(&buffer, part, key_offset, self.key_dim).unwrap();
+                    let keys = GatheredRows::new(&buffer, part, key_offset, self.key_dim).unwrap();
                     keys.scores(isa, &queries[..n * self.key_dim], n, scores)
                         .unwrap();
                     let values =
-                        CacheRows::new(&buffer, part, value_offset, self.value_dim).unwrap();
+                        GatheredRows::new(&buffer, part, value_offset, self.value_dim).unwrap();
                     values
                         .accumulate(isa, scores, n, &mut out[..n * self.value_dim])
                         .unwrap();

@@ -1,22 +1,23 @@
-//! Decode attention over rows read in place from a paged KV cache: the scores of a few queries
-//! against every row, and the probability-weighted sum of the rows. Rows are addressed by where
-//! they start, so nothing is gathered or copied, and both products run on the projection
-//! kernels' instruction sets (the cache may hold f32 or f16).
+//! Products over rows read in place wherever they start in a buffer: the scores of a few queries
+//! against every row, and the weighted sum of the rows. Decode attention reads the rows of a
+//! paged KV cache this way (f32 or f16), and the absorbed MLA products the per-head rows of
+//! `kv_b`; nothing is gathered or copied, and both products run on the projection kernels'
+//! instruction sets.
 
 use crate::KernelError;
 use crate::isa::Isa;
 use crate::kernel::{self, Element, Gathered};
 
-/// Rows of a paged buffer: row `i` is `data[starts[i] + offset..][..width]`.
+/// Rows of a buffer: row `i` is `data[starts[i] + offset..][..width]`.
 #[derive(Debug, Clone, Copy)]
-pub struct CacheRows<'a, E> {
+pub struct GatheredRows<'a, E> {
     data: &'a [E],
     starts: &'a [usize],
     offset: usize,
     width: usize,
 }
 
-impl<'a, E: Element> CacheRows<'a, E> {
+impl<'a, E: Element> GatheredRows<'a, E> {
     /// Checks once that every row lies inside `data`, so that the kernels need not.
     pub fn new(
         data: &'a [E],
@@ -75,25 +76,20 @@ impl<'a, E: Element> CacheRows<'a, E> {
             out.fill(0.0);
             return Ok(());
         }
-        // (width, n): one query per column, so that whole rows of scores are vectors.
-        let mut transposed = vec![0f32; self.width * n];
-        for (b, query) in queries.chunks_exact(self.width).enumerate() {
-            for (k, &value) in query.iter().enumerate() {
-                transposed[k * n + b] = value;
+        if n.is_multiple_of(isa.lanes()) {
+            // (width, n): one query per column, so that whole rows of scores are vectors.
+            let mut transposed = vec![0f32; self.width * n];
+            for (b, query) in queries.chunks_exact(self.width).enumerate() {
+                for (k, &value) in query.iter().enumerate() {
+                    transposed[k * n + b] = value;
+                }
+            }
+            let rows = self.gathered();
+            if kernel::project_transposed(isa, self.data, rows, self.width, &transposed, n, out) {
+                return Ok(());
             }
         }
-        let done = kernel::project_transposed(
-            isa,
-            self.data,
-            self.gathered(),
-            self.width,
-            &transposed,
-            n,
-            out,
-        );
-        if !done {
-            kernel::project(isa, self.data, self.gathered(), self.width, queries, n, out);
-        }
+        kernel::project(isa, self.data, self.gathered(), self.width, queries, n, out);
         Ok(())
     }
 

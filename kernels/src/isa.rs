@@ -50,6 +50,14 @@ impl Isa {
         }
     }
 
+    /// f32 values per vector register.
+    pub fn lanes(self) -> usize {
+        match self {
+            Isa::Scalar | Isa::Avx2 => 8,
+            Isa::Avx512 => 16,
+        }
+    }
+
     /// All variants this CPU supports, narrowest first.
     pub fn supported() -> Vec<Isa> {
         Isa::ALL

@@ -13,8 +13,9 @@ mod error;
 mod isa;
 mod kernel;
 mod parallel;
+mod pool;
 
-pub use attention::CacheRows;
+pub use attention::GatheredRows;
 pub use error::KernelError;
 pub use isa::Isa;
 pub use kernel::Element;

@@ -1,11 +1,12 @@
-//! Splitting projections over rayon's global pool (the one candle's gemm uses too, so the two
-//! never compete for the cores) by blocks of weight rows.
+//! Splitting projections over the kernels' thread pool ([`crate::pool`]) by blocks of weight
+//! rows.
 
 use half::f16;
-use rayon::prelude::*;
+use std::sync::Mutex;
 
 use crate::isa::Isa;
 use crate::kernel::{self, Packed};
+use crate::pool;
 
 /// Weight rows as stored.
 #[derive(Clone, Copy)]
@@ -102,11 +103,12 @@ const TASKS_PER_THREAD: usize = 4;
 /// Weight rows per task are a multiple of this (the kernels' row blocking).
 const ROW_ALIGN: usize = 4;
 
-/// Runs all projections, split by weight rows over rayon's global pool when they are large
-/// enough to gain from it.
+/// Runs all projections, split by weight rows over the kernels' pool when they are large enough
+/// to gain from it.
 pub(crate) fn run(isa: Isa, projections: Vec<Projection<'_>>) {
     let total_bytes: usize = projections.iter().map(Projection::weight_bytes).sum();
-    let threads = rayon::current_num_threads();
+    let pool = pool::pool();
+    let threads = pool.threads();
     if threads <= 1 || total_bytes <= SERIAL_MAX_BYTES {
         for projection in projections {
             projection.run(isa);
@@ -118,7 +120,19 @@ pub(crate) fn run(isa: Isa, projections: Vec<Projection<'_>>) {
     for projection in projections {
         split(projection, task_bytes, &mut tasks);
     }
-    tasks.into_par_iter().for_each(|task| task.run(isa));
+    let tasks: Vec<Mutex<Option<Projection>>> = tasks
+        .into_iter()
+        .map(|task| Mutex::new(Some(task)))
+        .collect();
+    pool.run(tasks.len(), &|index| {
+        let task = tasks[index]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = task {
+            task.run(isa);
+        }
+    });
 }
 
 /// Cuts `projection` into tasks of about `task_bytes` of weights each.

@@ -1,9 +1,9 @@
-//! `CacheRows::scores` and `CacheRows::accumulate` against a plain f64 reference, for every
+//! `GatheredRows::scores` and `GatheredRows::accumulate` against a plain f64 reference, for every
 //! instruction set, both element types, and the shapes decode attention uses (one query per head
 //! over per-head rows, sixteen queries over shared latent rows) plus widths with a scalar tail.
 
 use half::f16;
-use latentserve_kernels::{CacheRows, Element, Isa, KernelError};
+use latentserve_kernels::{Element, GatheredRows, Isa, KernelError};
 
 /// Deterministic values in [-1, 1) (splitmix64).
 fn values(seed: u64, len: usize) -> Vec<f32> {
@@ -83,7 +83,7 @@ fn check_isa<E: Element + WidenForTest>(isa: Isa, convert: fn(f32) -> E, seed: u
     for (rows, offset, width, n) in SHAPES {
         let page = paged(seed, SLOTS, STRIDE, rows);
         let (data, seen) = stored(&page.buffer, convert);
-        let cache = CacheRows::new(&data, &page.starts, offset, width).unwrap();
+        let cache = GatheredRows::new(&data, &page.starts, offset, width).unwrap();
         let what = format!("{isa} {rows}x{width} n={n} offset={offset}");
 
         // scores (rows, n)
@@ -129,7 +129,7 @@ fn every_isa_matches_the_reference_for_f32_and_f16_rows() {
 #[test]
 fn a_row_outside_the_buffer_is_an_error_that_names_it() {
     let data = vec![0f32; 100];
-    let error = CacheRows::new(&data, &[0, 40, 90], 0, 16).unwrap_err();
+    let error = GatheredRows::new(&data, &[0, 40, 90], 0, 16).unwrap_err();
     assert!(matches!(
         error,
         KernelError::RowOutOfBounds {
@@ -145,7 +145,7 @@ fn a_row_outside_the_buffer_is_an_error_that_names_it() {
 #[test]
 fn lengths_that_disagree_are_errors() {
     let data = vec![0f32; 64];
-    let cache = CacheRows::new(&data, &[0, 32], 0, 32).unwrap();
+    let cache = GatheredRows::new(&data, &[0, 32], 0, 32).unwrap();
     let mut scores = vec![0f32; 2];
     let error = cache
         .scores(Isa::Scalar, &[0.0; 31], 1, &mut scores)

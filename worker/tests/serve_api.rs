@@ -284,7 +284,10 @@ async fn preemption_under_a_tiny_cache_still_completes_every_request_correctly()
         .collect();
     // The reference covers the first tokens; a preempted request recomputes the rest and must
     // arrive at the same ones as every other.
-    assert_eq!(outputs[0][..reference.greedy_ids.len()], reference.greedy_ids);
+    assert_eq!(
+        outputs[0][..reference.greedy_ids.len()],
+        reference.greedy_ids
+    );
     for output in &outputs {
         assert_eq!(output, &outputs[0]);
     }

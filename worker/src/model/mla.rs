@@ -7,13 +7,13 @@
 //! applied to the attended latent; nothing per head outlives the step.
 
 use candle_core::{Device, Tensor};
-use latentserve_kernels::{CacheRows, Isa, Linear};
+use latentserve_kernels::{GatheredRows, Isa, Linear};
 use rayon::prelude::*;
 
 use super::ModelError;
 use super::cache::{CacheBuffers, CacheLayout, CacheValue, LatentCache};
 use super::config::ModelConfig;
-use super::ops::{axpy, dot, project, rms_norm, rms_norm_rows};
+use super::ops::{axpy, project, rms_norm, rms_norm_rows};
 use super::rope::RopeTable;
 
 /// Where the tokens of one chunk sit in the flattened batch and in their sequence.
@@ -71,6 +71,10 @@ pub struct MlaAttention {
     /// The same weight in f32 for the absorbed path: rows h*(nope+v) .. +nope are W_UK[h]
     /// (nope, kv_lora), the next v rows are W_UV[h] (v, kv_lora).
     kv_b_f32: Vec<f32>,
+    /// Where the rows of W_UK[h] (nope per head, head after head) and of W_UV[h] (v per head)
+    /// start in `kv_b_f32`, for the kernels that read them in place.
+    uk_rows: Vec<usize>,
+    uv_rows: Vec<usize>,
     /// `o_proj`: (hidden, heads * v)
     o_proj: Linear,
     eps: f64,
@@ -99,8 +103,18 @@ impl MlaAttention {
             kv_lora: config.kv_lora_rank,
             q_in: config.q_lora_rank.unwrap_or(heads * config.qk_head_dim()),
         };
+        let stride = dims.nope + dims.v;
+        let row = |h: usize, j: usize| (h * stride + j) * dims.kv_lora;
+        let uk_rows = (0..heads)
+            .flat_map(|h| (0..dims.nope).map(move |j| row(h, j)))
+            .collect();
+        let uv_rows = (0..heads)
+            .flat_map(|h| (dims.nope..stride).map(move |j| row(h, j)))
+            .collect();
         Self {
             dims,
+            uk_rows,
+            uv_rows,
             input_proj: w.input_proj,
             q_a_norm: w.q_a_norm,
             q_b_proj: w.q_b_proj,
@@ -328,19 +342,19 @@ impl MlaAttention {
     ) -> Result<(), ModelError> {
         let d = self.dims;
         let (qk, lat) = (d.qk(), d.latent());
-        let stride = d.nope + d.v;
+        let isa = Isa::detect();
         // (heads, latent): q_nope W_UK ++ q_pe, so that a score is one dot with a latent row.
         let mut q_lat = vec![0f32; d.heads * lat];
         for h in 0..d.heads {
             let q_h = &q[h * qk..][..qk];
             let dst = &mut q_lat[h * lat..][..lat];
-            for (j, &qv) in q_h[..d.nope].iter().enumerate() {
-                axpy(
-                    &mut dst[..d.kv_lora],
-                    qv,
-                    &self.kv_b_f32[(h * stride + j) * d.kv_lora..][..d.kv_lora],
-                );
-            }
+            let w_uk = &self.uk_rows[h * d.nope..][..d.nope];
+            GatheredRows::new(&self.kv_b_f32, w_uk, 0, d.kv_lora)?.accumulate(
+                isa,
+                &q_h[..d.nope],
+                1,
+                &mut dst[..d.kv_lora],
+            )?;
             dst[d.kv_lora..].copy_from_slice(&q_h[d.nope..]);
         }
         let total = span.start_pos + 1;
@@ -362,11 +376,13 @@ impl MlaAttention {
         )?;
         // W_UV: (heads, v)
         for h in 0..d.heads {
-            let o_h = &o_lat[h * d.kv_lora..][..d.kv_lora];
-            for j in 0..d.v {
-                let w = &self.kv_b_f32[(h * stride + d.nope + j) * d.kv_lora..][..d.kv_lora];
-                out[h * d.v + j] = dot(o_h, w);
-            }
+            let w_uv = &self.uv_rows[h * d.v..][..d.v];
+            GatheredRows::new(&self.kv_b_f32, w_uv, 0, d.kv_lora)?.scores(
+                isa,
+                &o_lat[h * d.kv_lora..][..d.kv_lora],
+                1,
+                &mut out[h * d.v..][..d.v],
+            )?;
         }
         Ok(())
     }
@@ -588,7 +604,7 @@ fn attend_part<T: CacheValue>(
         let heads_of_group = group.first_head..group.first_head + n;
         // (len, n)
         scores.resize(len * n, 0.0);
-        CacheRows::new(buffer, &starts, group.key_offset, key_dim)?.scores(
+        GatheredRows::new(buffer, &starts, group.key_offset, key_dim)?.scores(
             isa,
             &q[heads_of_group.start * key_dim..heads_of_group.end * key_dim],
             n,
@@ -610,7 +626,7 @@ fn attend_part<T: CacheValue>(
                 *total += *s;
             }
         }
-        CacheRows::new(buffer, &starts, group.value_offset, value_dim)?.accumulate(
+        GatheredRows::new(buffer, &starts, group.value_offset, value_dim)?.accumulate(
             isa,
             &scores,
             n,

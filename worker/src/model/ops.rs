@@ -63,26 +63,6 @@ pub fn softmax(row: &mut [f32]) {
     }
 }
 
-/// Dot product with 8 independent accumulators so the compiler vectorises it.
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; 8];
-    let chunks = n / 8;
-    for i in 0..chunks {
-        let (x, y) = (&a[i * 8..i * 8 + 8], &b[i * 8..i * 8 + 8]);
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for i in chunks * 8..n {
-        sum += a[i] * b[i];
-    }
-    sum
-}
-
 /// y += alpha * x.
 #[inline]
 pub fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
@@ -108,12 +88,10 @@ mod tests {
     }
 
     #[test]
-    fn softmax_and_dot() {
+    fn softmax_normalizes() {
         let mut row = vec![0.0, (2.0f32).ln()];
         softmax(&mut row);
         assert!((row[0] - 1.0 / 3.0).abs() < 1e-6 && (row[1] - 2.0 / 3.0).abs() < 1e-6);
-        let a: Vec<f32> = (0..19).map(|i| i as f32).collect();
-        assert_eq!(dot(&a, &a), (0..19).map(|i| (i * i) as f32).sum::<f32>());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! between them. rayon parks its idle workers after a few yields, so every projection paid for a
 //! futex wake-up and a context switch (~350 per token measured with `perf stat`), and the second
 //! core joined late. Here workers spin for [`SPIN`] after each job, long enough to bridge the
-//! serial gaps of a step, and then park, so an idle worker costs nothing.
+//! serial gaps of a step, and then park, so an idle worker costs nothing. While waiting they
+//! yield the core to any other runnable thread (rayon's, during a prefill's gemm).
 //!
 //! One job runs at a time. A caller that finds the pool busy (another thread's job, or a job
 //! submitted from inside a task) runs its tasks itself, so submitting never blocks or deadlocks.
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// How long a worker keeps looking for the next job before it parks.
+/// How long a worker keeps looking for the next job (yielding in between) before it parks.
 const SPIN: Duration = Duration::from_micros(200);
 /// Tasks per job at most (they share a 16-bit field of the claim word).
 pub(crate) const MAX_TASKS: usize = u16::MAX as usize;
@@ -96,7 +97,9 @@ impl Shared {
                     break epoch;
                 }
                 if started.elapsed() < SPIN {
-                    std::hint::spin_loop();
+                    // Yield rather than spin: between projections of a prefill, candle's gemm
+                    // runs on rayon's threads, and a busy spinner here would take their core.
+                    std::thread::yield_now();
                     continue;
                 }
                 let mut sleepers = self.sleepers.lock().unwrap_or_else(|e| e.into_inner());

@@ -8,6 +8,7 @@ use futures::future::join_all;
 use latentserve_proto::v1::{
     FinishReason, GenerateRequest, GetModelInfoRequest, StoppingCriteria, generate_request,
 };
+use latentserve_worker::model::random::{RandomDtype, init_random};
 use serve_support::*;
 use tonic::Code;
 
@@ -137,10 +138,25 @@ async fn a_batch_of_16_gives_the_same_tokens_as_each_request_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_stream_frees_its_blocks() {
-    let serving = serve(&args("v3-tiny-f32")).await;
+    // The fixtures' 128-token context decodes in milliseconds, before the client could look at
+    // the cache; the same architecture with an 8192-token context keeps the request running
+    // for thousands of steps.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("v3-tiny-f32").join("config.json")).expect("config"),
+    )
+    .expect("config json");
+    config["max_position_embeddings"] = 8192.into();
+    let config_path = dir.path().join("config.json");
+    std::fs::write(&config_path, config.to_string()).expect("write config");
+    let model = dir.path().join("model");
+    init_random(&config_path, &model, 7, RandomDtype::F32).expect("random model");
+    let mut serve_args = args("v3-tiny-f32");
+    serve_args.model = Some(model);
+    let serving = serve(&serve_args).await;
     let mut client = client(&serving).await;
     let mut stream = client
-        .generate(greedy_request(&[3, 4, 5], 120))
+        .generate(greedy_request(&[3, 4, 5], 8000))
         .await
         .expect("accepted")
         .into_inner();
@@ -296,7 +312,12 @@ async fn preemption_under_a_tiny_cache_still_completes_every_request_correctly()
         metric(&text, "preemptions_total") > 0.0,
         "no preemption happened"
     );
-    assert_eq!(metric(&text, "kv_cache_usage_ratio"), 0.0);
+    // The engine updates its gauges after the step that streamed the last token, so a client
+    // can read /metrics first.
+    wait_for_metrics(&serving, "every block freed", |text| {
+        metric(text, "kv_cache_usage_ratio") == 0.0
+    })
+    .await;
     drain(serving).await;
 }
 

@@ -5,8 +5,9 @@
 //! is reading the weights once from memory. [`Linear`] owns the weights (f32 or f16, always
 //! accumulating in f32) and runs such products with kernels of its own: each weight row is read
 //! once per call and applied to every input row, SIMD via runtime-detected AVX-512 or AVX2 (with
-//! a portable fallback), split over rayon's global pool by blocks of output rows. Larger batches
-//! (prefill) go to candle's matmul, which is compute-optimal there.
+//! a portable fallback), split over the crate's thread pool by blocks of output rows. Larger
+//! batches (prefill) go to candle's matmul, which is compute-optimal there. [`GatheredRows`]
+//! runs the same kernels over rows that start anywhere in a buffer (a paged KV cache).
 
 mod attention;
 mod error;

@@ -165,8 +165,11 @@ async fn a_cancelled_stream_frees_its_blocks() {
         .await
         .expect("first message")
         .expect("some");
-    let (_, text) = http_get(&serving, "/metrics").await;
-    assert!(metric(&text, "kv_cache_usage_ratio") > 0.0);
+    // Gauges are set after the step that streamed the token, so wait for them too.
+    wait_for_metrics(&serving, "the running request's blocks", |text| {
+        metric(text, "kv_cache_usage_ratio") > 0.0
+    })
+    .await;
     drop(stream);
     wait_for_metrics(&serving, "blocks freed after cancellation", |text| {
         metric(text, "kv_cache_usage_ratio") == 0.0 && metric(text, "requests_running") == 0.0

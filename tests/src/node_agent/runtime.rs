@@ -44,6 +44,10 @@ pub struct AgentConfig {
     /// else is inherited from the test process.
     pub base_env: Vec<(String, String)>,
     pub poll_interval: Duration,
+    /// Time a process that exited stays down, reported not ready, before it is started again
+    /// (the kubelet's crash back-off starts at 10 s). Without it a worker that restarts within
+    /// one poll could be ready again before the control plane saw it go.
+    pub restart_delay: Duration,
     /// Time a stopping process gets between SIGTERM and SIGKILL (the pod's grace period, capped).
     pub max_grace: Duration,
 }
@@ -58,6 +62,7 @@ impl AgentConfig {
             scratch_root,
             base_env: vec![("PATH".to_owned(), "/usr/bin:/bin".to_owned())],
             poll_interval: Duration::from_millis(200),
+            restart_delay: Duration::from_secs(1),
             max_grace: Duration::from_secs(10),
         }
     }
@@ -143,6 +148,8 @@ struct Process {
     spec: ProcessSpec,
     check: Option<ReadinessCheck>,
     state: ContainerState,
+    /// When the agent found the process exited (it is restarted `restart_delay` later).
+    exited_at: Option<std::time::Instant>,
 }
 
 /// What the pod's status says about its one container.
@@ -347,6 +354,18 @@ impl Agent {
             }
         };
         if exited {
+            let process = self.running.get_mut(&key).context("process vanished")?;
+            let exited_at = *process
+                .exited_at
+                .get_or_insert_with(std::time::Instant::now);
+            if exited_at.elapsed() < self.config.restart_delay {
+                // Down, as the kubelet would report it until the restart.
+                if process.state.ready {
+                    process.state.ready = false;
+                    self.report(&key).await?;
+                }
+                return Ok(());
+            }
             // restartPolicy Always (StatefulSet pods): start again, count the restart.
             let restarts = self.running.get(&key).map_or(0, |p| p.state.restarts + 1);
             self.running.remove(&key);
@@ -431,6 +450,7 @@ impl Agent {
                 started_at: Timestamp::now(),
             },
             spec,
+            exited_at: None,
         })
     }
 

@@ -70,13 +70,14 @@ impl<'a, E: Element> GatheredRows<'a, E> {
         n: usize,
         out: &mut [f32],
     ) -> Result<(), KernelError> {
-        check(isa, "queries", n * self.width, queries.len())?;
-        check(isa, "scores", self.len() * n, out.len())?;
+        check_isa(isa)?;
+        check_len("queries", n * self.width, queries.len())?;
+        check_len("scores", self.len() * n, out.len())?;
         if self.width == 0 {
             out.fill(0.0);
             return Ok(());
         }
-        if n.is_multiple_of(isa.lanes()) {
+        if kernel::has_transposed::<E>(isa, n) {
             // (width, n): one query per column, so that whole rows of scores are vectors.
             let mut transposed = vec![0f32; self.width * n];
             for (b, query) in queries.chunks_exact(self.width).enumerate() {
@@ -85,9 +86,8 @@ impl<'a, E: Element> GatheredRows<'a, E> {
                 }
             }
             let rows = self.gathered();
-            if kernel::project_transposed(isa, self.data, rows, self.width, &transposed, n, out) {
-                return Ok(());
-            }
+            kernel::project_transposed(isa, self.data, rows, self.width, &transposed, n, out);
+            return Ok(());
         }
         kernel::project(isa, self.data, self.gathered(), self.width, queries, n, out);
         Ok(())
@@ -102,17 +102,23 @@ impl<'a, E: Element> GatheredRows<'a, E> {
         n: usize,
         out: &mut [f32],
     ) -> Result<(), KernelError> {
-        check(isa, "weights", self.len() * n, p.len())?;
-        check(isa, "output", n * self.width, out.len())?;
+        check_isa(isa)?;
+        check_len("weights", self.len() * n, p.len())?;
+        check_len("output", n * self.width, out.len())?;
         kernel::accumulate(isa, self.data, self.gathered(), self.width, p, n, out);
         Ok(())
     }
 }
 
-fn check(isa: Isa, what: &'static str, expected: usize, got: usize) -> Result<(), KernelError> {
-    if !isa.is_supported() {
-        return Err(KernelError::IsaUnsupported(isa));
+fn check_isa(isa: Isa) -> Result<(), KernelError> {
+    if isa.is_supported() {
+        Ok(())
+    } else {
+        Err(KernelError::IsaUnsupported(isa))
     }
+}
+
+fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), KernelError> {
     if expected != got {
         return Err(KernelError::Length {
             what,

@@ -102,6 +102,28 @@ impl RowStarts for Gathered<'_> {
     }
 }
 
+/// Calls `$function` of the module compiled for `isa` (the scalar one is `$scalar`).
+///
+/// Callers first assert that `isa` is supported by this CPU and that every row lies in its
+/// buffer, which is what the x86 versions require.
+macro_rules! on_isa {
+    ($isa:expr, scalar => $scalar:expr, $function:ident($($arg:expr),* $(,)?)) => {
+        match $isa {
+            Isa::Scalar => $scalar,
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU supports AVX2, FMA and F16C and the rows lie in their buffer
+            // (asserted by the caller).
+            Isa::Avx2 => unsafe { x86::avx2::$function($($arg),*) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU supports AVX-512F and the rows lie in their buffer (asserted by
+            // the caller).
+            Isa::Avx512 => unsafe { x86::avx512::$function($($arg),*) },
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 | Isa::Avx512 => unreachable!("is_supported() is false off x86_64"),
+        }
+    };
+}
+
 /// Runs the projection kernel for `isa`. `w` holds `rows.len()` rows of `in_features` values,
 /// `x`: (n, in_features), `out`: (rows, n).
 ///
@@ -124,26 +146,28 @@ pub(crate) fn project<E: Element, S: RowStarts>(
     assert_eq!(x.len(), n * in_features);
     assert_eq!(out.len(), rows.len() * n);
     assert!(isa.is_supported(), "{isa} kernels are not supported here");
-    match isa {
-        Isa::Scalar => scalar::project(w, rows, in_features, x, n, out),
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU supports AVX2, FMA and F16C (asserted above) and the rows lie in `w`.
-        Isa::Avx2 => unsafe { x86::avx2::project(w, rows, in_features, x, n, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU supports AVX-512F (asserted above) and the rows lie in `w`.
-        Isa::Avx512 => unsafe { x86::avx512::project(w, rows, in_features, x, n, out) },
-        #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx2 | Isa::Avx512 => unreachable!("is_supported() is false off x86_64"),
-    }
+    on_isa!(
+        isa,
+        scalar => scalar::project(w, rows, in_features, x, n, out),
+        project(w, rows, in_features, x, n, out)
+    )
 }
 
-/// Like [`project`], with the inputs transposed: `xt` is (in_features, n). When `n` is one or
-/// two vector widths of `isa` and `w` is f32, every output row is whole vectors: each row element
-/// is broadcast against all inputs at once and no dot product needs a horizontal sum, which
-/// makes the product bound by arithmetic alone (decode attention, where sixteen heads read the
-/// same latent row). Returns false, having done nothing, where there is no such version.
+/// Whether [`project_transposed`] has a version for `isa`, element type `E` and `n` inputs:
+/// f32 rows, and `n` one or two vector widths of an x86 instruction set.
+pub(crate) fn has_transposed<E: Element>(isa: Isa, n: usize) -> bool {
+    !E::IS_F16
+        && isa != Isa::Scalar
+        && n.is_multiple_of(isa.lanes())
+        && (1..=2).contains(&(n / isa.lanes()))
+}
+
+/// Like [`project`], with the inputs transposed: `xt` is (in_features, n). Every output row is
+/// whole vectors: each row element is broadcast against all inputs at once and no dot product
+/// needs a horizontal sum, which makes the product bound by arithmetic alone (decode attention,
+/// where sixteen heads read the same latent row).
 ///
-/// Panics as [`project`] does.
+/// Panics as [`project`] does, and where [`has_transposed`] is false.
 pub(crate) fn project_transposed<E: Element, S: RowStarts>(
     isa: Isa,
     w: &[E],
@@ -152,7 +176,7 @@ pub(crate) fn project_transposed<E: Element, S: RowStarts>(
     xt: &[f32],
     n: usize,
     out: &mut [f32],
-) -> bool {
+) {
     assert!(
         rows.fits(in_features, w.len()),
         "a weight row lies outside the buffer"
@@ -160,20 +184,15 @@ pub(crate) fn project_transposed<E: Element, S: RowStarts>(
     assert_eq!(xt.len(), n * in_features);
     assert_eq!(out.len(), rows.len() * n);
     assert!(isa.is_supported(), "{isa} kernels are not supported here");
-    if E::IS_F16 {
-        return false;
-    }
-    match isa {
-        Isa::Scalar => false,
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `project`.
-        Isa::Avx2 => unsafe { x86::avx2::project_transposed(w, rows, in_features, xt, n, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `project`.
-        Isa::Avx512 => unsafe { x86::avx512::project_transposed(w, rows, in_features, xt, n, out) },
-        #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx2 | Isa::Avx512 => unreachable!("is_supported() is false off x86_64"),
-    }
+    assert!(
+        has_transposed::<E>(isa, n),
+        "no transposed {isa} kernel for {n} inputs"
+    );
+    on_isa!(
+        isa,
+        scalar => unreachable!("has_transposed() is false for scalar"),
+        project_transposed(w, rows, in_features, xt, n, out)
+    )
 }
 
 /// Runs the accumulation kernel for `isa`. `w` holds `rows.len()` rows of `width` values,
@@ -193,17 +212,11 @@ pub(crate) fn accumulate<E: Element, S: RowStarts>(
     assert_eq!(p.len(), rows.len() * n);
     assert_eq!(out.len(), n * width);
     assert!(isa.is_supported(), "{isa} kernels are not supported here");
-    match isa {
-        Isa::Scalar => scalar::accumulate(w, rows, width, p, n, out),
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `project`.
-        Isa::Avx2 => unsafe { x86::avx2::accumulate(w, rows, width, p, n, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `project`.
-        Isa::Avx512 => unsafe { x86::avx512::accumulate(w, rows, width, p, n, out) },
-        #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx2 | Isa::Avx512 => unreachable!("is_supported() is false off x86_64"),
-    }
+    on_isa!(
+        isa,
+        scalar => scalar::accumulate(w, rows, width, p, n, out),
+        accumulate(w, rows, width, p, n, out)
+    )
 }
 
 /// Portable version: eight independent partial sums per dot product, which the compiler can keep
@@ -557,21 +570,13 @@ mod x86 {
                     xt: &[f32],
                     n: usize,
                     out: &mut [f32],
-                ) -> bool {
-                    match (n % LANES, n / LANES) {
-                        (0, 1) => {
-                            transposed_rows::<1, { BROADCAST }, E, S>(w, rows, in_features, xt, out)
-                        }
-                        (0, 2) => transposed_rows::<2, { BROADCAST / 2 }, E, S>(
-                            w,
-                            rows,
-                            in_features,
-                            xt,
-                            out,
-                        ),
-                        _ => return false,
+                ) {
+                    if n == LANES {
+                        transposed_rows::<1, { BROADCAST }, E, S>(w, rows, in_features, xt, out)
+                    } else {
+                        debug_assert_eq!(n, 2 * LANES, "checked by has_transposed");
+                        transposed_rows::<2, { BROADCAST / 2 }, E, S>(w, rows, in_features, xt, out)
                     }
-                    true
                 }
 
                 /// Adds to `out[(first + b) * width + column ..][.. C * LANES]`, for `b < B`,

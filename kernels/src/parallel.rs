@@ -71,25 +71,17 @@ impl Projection<'_> {
     }
 
     fn run(self, isa: Isa) {
-        match self.weights {
-            Rows::F32(w) => kernel::project(
-                isa,
-                w,
-                self.packed(),
-                self.in_features,
-                self.x,
-                self.n,
-                self.out,
-            ),
-            Rows::F16(w) => kernel::project(
-                isa,
-                w,
-                self.packed(),
-                self.in_features,
-                self.x,
-                self.n,
-                self.out,
-            ),
+        let packed = self.packed();
+        let Projection {
+            weights,
+            in_features,
+            x,
+            n,
+            out,
+        } = self;
+        match weights {
+            Rows::F32(w) => kernel::project(isa, w, packed, in_features, x, n, out),
+            Rows::F16(w) => kernel::project(isa, w, packed, in_features, x, n, out),
         }
     }
 }

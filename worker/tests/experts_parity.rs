@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
-use latentserve_worker::experts::shard::{Shard, ShardArgs, loaded_expert_bytes};
+use latentserve_worker::experts::shard::{Shard, ShardSettings, loaded_expert_bytes};
+use latentserve_worker::metrics::Metrics;
 use latentserve_worker::model::{
     DeepSeekModel, DispatchPlan, ExpertExecutor, LatentCache, LoadOptions, LogitsFor, ModelConfig,
     ModelError, SequenceChunk,
 };
-use latentserve_worker::server::metrics::Metrics;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -68,15 +68,16 @@ fn start_group(
         .enumerate()
         .map(|(rank, listener)| {
             let metrics = Arc::new(Metrics::new("fixture").unwrap());
-            let args = ShardArgs {
-                shard_rank: rank as u32,
-                shard_count: n as u32,
+            let settings = ShardSettings {
+                rank,
+                count: n,
                 peers: if n > 1 { addresses.clone() } else { Vec::new() },
                 expert_placement: placement.map(Path::to_path_buf),
-                ..ShardArgs::default()
+                ..ShardSettings::default()
             };
             let _guard = runtime.enter();
-            let mut shard = Shard::new(&args, dir, &config, "fixture", metrics.clone()).unwrap();
+            let mut shard =
+                Shard::new(&settings, dir, &config, "fixture", metrics.clone()).unwrap();
             let server = runtime.spawn({
                 let service = shard.service.clone().into_server();
                 async move {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
-use latentserve_worker::cli::generate::generate_ids;
+use latentserve_worker::model::generate::generate_ids;
 use latentserve_worker::model::{
     CacheLayout, DeepSeekModel, DispatchPlan, ExpertExecutor, LatentCache, LoadOptions, LogitsFor,
     ModelError, SequenceChunk, Tokenizer,

@@ -5,7 +5,9 @@ pub mod bench_serve;
 pub mod generate;
 pub mod init_random;
 pub mod model_dir;
+pub mod parse;
 pub mod serve;
+pub mod shard_args;
 
 use clap::{Parser, Subcommand, ValueEnum};
 

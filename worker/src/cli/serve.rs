@@ -13,17 +13,19 @@ use latentserve_proto::v1::ModelInfo;
 
 use super::WeightDtype;
 use super::model_dir::resolve_model_dir;
-use crate::engine::cache::BlockManager;
-use crate::engine::deepseek::DeepSeekExecutor;
-use crate::engine::detokenizer::TokenCodec;
+use super::parse::{parse_duration, parse_memory_size};
+use super::shard_args::ShardArgs;
+use crate::engine::blocks::{BlockManager, blocks_for_budget};
+use crate::engine::codec::TokenCodec;
+use crate::engine::executor::DeepSeekExecutor;
 use crate::engine::scheduler::{RequestCounts, Scheduler, SchedulerConfig};
 use crate::engine::{Engine, EngineHandle};
-use crate::experts::shard::{Shard, ShardArgs};
+use crate::experts::shard::Shard;
+use crate::metrics::Metrics;
 use crate::model::config::ModelType;
 use crate::model::loader::WeightStore;
 use crate::model::{DeepSeekModel, LatentCache, LoadOptions, ModelConfig, Tokenizer};
 use crate::server::grpc::{LoadedModel, RequestLimits};
-use crate::server::metrics::Metrics;
 use crate::server::{ExpertsEndpoint, RunningServer};
 
 fn dtype_name(dtype: WeightDtype) -> &'static str {
@@ -80,69 +82,6 @@ pub struct ServeArgs {
     pub shard: ShardArgs,
 }
 
-/// Parses a byte size: a number with an optional binary (Ki, Mi, Gi, Ti) or decimal (K, M, G, T)
-/// suffix; a trailing `B` is allowed.
-pub fn parse_memory_size(text: &str) -> Result<u64, String> {
-    let trimmed = text.trim();
-    let without_b = trimmed.strip_suffix('B').unwrap_or(trimmed);
-    let split = without_b
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(without_b.len());
-    let (number, unit) = without_b.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size like 8Gi, 512Mi or 100M"))?;
-    let scale: u64 = match unit {
-        "" => 1,
-        "K" | "k" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "T" => 1_000_000_000_000,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        _ => {
-            return Err(format!(
-                "`{text}`: unknown unit `{unit}` (use Ki, Mi, Gi, Ti, K, M, G or T)"
-            ));
-        }
-    };
-    Ok((value * scale as f64) as u64)
-}
-
-/// Parses a duration: a number with an optional unit ms, s (default), m or h.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let trimmed = text.trim();
-    let split = trimmed
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(trimmed.len());
-    let (number, unit) = trimmed.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 30s, 500ms or 2m"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => {
-            return Err(format!(
-                "`{text}`: unknown unit `{unit}` (use ms, s, m or h)"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{text}`: {e}"))
-}
-
-/// Blocks of `block_size` tokens that fit in `budget` bytes, given the cache's bytes per block.
-pub fn blocks_for_budget(budget: u64, bytes_per_block: usize) -> usize {
-    if bytes_per_block == 0 {
-        return 0;
-    }
-    (budget / bytes_per_block as u64) as usize
-}
-
 /// A server that is serving: the servers and the engine thread.
 pub struct Serving {
     pub server: RunningServer,
@@ -165,7 +104,7 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Serving> {
     let config = ModelConfig::from_file(&config_path)
         .with_context(|| format!("reading {}", config_path.display()))?;
     let mut shard = Shard::new(
-        &args.shard,
+        &args.shard.settings(),
         &model_dir,
         &config,
         &model_name,
@@ -332,10 +271,8 @@ fn load_engine(
         codec.clone(),
         BlockManager::new(num_blocks, block_size, !args.no_prefix_caching),
         counts.clone(),
-        metrics,
     );
-    let (engine, handle) = Engine::start(scheduler, counts, args.max_queue as usize)
-        .map_err(anyhow::Error::msg)
+    let (engine, handle) = Engine::start(scheduler, counts, metrics, args.max_queue as usize)
         .context("starting the engine")?;
     // The warm-up ran on local experts only; from now on steps exchange with the peers.
     if let Some(sharded) = &sharded {
@@ -401,41 +338,4 @@ async fn shutdown_signal() -> anyhow::Result<()> {
         result = tokio::signal::ctrl_c() => result.context("waiting for Ctrl-C")?,
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn memory_sizes() {
-        assert_eq!(parse_memory_size("8Gi"), Ok(8 << 30));
-        assert_eq!(parse_memory_size("64Mi"), Ok(64 << 20));
-        assert_eq!(parse_memory_size("1.5Ki"), Ok(1536));
-        assert_eq!(parse_memory_size("100M"), Ok(100_000_000));
-        assert_eq!(parse_memory_size("2GiB"), Ok(2 << 30));
-        assert_eq!(parse_memory_size("4096"), Ok(4096));
-        assert!(
-            parse_memory_size("8Xi")
-                .unwrap_err()
-                .contains("unknown unit `Xi`")
-        );
-        assert!(parse_memory_size("lots").is_err());
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
-        assert!(parse_duration("5d").is_err());
-    }
-
-    #[test]
-    fn cache_blocks_from_a_budget() {
-        assert_eq!(blocks_for_budget(64 << 20, 1 << 20), 64);
-        assert_eq!(blocks_for_budget(100, 1000), 0);
-        assert_eq!(blocks_for_budget(100, 0), 0);
-    }
 }

@@ -1,12 +1,6 @@
 //! Token ids -> streamed text: whole UTF-8 characters only, and stop strings never partly emitted.
 
-/// What the engine needs from a tokenizer. Implemented for the model's tokenizer.
-pub trait TokenCodec: Send + Sync {
-    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String>;
-    fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, String>;
-    /// Token ids that end a generation unless the request ignores EOS.
-    fn eos_token_ids(&self) -> Vec<u32>;
-}
+use super::codec::{CodecError, TokenCodec};
 
 /// Incremental decoding: the text of a growing id sequence, released as soon as it is stable.
 ///
@@ -32,7 +26,7 @@ impl IncrementalDecoder {
     }
 
     /// The text that `ids` (all ids so far, prompt included) adds to what was released before.
-    pub fn step(&mut self, codec: &dyn TokenCodec, ids: &[u32]) -> Result<String, String> {
+    pub fn step(&mut self, codec: &dyn TokenCodec, ids: &[u32]) -> Result<String, CodecError> {
         let prefix_text = codec.decode(&ids[self.prefix_offset..self.read_offset], true)?;
         let full_text = codec.decode(&ids[self.prefix_offset..], true)?;
         if full_text.len() <= prefix_text.len() || full_text.ends_with('\u{FFFD}') {
@@ -134,28 +128,9 @@ impl StopStringMatcher {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-
-    /// A byte-level codec for tests: token id = byte value (ids >= 256 are special and skipped).
-    pub(crate) struct ByteCodec;
-
-    impl TokenCodec for ByteCodec {
-        fn encode(&self, text: &str, _: bool) -> Result<Vec<u32>, String> {
-            Ok(text.bytes().map(u32::from).collect())
-        }
-        fn decode(&self, ids: &[u32], _: bool) -> Result<String, String> {
-            let bytes: Vec<u8> = ids
-                .iter()
-                .filter(|&&id| id < 256)
-                .map(|&id| id as u8)
-                .collect();
-            Ok(String::from_utf8_lossy(&bytes).into_owned())
-        }
-        fn eos_token_ids(&self) -> Vec<u32> {
-            vec![256]
-        }
-    }
+    use crate::engine::codec::tests::ByteCodec;
 
     fn stream(text: &str, prompt: &str) -> Vec<String> {
         let codec = ByteCodec;

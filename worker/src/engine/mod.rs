@@ -1,14 +1,22 @@
 //! The serving engine: one thread owns the model, its latent cache and every request's state, and
 //! runs scheduling steps; requests reach it over a channel and stream their outputs back over
 //! their own channel, so a dropped stream is a cancellation.
+//!
+//! - [`scheduler`]: the step (plan -> execute -> apply outputs) over the [`blocks`] manager;
+//! - [`executor`]: the model as the engine drives it (one batched forward);
+//! - [`output`]: finish rules and each request's text stream ([`detokenizer`], stop strings);
+//! - [`sampler`]: logits -> token; [`codec`]: the tokenizer; [`request`]: what flows in and out;
+//! - [`stats`]: what a step did, and how it becomes metrics.
 
-pub mod cache;
-pub mod deepseek;
+pub mod blocks;
+pub mod codec;
 pub mod detokenizer;
 pub mod executor;
+pub mod output;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;
+pub mod stats;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +24,8 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use self::request::{GenerationRequest, OutputReceiver, OutputSender};
-use self::scheduler::{RequestCounts, Scheduler};
+use self::scheduler::{RequestCounts, Scheduler, WarmUpError};
+use crate::metrics::Metrics;
 use executor::ModelExecutor;
 
 /// Why a request was not accepted.
@@ -92,6 +101,17 @@ impl EngineHandle {
     }
 }
 
+/// Why the engine did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("spawning the engine thread")]
+    Spawn(#[source] std::io::Error),
+    #[error("the engine thread died during warm-up")]
+    DiedDuringWarmUp,
+    #[error("warm-up step failed")]
+    WarmUp(#[source] WarmUpError),
+}
+
 /// The engine thread; it stops when every [`EngineHandle`] is dropped.
 pub struct Engine {
     thread: JoinHandle<()>,
@@ -100,11 +120,16 @@ pub struct Engine {
 impl Engine {
     /// Warms the model up with one step, then serves requests on a dedicated thread. Returns once
     /// the warm-up step has run, so a caller can report readiness right after.
+    /// Every step's [`stats::StepStats`] are recorded into `metrics`.
     pub fn start<E: ModelExecutor + 'static>(
         mut scheduler: Scheduler<E>,
         counts: Arc<RequestCounts>,
+        metrics: Arc<Metrics>,
         max_queue: usize,
-    ) -> Result<(Self, EngineHandle), String> {
+    ) -> Result<(Self, EngineHandle), EngineError> {
+        metrics
+            .kv_cache_blocks_total
+            .set(scheduler.blocks().num_blocks() as i64);
         let (commands, inbox) = mpsc::channel::<Command>();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -114,14 +139,14 @@ impl Engine {
                 let failed = warm.is_err();
                 let _ = ready_tx.send(warm);
                 if !failed {
-                    run_loop(&mut scheduler, &inbox);
+                    run_loop(&mut scheduler, &inbox, &metrics);
                 }
             })
-            .map_err(|e| format!("spawning the engine thread: {e}"))?;
+            .map_err(EngineError::Spawn)?;
         ready_rx
             .recv()
-            .map_err(|_| "the engine thread died during warm-up".to_owned())?
-            .map_err(|e| format!("warm-up step failed: {e}"))?;
+            .map_err(|_| EngineError::DiedDuringWarmUp)?
+            .map_err(EngineError::WarmUp)?;
         let handle = EngineHandle {
             commands,
             counts,
@@ -139,18 +164,22 @@ impl Engine {
     }
 }
 
-fn run_loop<E: ModelExecutor>(scheduler: &mut Scheduler<E>, inbox: &mpsc::Receiver<Command>) {
+fn run_loop<E: ModelExecutor>(
+    scheduler: &mut Scheduler<E>,
+    inbox: &mpsc::Receiver<Command>,
+    metrics: &Metrics,
+) {
     loop {
         // Idle: sleep until a command arrives. Busy: take whatever arrived and keep stepping.
         if !scheduler.has_work() {
             match inbox.recv() {
-                Ok(command) => apply(scheduler, command),
+                Ok(command) => apply(scheduler, command, metrics),
                 Err(_) => return,
             }
         }
         loop {
             match inbox.try_recv() {
-                Ok(command) => apply(scheduler, command),
+                Ok(command) => apply(scheduler, command, metrics),
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => {
                     if !scheduler.has_work() {
@@ -160,13 +189,16 @@ fn run_loop<E: ModelExecutor>(scheduler: &mut Scheduler<E>, inbox: &mpsc::Receiv
                 }
             }
         }
-        scheduler.step();
+        scheduler.step().record(metrics);
     }
 }
 
-fn apply<E: ModelExecutor>(scheduler: &mut Scheduler<E>, command: Command) {
+fn apply<E: ModelExecutor>(scheduler: &mut Scheduler<E>, command: Command, metrics: &Metrics) {
     match command {
-        Command::Submit(request, sender) => scheduler.add_request(*request, sender),
-        Command::CancelAll => scheduler.cancel_all(),
+        Command::Submit(request, sender) => {
+            scheduler.add_request(*request, sender);
+            scheduler.occupancy().record(metrics);
+        }
+        Command::CancelAll => scheduler.cancel_all().record(metrics),
     }
 }

@@ -1,7 +1,9 @@
 //! What a client asks the engine for, and what the engine streams back.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::executor::StepError;
 use super::sampler::SamplingParams;
 
 /// One validated generation request, already tokenized.
@@ -96,17 +98,29 @@ pub struct GenerationOutput {
 }
 
 /// A generation that ended without a finish reason.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum GenerationError {
     #[error("deadline exceeded after {generated} generated tokens")]
     DeadlineExceeded { generated: usize },
     #[error("the prompt and its output need {needed} cache blocks but the whole pool has {pool}")]
     TooLongForCache { needed: usize, pool: usize },
+    /// The batched step this request was part of failed; every request of that step gets the
+    /// same error, hence the shared source.
     #[error("model step failed: {0}")]
-    Model(String),
+    Model(#[source] Arc<StepError>),
     /// A shard holding some of the step's experts is unreachable.
     #[error("{0}")]
-    Unavailable(String),
+    Unavailable(#[source] Arc<StepError>),
+}
+
+impl GenerationError {
+    /// The error every request of a failed step ends with.
+    pub fn from_step(error: StepError) -> Self {
+        match error {
+            StepError::Unavailable(_) => GenerationError::Unavailable(Arc::new(error)),
+            other => GenerationError::Model(Arc::new(other)),
+        }
+    }
 }
 
 /// The stream of one request's outputs, as the engine sends them.

@@ -1,20 +1,27 @@
 //! Continuous batching: each step admits requests under a token budget, runs prefill chunks and
 //! one decode token per running request in one batched forward, samples, and streams the results.
+//!
+//! A step is three stages, as in vLLM's engine: [`Scheduler::schedule`] makes a [`StepPlan`]
+//! (preempting and admitting as the cache pool allows), `execute` runs it through the model, and
+//! `apply_outputs` samples, applies the finish rules (see [`super::output`]) and streams. What the
+//! step did comes back as [`StepStats`]; the caller turns those into metrics.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use super::cache::{BlockManager, BlockTable};
-use super::detokenizer::{IncrementalDecoder, StopStringMatcher, TokenCodec};
-use super::executor::{BatchChunk, ModelExecutor, StepError};
+use super::blocks::{BlockManager, BlockTable, OutOfBlocks};
+use super::codec::TokenCodec;
+use super::executor::{ModelExecutor, StepError};
+use super::output::OutputProcessor;
 use super::request::{
     FinishReason, Finished, GenerationError, GenerationOutput, GenerationRequest, OutputSender,
     Timings, TokenLogprob, Usage,
 };
 use super::sampler::Sampler;
-use crate::server::metrics::Metrics;
+use super::stats::{Admission, Completion, FirstToken, Occupancy, StepStats};
+use crate::model::SequenceChunk;
 
 /// Limits of the scheduler.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +43,15 @@ pub struct RequestCounts {
     pub in_flight: AtomicUsize,
 }
 
+/// Why the warm-up step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WarmUpError {
+    #[error("the latent cache has no block for the warm-up token")]
+    NoBlock(#[source] OutOfBlocks),
+    #[error("the warm-up forward failed")]
+    Step(#[source] StepError),
+}
+
 struct Sequence {
     request: GenerationRequest,
     sender: OutputSender,
@@ -45,8 +61,7 @@ struct Sequence {
     num_computed: usize,
     table: BlockTable,
     sampler: Sampler,
-    decoder: IncrementalDecoder,
-    stops: StopStringMatcher,
+    output: OutputProcessor,
     cached_prompt_tokens: Option<usize>,
     first_scheduled: Option<Instant>,
     first_token: Option<Instant>,
@@ -65,15 +80,36 @@ impl Sequence {
     fn pending(&self) -> usize {
         self.tokens.len() - self.num_computed
     }
+
+    fn is_decode(&self) -> bool {
+        self.pending() == 1
+    }
 }
 
-/// What one step did, for the loop and for tests.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct StepReport {
-    /// Chunks in the batched forward (0 when nothing ran).
-    pub batch_size: usize,
+/// One running request's share of a step: its next `tokens` positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScheduledChunk {
+    /// Index in the running list.
+    pub seq: usize,
     pub tokens: usize,
+}
+
+/// What one step runs: decode tokens before prefill chunks, within the token budget.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepPlan {
+    pub chunks: Vec<ScheduledChunk>,
+    /// Running requests sent back to the queue to make room in the cache pool.
     pub preempted: usize,
+}
+
+impl StepPlan {
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.chunks.iter().map(|chunk| chunk.tokens).sum()
+    }
 }
 
 /// The engine proper: one owner of the model, the block manager and every request's state.
@@ -87,7 +123,6 @@ pub struct Scheduler<E: ModelExecutor> {
     /// Oldest admission first: the newest is preempted first.
     running: Vec<Sequence>,
     counts: Arc<RequestCounts>,
-    metrics: Arc<Metrics>,
 }
 
 impl<E: ModelExecutor> Scheduler<E> {
@@ -97,11 +132,7 @@ impl<E: ModelExecutor> Scheduler<E> {
         codec: Arc<dyn TokenCodec>,
         blocks: BlockManager,
         counts: Arc<RequestCounts>,
-        metrics: Arc<Metrics>,
     ) -> Self {
-        metrics
-            .kv_cache_blocks_total
-            .set(blocks.num_blocks() as i64);
         Self {
             config,
             executor,
@@ -111,7 +142,6 @@ impl<E: ModelExecutor> Scheduler<E> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             counts,
-            metrics,
         }
     }
 
@@ -123,12 +153,20 @@ impl<E: ModelExecutor> Scheduler<E> {
         !self.waiting.is_empty() || !self.running.is_empty()
     }
 
+    /// Requests running and waiting, and the cache pool in use.
+    pub fn occupancy(&self) -> Occupancy {
+        Occupancy {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            cache_usage_ratio: self.blocks.usage_ratio(),
+        }
+    }
+
     /// Queues a request. The caller has counted it in [`RequestCounts`] already.
     pub fn add_request(&mut self, request: GenerationRequest, sender: OutputSender) {
         let tokens = request.prompt.clone();
         let sampler = Sampler::new(request.sampling.clone());
-        let decoder = IncrementalDecoder::new(tokens.len());
-        let stops = StopStringMatcher::new(request.stop.clone());
+        let output = OutputProcessor::new(tokens.len(), request.stop.clone());
         self.waiting.push_back(Sequence {
             request,
             sender,
@@ -136,75 +174,74 @@ impl<E: ModelExecutor> Scheduler<E> {
             num_computed: 0,
             table: BlockTable::default(),
             sampler,
-            decoder,
-            stops,
+            output,
             cached_prompt_tokens: None,
             first_scheduled: None,
             first_token: None,
             last_token: None,
         });
-        self.update_gauges();
     }
 
     /// Runs one token through the model (and frees its block), so the first real request does
     /// not pay for lazy initialisation.
-    pub fn warm_up(&mut self) -> Result<(), String> {
+    pub fn warm_up(&mut self) -> Result<(), WarmUpError> {
         let mut table = BlockTable::default();
         self.blocks
             .ensure_capacity(&mut table, 1)
-            .map_err(|e| e.to_string())?;
+            .map_err(WarmUpError::NoBlock)?;
         let token = self.eos_token_ids.first().copied().unwrap_or(0);
-        let result = self.executor.forward(&[BatchChunk {
+        let result = self.executor.forward(&[SequenceChunk {
             tokens: &[token],
             start_pos: 0,
             block_table: table.blocks(),
         }]);
         self.blocks.free(&mut table);
-        result.map(|_| ()).map_err(|e| e.to_string())
+        result.map(|_| ()).map_err(WarmUpError::Step)
     }
 
     /// Ends every request with finish reason `cancelled` (draining past its timeout).
-    pub fn cancel_all(&mut self) {
+    pub fn cancel_all(&mut self) -> StepStats {
         let now = Instant::now();
+        let mut stats = StepStats::default();
         for mut seq in self
             .running
             .drain(..)
             .chain(self.waiting.drain(..))
             .collect::<Vec<_>>()
         {
-            let output = self.finish(&mut seq, FinishReason::Cancelled, now, String::new());
+            let output = self.finish(
+                &mut seq,
+                FinishReason::Cancelled,
+                now,
+                String::new(),
+                &mut stats,
+            );
             let _ = seq.sender.send(Ok(output));
             self.release(&mut seq);
         }
-        self.update_gauges();
+        stats.occupancy = self.occupancy();
+        stats
     }
 
-    /// One engine step: drop cancelled requests, schedule, run the batch, sample and stream.
-    pub fn step(&mut self) -> StepReport {
+    /// One engine step: drop cancelled requests, plan, run the batch, sample and stream.
+    pub fn step(&mut self) -> StepStats {
         let started = Instant::now();
         self.reap_cancelled(started);
-        let mut report = StepReport::default();
-        let plan = self.schedule(&mut report);
+        let mut stats = StepStats::default();
+        let plan = self.schedule(&mut stats);
+        stats.preempted = plan.preempted;
         if !plan.is_empty() {
-            self.run(&plan, &mut report);
-            self.metrics.batch_size.observe(report.batch_size as f64);
-            self.metrics
-                .step_duration_seconds
-                .observe(started.elapsed().as_secs_f64());
+            stats.batch_size = plan.chunks.len();
+            stats.tokens = plan.tokens();
+            match self.execute(&plan) {
+                Ok(logits) => self.apply_outputs(&plan, &logits, &mut stats),
+                Err(error) => self.fail_planned(&plan, GenerationError::from_step(error)),
+            }
+            stats.duration = Some(started.elapsed());
         }
-        for (layer, expert, tokens) in self.executor.take_expert_counts() {
-            self.metrics.record_expert_tokens(layer, expert, tokens);
-        }
-        self.update_gauges();
-        report
-    }
-
-    fn update_gauges(&self) {
-        self.metrics.requests_running.set(self.running.len() as i64);
-        self.metrics.requests_waiting.set(self.waiting.len() as i64);
-        self.metrics
-            .kv_cache_usage_ratio
-            .set(self.blocks.usage_ratio());
+        stats.expert_tokens = self.executor.take_expert_counts();
+        stats.occupancy = self.occupancy();
+        stats
     }
 
     /// A dropped stream is a cancellation; a passed deadline fails the request.
@@ -255,17 +292,17 @@ impl<E: ModelExecutor> Scheduler<E> {
         self.counts.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Chooses (running index, tokens) pairs for this step, preempting the newest requests when
-    /// the pool runs out and admitting waiting requests while the budget allows.
-    fn schedule(&mut self, report: &mut StepReport) -> Vec<(usize, usize)> {
+    /// Plans this step: running requests first (preempting the newest when the pool runs out),
+    /// then waiting requests while the budget and the pool allow. First admissions are noted in
+    /// `stats`.
+    fn schedule(&mut self, stats: &mut StepStats) -> StepPlan {
         let mut budget = self.config.max_tokens_per_step;
-        let mut plan = Vec::new();
+        let mut plan = StepPlan::default();
         // Decode tokens come before prefill chunks: a long prompt never stalls running requests.
-        let is_decode = |seq: &Sequence| seq.pending() == 1;
-        let mut decodes_left = self.running.iter().filter(|seq| is_decode(seq)).count();
+        let mut decodes_left = self.running.iter().filter(|seq| seq.is_decode()).count();
         let mut index = 0;
         while index < self.running.len() && budget > 0 {
-            let decode = is_decode(&self.running[index]);
+            let decode = self.running[index].is_decode();
             let n = if decode {
                 decodes_left -= 1;
                 1
@@ -286,11 +323,11 @@ impl<E: ModelExecutor> Scheduler<E> {
                 .is_err()
             {
                 let victim = self.running.len() - 1;
-                if victim != index && is_decode(&self.running[victim]) {
+                if victim != index && self.running[victim].is_decode() {
                     decodes_left -= 1;
                 }
                 self.preempt(victim);
-                report.preempted += 1;
+                plan.preempted += 1;
                 if victim == index {
                     scheduled = false;
                     break;
@@ -299,7 +336,10 @@ impl<E: ModelExecutor> Scheduler<E> {
             if !scheduled {
                 break;
             }
-            plan.push((index, n));
+            plan.chunks.push(ScheduledChunk {
+                seq: index,
+                tokens: n,
+            });
             budget -= n;
             index += 1;
         }
@@ -339,23 +379,20 @@ impl<E: ModelExecutor> Scheduler<E> {
             if seq.first_scheduled.is_none() {
                 seq.first_scheduled = Some(now);
                 self.counts.queued.fetch_sub(1, Ordering::Relaxed);
-                let queue = now.duration_since(seq.request.arrival);
-                self.metrics
-                    .request_queue_time_seconds
-                    .observe(queue.as_secs_f64());
             }
             if seq.cached_prompt_tokens.is_none() {
                 let cached = seq.num_computed.min(seq.prompt_len());
                 seq.cached_prompt_tokens = Some(cached);
-                self.metrics
-                    .prompt_tokens_total
-                    .inc_by(seq.prompt_len() as u64);
-                self.metrics
-                    .prefix_cache_queries_total
-                    .inc_by(seq.prompt_len() as u64);
-                self.metrics.prefix_cache_hits_total.inc_by(cached as u64);
+                stats.admissions.push(Admission {
+                    queue: now.duration_since(seq.request.arrival),
+                    prompt_tokens: seq.prompt_len(),
+                    cached_prompt_tokens: cached,
+                });
             }
-            plan.push((self.running.len(), n));
+            plan.chunks.push(ScheduledChunk {
+                seq: self.running.len(),
+                tokens: n,
+            });
             self.running.push(seq);
             budget -= n;
         }
@@ -369,52 +406,44 @@ impl<E: ModelExecutor> Scheduler<E> {
         tracing::debug!(request_id = %seq.request.request_id, generated = seq.generated(), "preempting");
         self.blocks.free(&mut seq.table);
         seq.num_computed = 0;
-        self.metrics.preemptions_total.inc();
         self.waiting.push_front(seq);
     }
 
-    fn run(&mut self, plan: &[(usize, usize)], report: &mut StepReport) {
-        let chunks: Vec<BatchChunk<'_>> = plan
+    /// Runs the plan's chunks in one batched forward: the logits of each chunk's last token.
+    fn execute(&mut self, plan: &StepPlan) -> Result<Vec<f32>, StepError> {
+        let chunks: Vec<SequenceChunk<'_>> = plan
+            .chunks
             .iter()
-            .map(|&(index, n)| {
-                let seq = &self.running[index];
-                BatchChunk {
-                    tokens: &seq.tokens[seq.num_computed..seq.num_computed + n],
+            .map(|chunk| {
+                let seq = &self.running[chunk.seq];
+                SequenceChunk {
+                    tokens: &seq.tokens[seq.num_computed..seq.num_computed + chunk.tokens],
                     start_pos: seq.num_computed,
                     block_table: seq.table.blocks(),
                 }
             })
             .collect();
-        report.batch_size = chunks.len();
-        report.tokens = plan.iter().map(|&(_, n)| n).sum();
-        let logits = self.executor.forward(&chunks);
+        let logits = self.executor.forward(&chunks)?;
+        let vocab = self.executor.vocab_size();
+        if logits.len() != chunks.len() * vocab {
+            return Err(StepError::LogitsShape {
+                got: logits.len(),
+                chunks: chunks.len(),
+                vocab,
+            });
+        }
+        Ok(logits)
+    }
+
+    /// Advances every planned sequence; those that reached their end sample a token, stream it
+    /// and finish when a finish rule says so.
+    fn apply_outputs(&mut self, plan: &StepPlan, logits: &[f32], stats: &mut StepStats) {
         let vocab = self.executor.vocab_size();
         let now = Instant::now();
-        let logits = match logits {
-            Ok(logits) if logits.len() == plan.len() * vocab => logits,
-            Ok(logits) => {
-                let message = format!(
-                    "model returned {} logits for {} chunks of vocabulary {vocab}",
-                    logits.len(),
-                    plan.len()
-                );
-                self.fail_planned(plan, GenerationError::Model(message));
-                return;
-            }
-            Err(StepError::Failed(message)) => {
-                self.fail_planned(plan, GenerationError::Model(message));
-                return;
-            }
-            Err(StepError::Unavailable(message)) => {
-                self.fail_planned(plan, GenerationError::Unavailable(message));
-                return;
-            }
-        };
-
         let mut finished = Vec::new();
-        for (row, &(index, n)) in plan.iter().enumerate() {
-            let seq = &mut self.running[index];
-            seq.num_computed += n;
+        for (row, chunk) in plan.chunks.iter().enumerate() {
+            let seq = &mut self.running[chunk.seq];
+            seq.num_computed += chunk.tokens;
             self.blocks
                 .register_full_blocks(&mut seq.table, &seq.tokens, seq.num_computed);
             if seq.num_computed < seq.tokens.len() {
@@ -425,30 +454,30 @@ impl<E: ModelExecutor> Scheduler<E> {
                 .sampler
                 .sample(&mut row_logits, &seq.tokens, seq.request.logprobs);
             seq.tokens.push(sampled.token);
-            self.metrics.generation_tokens_total.inc();
+            stats.generated_tokens += 1;
             match seq.last_token {
                 None => {
                     seq.first_token = Some(now);
-                    let arrival = seq.request.arrival;
-                    self.metrics
-                        .time_to_first_token_seconds
-                        .observe(now.duration_since(arrival).as_secs_f64());
-                    if let Some(scheduled) = seq.first_scheduled {
-                        self.metrics
-                            .request_prefill_time_seconds
-                            .observe(now.duration_since(scheduled).as_secs_f64());
-                    }
+                    stats.first_tokens.push(FirstToken {
+                        time_to_first_token: now.duration_since(seq.request.arrival),
+                        prefill: seq.first_scheduled.map(|t| now.duration_since(t)),
+                    });
                 }
-                Some(last) => self
-                    .metrics
-                    .inter_token_latency_seconds
-                    .observe(now.duration_since(last).as_secs_f64()),
+                Some(last) => stats.inter_token.push(now.duration_since(last)),
             }
             seq.last_token = Some(now);
 
             let token = sampled.token;
-            let mut output = GenerationOutput {
+            let step = seq.output.push_token(
+                self.codec.as_ref(),
+                &seq.request,
+                &self.eos_token_ids,
+                &seq.tokens,
+                self.config.max_seq_len,
+            );
+            let output = GenerationOutput {
                 token_ids: vec![token],
+                text: step.text,
                 logprobs: if seq.request.logprobs > 0 {
                     vec![TokenLogprob {
                         token,
@@ -458,47 +487,15 @@ impl<E: ModelExecutor> Scheduler<E> {
                 } else {
                     Vec::new()
                 },
-                ..GenerationOutput::default()
+                finished: None,
             };
-            let is_eos = !seq.request.ignore_eos && self.eos_token_ids.contains(&token);
-            let is_stop_token = seq.request.stop_token_ids.contains(&token);
-            let mut reason = if is_eos {
-                Some(FinishReason::Eos)
-            } else if is_stop_token {
-                Some(FinishReason::Stop)
-            } else {
-                None
-            };
-            // The text of an end token is not part of the output.
-            if reason.is_none() {
-                match seq.decoder.step(self.codec.as_ref(), &seq.tokens) {
-                    Ok(delta) => {
-                        let released = seq.stops.push(&delta);
-                        output.text = released.text;
-                        if released.stopped {
-                            reason = Some(FinishReason::Stop);
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, token, "detokenizing failed; no text for this token")
-                    }
+            match step.finish {
+                Some(reason) => {
+                    let tail = seq.output.flush(reason);
+                    finished.push((chunk.seq, reason, output, tail));
                 }
-            }
-            if reason.is_none()
-                && (seq.generated() >= seq.request.max_tokens
-                    || seq.tokens.len() >= self.config.max_seq_len)
-            {
-                reason = Some(FinishReason::Length);
-            }
-            if let Some(reason) = reason {
-                let tail = if reason == FinishReason::Stop {
-                    String::new()
-                } else {
-                    seq.stops.flush()
-                };
-                finished.push((index, reason, output, tail));
-            } else if seq.sender.send(Ok(output)).is_err() {
-                // The stream is gone; the next step reaps the request.
+                // A closed stream is reaped at the next step.
+                None => drop(seq.sender.send(Ok(output))),
             }
         }
 
@@ -506,7 +503,7 @@ impl<E: ModelExecutor> Scheduler<E> {
         finished.sort_by_key(|entry| std::cmp::Reverse(entry.0));
         for (index, reason, output, tail) in finished {
             let mut seq = self.running.remove(index);
-            let mut last = self.finish(&mut seq, reason, now, tail);
+            let mut last = self.finish(&mut seq, reason, now, tail, stats);
             last.token_ids = output.token_ids;
             last.logprobs = output.logprobs;
             last.text.insert_str(0, &output.text);
@@ -515,13 +512,15 @@ impl<E: ModelExecutor> Scheduler<E> {
         }
     }
 
-    /// The last output of a request (without its final token's pieces) and its metrics.
+    /// The last output of a request (without its final token's pieces); its completion goes
+    /// into `stats`.
     fn finish(
         &self,
         seq: &mut Sequence,
         reason: FinishReason,
         now: Instant,
         text: String,
+        stats: &mut StepStats,
     ) -> GenerationOutput {
         let arrival = seq.request.arrival;
         let timings = Timings {
@@ -533,15 +532,11 @@ impl<E: ModelExecutor> Scheduler<E> {
                 .map_or(std::time::Duration::ZERO, |t| t.duration_since(arrival)),
             total: now.duration_since(arrival),
         };
-        self.metrics.record_finish(reason);
-        self.metrics
-            .e2e_request_latency_seconds
-            .observe(timings.total.as_secs_f64());
-        if let Some(first) = seq.first_token {
-            self.metrics
-                .request_decode_time_seconds
-                .observe(now.duration_since(first).as_secs_f64());
-        }
+        stats.completions.push(Completion {
+            reason,
+            total: timings.total,
+            decode: seq.first_token.map(|first| now.duration_since(first)),
+        });
         GenerationOutput {
             text,
             finished: Some(Finished {
@@ -558,9 +553,9 @@ impl<E: ModelExecutor> Scheduler<E> {
     }
 
     /// A failed forward fails the requests of that batch only; the engine keeps serving.
-    fn fail_planned(&mut self, plan: &[(usize, usize)], error: GenerationError) {
-        tracing::error!(%error, "model step failed");
-        let mut indices: Vec<usize> = plan.iter().map(|&(index, _)| index).collect();
+    fn fail_planned(&mut self, plan: &StepPlan, error: GenerationError) {
+        tracing::error!(error = %error, "model step failed");
+        let mut indices: Vec<usize> = plan.chunks.iter().map(|chunk| chunk.seq).collect();
         indices.sort_unstable_by(|a, b| b.cmp(a));
         for index in indices {
             let mut seq = self.running.remove(index);
@@ -572,12 +567,15 @@ impl<E: ModelExecutor> Scheduler<E> {
 
 #[cfg(test)]
 mod tests {
+    use std::ops::{Deref, DerefMut};
     use std::time::Duration;
 
     use super::*;
-    use crate::engine::detokenizer::tests::ByteCodec;
+    use crate::engine::codec::tests::ByteCodec;
     use crate::engine::request::{GenerationOutput, OutputReceiver};
     use crate::engine::sampler::SamplingParams;
+    use crate::metrics::Metrics;
+    use crate::model::ModelError;
 
     const VOCAB: usize = 300;
     const EOS: u32 = 256;
@@ -611,7 +609,7 @@ mod tests {
             VOCAB
         }
 
-        fn forward(&mut self, chunks: &[BatchChunk<'_>]) -> Result<Vec<f32>, StepError> {
+        fn forward(&mut self, chunks: &[SequenceChunk<'_>]) -> Result<Vec<f32>, StepError> {
             let mut logits = Vec::with_capacity(chunks.len() * VOCAB);
             for chunk in chunks {
                 for (offset, &token) in chunk.tokens.iter().enumerate() {
@@ -621,8 +619,11 @@ mod tests {
                 let end = chunk.start_pos + chunk.tokens.len();
                 let mut state: u64 = 17;
                 for pos in 0..end {
-                    let token = self.slots[self.slot(chunk.block_table, pos)]
-                        .ok_or_else(|| format!("position {pos} read before it was written"))?;
+                    let token = self.slots[self.slot(chunk.block_table, pos)].ok_or_else(|| {
+                        StepError::Model(ModelError::Input(format!(
+                            "position {pos} read before it was written"
+                        )))
+                    })?;
                     state = state
                         .wrapping_mul(6364136223846793005)
                         .wrapping_add(token as u64 + 1);
@@ -642,24 +643,53 @@ mod tests {
         }
     }
 
+    /// A scheduler whose steps are recorded into metrics, as the engine loop records them.
+    struct Harness {
+        scheduler: Scheduler<PagedEchoModel>,
+        metrics: Metrics,
+    }
+
+    impl Harness {
+        fn step(&mut self) -> StepStats {
+            let stats = self.scheduler.step();
+            stats.record(&self.metrics);
+            stats
+        }
+    }
+
+    impl Deref for Harness {
+        type Target = Scheduler<PagedEchoModel>;
+        fn deref(&self) -> &Self::Target {
+            &self.scheduler
+        }
+    }
+
+    impl DerefMut for Harness {
+        fn deref_mut(&mut self) -> &mut Self::Target {
+            &mut self.scheduler
+        }
+    }
+
     fn scheduler(
         num_blocks: usize,
         block_size: usize,
         step_tokens: usize,
         prefix: bool,
-    ) -> Scheduler<PagedEchoModel> {
-        Scheduler::new(
-            SchedulerConfig {
-                max_batch_size: 32,
-                max_tokens_per_step: step_tokens,
-                max_seq_len: 512,
-            },
-            PagedEchoModel::new(num_blocks, block_size),
-            Arc::new(ByteCodec),
-            BlockManager::new(num_blocks, block_size, prefix),
-            Arc::new(RequestCounts::default()),
-            Arc::new(Metrics::new("test").unwrap()),
-        )
+    ) -> Harness {
+        Harness {
+            scheduler: Scheduler::new(
+                SchedulerConfig {
+                    max_batch_size: 32,
+                    max_tokens_per_step: step_tokens,
+                    max_seq_len: 512,
+                },
+                PagedEchoModel::new(num_blocks, block_size),
+                Arc::new(ByteCodec),
+                BlockManager::new(num_blocks, block_size, prefix),
+                Arc::new(RequestCounts::default()),
+            ),
+            metrics: Metrics::new("test").unwrap(),
+        }
     }
 
     fn request(prompt: &[u8], max_tokens: usize, sampling: SamplingParams) -> GenerationRequest {
@@ -693,8 +723,8 @@ mod tests {
         }
     }
 
-    fn submit<E: ModelExecutor>(
-        scheduler: &mut Scheduler<E>,
+    fn submit(
+        scheduler: &mut Scheduler<PagedEchoModel>,
         request: GenerationRequest,
     ) -> OutputReceiver {
         scheduler.counts.queued.fetch_add(1, Ordering::SeqCst);
@@ -704,8 +734,8 @@ mod tests {
         receiver
     }
 
-    fn run_to_end<E: ModelExecutor>(scheduler: &mut Scheduler<E>) -> StepReport {
-        let mut total = StepReport::default();
+    fn run_to_end(scheduler: &mut Harness) -> StepStats {
+        let mut total = StepStats::default();
         for _ in 0..10_000 {
             if !scheduler.has_work() {
                 return total;

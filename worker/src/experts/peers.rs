@@ -103,24 +103,37 @@ pub fn judge(expected: &Expectation, answer: &HandshakeInfo) -> PeerStatus {
     PeerStatus::Ready
 }
 
+/// Why a `--peers` list does not fit the shard count.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerListError {
+    #[error("--peers lists {listed} addresses but --shard-count is 1")]
+    PeersWithoutShards { listed: usize },
+    #[error("--peers: `{0}` is not HOST:PORT")]
+    NotHostPort(String),
+    #[error(
+        "--peers lists {listed} addresses; with --shard-count {shard_count} give all {shard_count} shards in rank order, or the {} others",
+        shard_count - 1
+    )]
+    WrongCount { listed: usize, shard_count: usize },
+}
+
 /// Maps `--peers` to ranks: either every shard in rank order (our own entry is skipped), or the
 /// other shards in rank order.
 pub fn peer_ranks(
     addresses: &[String],
     local_rank: usize,
     shard_count: usize,
-) -> Result<Vec<(usize, String)>, String> {
+) -> Result<Vec<(usize, String)>, PeerListError> {
     if shard_count <= 1 {
         if addresses.is_empty() {
             return Ok(Vec::new());
         }
-        return Err(format!(
-            "--peers lists {} addresses but --shard-count is 1",
-            addresses.len()
-        ));
+        return Err(PeerListError::PeersWithoutShards {
+            listed: addresses.len(),
+        });
     }
     if let Some(bad) = addresses.iter().find(|a| !looks_like_host_port(a)) {
-        return Err(format!("--peers: `{bad}` is not HOST:PORT"));
+        return Err(PeerListError::NotHostPort(bad.clone()));
     }
     let others = (0..shard_count).filter(|&r| r != local_rank);
     if addresses.len() == shard_count {
@@ -128,11 +141,10 @@ pub fn peer_ranks(
     } else if addresses.len() == shard_count - 1 {
         Ok(others.zip(addresses.iter().cloned()).collect())
     } else {
-        Err(format!(
-            "--peers lists {} addresses; with --shard-count {shard_count} give all {shard_count} shards in rank order, or the {} others",
-            addresses.len(),
-            shard_count - 1
-        ))
+        Err(PeerListError::WrongCount {
+            listed: addresses.len(),
+            shard_count,
+        })
     }
 }
 
@@ -487,9 +499,11 @@ mod tests {
             vec![(0, "a:1".to_owned()), (2, "c:3".to_owned())]
         );
         assert!(peer_ranks(&[], 0, 1).unwrap().is_empty());
-        let err = peer_ranks(&others[..1], 1, 3).unwrap_err();
+        let err = peer_ranks(&others[..1], 1, 3).unwrap_err().to_string();
         assert!(err.contains("lists 1 addresses"), "{err}");
-        let err = peer_ranks(&["nohost".to_owned()], 0, 2).unwrap_err();
+        let err = peer_ranks(&["nohost".to_owned()], 0, 2)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`nohost` is not HOST:PORT"), "{err}");
         assert!(peer_ranks(&["a:1".to_owned()], 0, 1).is_err());
     }

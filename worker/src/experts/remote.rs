@@ -10,8 +10,8 @@ use latentserve_proto::v1::{ExpertRows, RunExpertsRequest, WireDtype};
 use super::peers::{PeerUnavailable, Peers};
 use super::placement::Placement;
 use super::wire;
+use crate::metrics::Metrics;
 use crate::model::{DispatchPlan, ExpertExecutor, ExpertWork, ModelError};
-use crate::server::metrics::Metrics;
 
 /// One layer's expert work for one peer: the distinct token rows it needs, each once, and the
 /// expert entries indexing into them.

@@ -12,8 +12,8 @@ use tonic::{Request, Response, Status};
 use super::peers::MAX_MESSAGE_BYTES;
 use super::placement::Placement;
 use super::wire;
+use crate::metrics::Metrics;
 use crate::model::{DispatchPlan, ExpertExecutor, ExpertWork};
-use crate::server::metrics::Metrics;
 
 /// Who this shard is: what peers compare in the handshake.
 #[derive(Debug, Clone)]

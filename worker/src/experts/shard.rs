@@ -1,92 +1,71 @@
-//! This worker's place in its serving group: the `serve` flags of expert parallelism, the
-//! placement and fingerprint they lead to, and the pieces `serve` wires in (the expert filter of
-//! the loader, the Experts service, the peer monitor, the sharded MoE executor).
+//! This worker's place in its serving group: the placement and fingerprint that its shard
+//! settings lead to, and the pieces `serve` wires in (the expert filter of the loader, the
+//! Experts service, the peer monitor, the sharded MoE executor). The command-line flags that fill
+//! [`ShardSettings`] live in `cli::shard_args`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-use clap::{Args, ValueEnum};
 use latentserve_proto::v1::WireDtype;
 use tokio::sync::watch;
 
-use super::peers::{PeerTimeouts, Peers, peer_ranks};
-use super::placement::{Placement, check_rank};
+use super::peers::{PeerListError, PeerTimeouts, Peers, peer_ranks};
+use super::placement::{Placement, PlacementError, check_rank};
 use super::remote::ShardedExperts;
 use super::service::{ExpertsService, LocalBackend, ShardIdentity};
 use super::{fingerprint, model_digest};
+use crate::metrics::Metrics;
 use crate::model::moe::LocalExperts;
 use crate::model::{
     DeepSeekModel, DispatchPlan, ExpertExecutor, ExpertFilter, ModelConfig, ModelError,
 };
-use crate::server::metrics::Metrics;
 
-/// Element type of hidden rows sent between shards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum WireDtypeArg {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl WireDtypeArg {
-    pub fn wire(self) -> WireDtype {
-        match self {
-            WireDtypeArg::F32 => WireDtype::F32,
-            WireDtypeArg::F16 => WireDtype::F16,
-            WireDtypeArg::Bf16 => WireDtype::Bf16,
-        }
-    }
-}
-
-/// The expert-parallel flags of `serve`.
-#[derive(Debug, Clone, Args)]
-pub struct ShardArgs {
+/// Where this worker sits in its group and how it talks to the other shards.
+#[derive(Debug, Clone)]
+pub struct ShardSettings {
     /// This worker's rank among the shards of its group (0-based).
-    #[arg(long, default_value_t = 0, conflicts_with = "shard_rank_from_pod_name")]
-    pub shard_rank: u32,
-    /// Take the rank from the ordinal at the end of $POD_NAME (a StatefulSet pod `demo-0-3` is
-    /// rank 3), as the operator's pods do: the pod spec is the same for every rank.
-    #[arg(long)]
-    pub shard_rank_from_pod_name: bool,
-    /// Serve the expert exchange on this address instead of the gRPC port, so that a
-    /// NetworkPolicy can admit it from the group's own pods only.
-    #[arg(long)]
-    pub experts_addr: Option<std::net::SocketAddr>,
+    pub rank: usize,
     /// Shards (pods) per group; the routed experts are split across them.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    pub shard_count: u32,
-    /// gRPC addresses of the shards, HOST:PORT,...: all of them in rank order (this worker's own
-    /// entry is skipped) or the others in rank order. DNS names are re-resolved on reconnect.
-    #[arg(long, value_delimiter = ',')]
+    pub count: usize,
+    /// Addresses of the shards: all of them in rank order, or the others in rank order.
     pub peers: Vec<String>,
-    /// JSON map from routed expert to the shards holding it ({"experts": [[0], [0, 1], ...]}),
-    /// replicas allowed; whole expert groups (or contiguous ranges) per shard by default.
-    #[arg(long)]
+    /// A placement file (routed expert -> shards); the contiguous default when absent.
     pub expert_placement: Option<PathBuf>,
     /// Element type of hidden rows and partial sums sent between shards.
-    #[arg(long, value_enum, default_value_t = WireDtypeArg::F32)]
-    pub expert_wire_dtype: WireDtypeArg,
-    /// Longest a call to a peer's experts may take before its requests fail with UNAVAILABLE
-    /// (e.g. 10s, 500ms).
-    #[arg(long, default_value = "10s", value_parser = crate::cli::serve::parse_duration)]
-    pub expert_rpc_timeout: Duration,
+    pub wire_dtype: WireDtype,
+    /// Longest a call to a peer's experts may take.
+    pub rpc_timeout: Duration,
 }
 
-impl Default for ShardArgs {
+impl Default for ShardSettings {
     fn default() -> Self {
         Self {
-            shard_rank: 0,
-            shard_rank_from_pod_name: false,
-            experts_addr: None,
-            shard_count: 1,
+            rank: 0,
+            count: 1,
             peers: Vec::new(),
             expert_placement: None,
-            expert_wire_dtype: WireDtypeArg::F32,
-            expert_rpc_timeout: Duration::from_secs(10),
+            wire_dtype: WireDtype::F32,
+            rpc_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// Why a worker's shard settings do not fit its model or each other.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+    #[error("--shard-count {count}: the model in {} has no routed experts to split", dir.display())]
+    NoRoutedExperts { count: usize, dir: PathBuf },
+    #[error(transparent)]
+    Peers(#[from] PeerListError),
+    #[error("reading the model identity of {}", dir.display())]
+    ModelIdentity {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A worker's shard: built before the model loads, so that the Experts service answers
@@ -101,16 +80,17 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// Validates the flags against the model directory's config: placement, peers, fingerprint.
+    /// Validates the settings against the model directory's config: placement, peers,
+    /// fingerprint.
     pub fn new(
-        args: &ShardArgs,
+        settings: &ShardSettings,
         model_dir: &Path,
         config: &ModelConfig,
         model_name: &str,
         metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Self> {
-        let rank = args.shard_rank as usize;
-        let count = args.shard_count as usize;
+    ) -> Result<Self, ShardError> {
+        let rank = settings.rank;
+        let count = settings.count;
         check_rank(rank, count)?;
         let (n_experts, n_group) = config
             .moe
@@ -119,12 +99,12 @@ impl Shard {
             Placement::default_for(n_experts.max(1), n_group, 1)?
         } else {
             if n_experts == 0 {
-                anyhow::bail!(
-                    "--shard-count {count}: the model in {} has no routed experts to split",
-                    model_dir.display()
-                );
+                return Err(ShardError::NoRoutedExperts {
+                    count,
+                    dir: model_dir.to_path_buf(),
+                });
             }
-            match &args.expert_placement {
+            match &settings.expert_placement {
                 Some(path) => Placement::from_file(path, n_experts, count)?,
                 None => Placement::default_for(n_experts, n_group, count)?,
             }
@@ -132,9 +112,11 @@ impl Shard {
         if count > 1 && placement.experts_of(rank).is_empty() {
             tracing::warn!(rank, "the placement gives this shard no routed expert");
         }
-        let peers = peer_ranks(&args.peers, rank, count).map_err(anyhow::Error::msg)?;
-        let digest = model_digest(model_dir)
-            .with_context(|| format!("reading the model identity of {}", model_dir.display()))?;
+        let peers = peer_ranks(&settings.peers, rank, count)?;
+        let digest = model_digest(model_dir).map_err(|source| ShardError::ModelIdentity {
+            dir: model_dir.to_path_buf(),
+            source,
+        })?;
         let fingerprint = fingerprint(&digest, &placement);
         tracing::info!(
             rank,
@@ -152,7 +134,7 @@ impl Shard {
         };
         let service = ExpertsService::new(identity.clone(), metrics.clone());
         let timeouts = PeerTimeouts {
-            rpc: args.expert_rpc_timeout,
+            rpc: settings.rpc_timeout,
             ..PeerTimeouts::default()
         };
         let peers = Arc::new(Peers::new(rank, count, peers, fingerprint, timeouts));
@@ -160,7 +142,7 @@ impl Shard {
             identity,
             service,
             peers,
-            wire_dtype: args.expert_wire_dtype.wire(),
+            wire_dtype: settings.wire_dtype,
             metrics,
             monitor: None,
         })
@@ -254,42 +236,4 @@ pub fn loaded_expert_bytes(experts: &LocalExperts) -> usize {
         .flatten()
         .map(|mlp| mlp.weight_bytes())
         .sum()
-}
-
-/// The ordinal at the end of a StatefulSet pod name (`demo-0-3` -> 3).
-pub fn rank_from_pod_name(pod_name: &str) -> anyhow::Result<u32> {
-    pod_name
-        .rsplit_once('-')
-        .and_then(|(_, ordinal)| ordinal.parse().ok())
-        .with_context(|| {
-            format!("--shard-rank-from-pod-name: POD_NAME {pod_name:?} does not end in -<ordinal>")
-        })
-}
-
-impl ShardArgs {
-    /// Resolves `--shard-rank-from-pod-name` into `shard_rank` from the `POD_NAME` environment
-    /// variable (set by the downward API).
-    pub fn resolve_rank(&mut self) -> anyhow::Result<()> {
-        if self.shard_rank_from_pod_name {
-            let pod_name = std::env::var("POD_NAME").context(
-                "--shard-rank-from-pod-name needs the POD_NAME environment variable (downward API)",
-            )?;
-            self.shard_rank = rank_from_pod_name(&pod_name)?;
-        }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod rank_tests {
-    use super::rank_from_pod_name;
-
-    #[test]
-    fn the_rank_is_the_pod_ordinal() {
-        assert_eq!(rank_from_pod_name("demo-0-3").unwrap(), 3);
-        assert_eq!(rank_from_pod_name("my-model-12-0").unwrap(), 0);
-        let error = rank_from_pod_name("demo").unwrap_err().to_string();
-        assert!(error.contains("\"demo\""), "{error}");
-        assert!(rank_from_pod_name("demo-0-x").is_err());
-    }
 }

@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod config;
 pub mod deepseek;
+pub mod generate;
 pub mod loader;
 pub mod mla;
 pub mod moe;

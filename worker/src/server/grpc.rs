@@ -13,8 +13,9 @@ use latentserve_proto::v1::{
     inference_server::Inference,
 };
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
-use crate::engine::detokenizer::TokenCodec;
+use crate::engine::codec::TokenCodec;
 use crate::engine::request::{
     FinishReason, GenerationError, GenerationOutput, GenerationRequest, OutputReceiver,
 };
@@ -229,6 +230,8 @@ struct OutputStream {
     receiver: OutputReceiver,
     deadline: Option<Instant>,
     done: bool,
+    /// The request's `generate` span: what the stream logs belongs to it.
+    span: tracing::Span,
 }
 
 /// The response stream: engine outputs until the finish, or DEADLINE_EXCEEDED when the client's
@@ -236,30 +239,48 @@ struct OutputStream {
 fn response_stream(
     state: OutputStream,
 ) -> impl Stream<Item = Result<GenerateResponse, Status>> + Send {
-    futures::stream::unfold(state, |mut state| async move {
-        if state.done {
-            return None;
-        }
-        let next = match state.deadline {
-            Some(deadline) => {
-                match tokio::time::timeout_at(deadline.into(), state.receiver.recv()).await {
-                    Ok(next) => next,
-                    Err(_) => Some(Err(GenerationError::DeadlineExceeded { generated: 0 })),
-                }
-            }
-            None => state.receiver.recv().await,
-        };
-        state.done = true;
-        let item = match next {
-            Some(Ok(output)) => {
-                state.done = output.finished.is_some();
-                Ok(to_proto(&state.request_id, output))
-            }
-            Some(Err(error)) => Err(generation_status(error)),
-            None => Err(Status::unavailable("the engine stopped")),
-        };
-        Some((item, state))
+    futures::stream::unfold(state, |state| {
+        let span = state.span.clone();
+        next_response(state).instrument(span)
     })
+}
+
+/// The next item of a response stream, and the state for the one after.
+async fn next_response(
+    mut state: OutputStream,
+) -> Option<(Result<GenerateResponse, Status>, OutputStream)> {
+    if state.done {
+        return None;
+    }
+    let next = match state.deadline {
+        Some(deadline) => {
+            match tokio::time::timeout_at(deadline.into(), state.receiver.recv()).await {
+                Ok(next) => next,
+                Err(_) => Some(Err(GenerationError::DeadlineExceeded { generated: 0 })),
+            }
+        }
+        None => state.receiver.recv().await,
+    };
+    state.done = true;
+    let item = match next {
+        Some(Ok(output)) => {
+            state.done = output.finished.is_some();
+            if let Some(finished) = &output.finished {
+                tracing::debug!(
+                    finish_reason = finished.reason.as_str(),
+                    completion_tokens = finished.usage.completion_tokens,
+                    "finished"
+                );
+            }
+            Ok(to_proto(&state.request_id, output))
+        }
+        Some(Err(error)) => {
+            tracing::info!(%error, "failed");
+            Err(generation_status(error))
+        }
+        None => Err(Status::unavailable("the engine stopped")),
+    };
+    Some((item, state))
 }
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
@@ -288,12 +309,21 @@ impl Inference for InferenceService {
             arrival,
         )?;
         let request_id = request.request_id.clone();
-        let receiver = model.engine.submit(request).map_err(submit_status)?;
+        let span = tracing::info_span!(
+            "generate",
+            request_id = %request_id,
+            prompt_tokens = request.prompt.len(),
+            max_tokens = request.max_tokens,
+        );
+        let receiver = span
+            .in_scope(|| model.engine.submit(request))
+            .map_err(submit_status)?;
         let stream = response_stream(OutputStream {
             request_id,
             receiver,
             deadline,
             done: false,
+            span,
         });
         Ok(Response::new(Box::pin(stream)))
     }
@@ -346,7 +376,7 @@ impl Inference for InferenceService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::detokenizer::tests::ByteCodec;
+    use crate::engine::codec::tests::ByteCodec;
     use latentserve_proto::v1::{SamplingParams as PbSampling, StoppingCriteria, TokenIds};
 
     const LIMITS: RequestLimits = RequestLimits {

@@ -3,7 +3,6 @@
 
 pub mod grpc;
 pub mod http;
-pub mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,8 +20,8 @@ use tonic_health::server::HealthReporter;
 
 use crate::experts::EXPERTS_SERVICE_NAME;
 use crate::experts::service::ExpertsService;
+use crate::metrics::Metrics;
 use grpc::{InferenceService, LoadedModel};
-use metrics::Metrics;
 
 /// The health service name of the inference API.
 pub const INFERENCE_SERVICE_NAME: &str = "latentserve.v1.Inference";

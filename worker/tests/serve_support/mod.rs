@@ -84,7 +84,7 @@ pub fn args(model: &str) -> ServeArgs {
         max_queue: 256,
         drain_timeout: Duration::from_secs(30),
         dtype: WeightDtype::F32,
-        shard: latentserve_worker::experts::shard::ShardArgs::default(),
+        shard: latentserve_worker::cli::shard_args::ShardArgs::default(),
     }
 }
 

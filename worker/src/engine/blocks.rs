@@ -271,6 +271,14 @@ impl BlockManager {
     }
 }
 
+/// Blocks of `block_size` tokens that fit in `budget` bytes, given the cache's bytes per block.
+pub fn blocks_for_budget(budget: u64, bytes_per_block: usize) -> usize {
+    if bytes_per_block == 0 {
+        return 0;
+    }
+    (budget / bytes_per_block as u64) as usize
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,5 +410,12 @@ mod tests {
         let mut third = BlockTable::default();
         assert_eq!(manager.acquire_prefix(&mut third, &prompt), 2);
         assert_eq!(third.blocks()[0], first_block);
+    }
+
+    #[test]
+    fn cache_blocks_from_a_budget() {
+        assert_eq!(blocks_for_budget(64 << 20, 1 << 20), 64);
+        assert_eq!(blocks_for_budget(100, 1000), 0);
+        assert_eq!(blocks_for_budget(100, 0), 0);
     }
 }

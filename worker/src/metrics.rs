@@ -7,8 +7,6 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::engine::request::FinishReason;
-
 /// Latencies of whole requests: from milliseconds on a GPU to many minutes on two CPU cores.
 const REQUEST_SECONDS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
@@ -226,9 +224,11 @@ impl Metrics {
         })
     }
 
-    pub fn record_finish(&self, reason: FinishReason) {
+    /// Counts a finished request under its `finish_reason` label (`length`, `stop`, `eos`,
+    /// `cancelled`).
+    pub fn record_finish(&self, finish_reason: &str) {
         self.request_success_total
-            .with_label_values(&[reason.as_str()])
+            .with_label_values(&[finish_reason])
             .inc();
     }
 
@@ -280,7 +280,7 @@ mod tests {
     #[test]
     fn every_metric_has_the_prefix_and_the_model_label() {
         let metrics = Metrics::new("demo").unwrap();
-        metrics.record_finish(FinishReason::Stop);
+        metrics.record_finish("stop");
         metrics.record_expert_tokens(1, 3, 5);
         metrics.record_expert_dispatch("shard-1:50051", 4096);
         metrics.record_expert_rpc("shard-1:50051", 0.003);

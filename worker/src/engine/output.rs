@@ -108,8 +108,6 @@ impl OutputProcessor {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use super::*;
     use crate::engine::codec::tests::ByteCodec;
     use crate::engine::sampler::SamplingParams;
@@ -117,18 +115,7 @@ mod tests {
     const EOS: u32 = 256;
 
     fn request(prompt: &str, max_tokens: usize) -> GenerationRequest {
-        GenerationRequest {
-            request_id: String::new(),
-            prompt: prompt.bytes().map(u32::from).collect(),
-            sampling: SamplingParams::default(),
-            max_tokens,
-            stop: Vec::new(),
-            stop_token_ids: Vec::new(),
-            ignore_eos: false,
-            logprobs: 0,
-            deadline: None,
-            arrival: Instant::now(),
-        }
+        GenerationRequest::of_bytes(prompt.as_bytes(), max_tokens, SamplingParams::default())
     }
 
     /// Feeds `output` byte by byte; returns the released text and the finish of the last token.

@@ -26,6 +26,25 @@ pub struct GenerationRequest {
     pub arrival: Instant,
 }
 
+impl GenerationRequest {
+    /// A request for tests: the prompt's bytes as token ids, nothing but `max_tokens` limiting it.
+    #[cfg(test)]
+    pub(crate) fn of_bytes(prompt: &[u8], max_tokens: usize, sampling: SamplingParams) -> Self {
+        Self {
+            request_id: String::new(),
+            prompt: prompt.iter().map(|&b| u32::from(b)).collect(),
+            sampling,
+            max_tokens,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            logprobs: 0,
+            deadline: None,
+            arrival: Instant::now(),
+        }
+    }
+}
+
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FinishReason {

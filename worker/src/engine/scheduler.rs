@@ -693,18 +693,7 @@ mod tests {
     }
 
     fn request(prompt: &[u8], max_tokens: usize, sampling: SamplingParams) -> GenerationRequest {
-        GenerationRequest {
-            request_id: String::new(),
-            prompt: prompt.iter().map(|&b| u32::from(b)).collect(),
-            sampling,
-            max_tokens,
-            stop: Vec::new(),
-            stop_token_ids: Vec::new(),
-            ignore_eos: false,
-            logprobs: 0,
-            deadline: None,
-            arrival: Instant::now(),
-        }
+        GenerationRequest::of_bytes(prompt, max_tokens, sampling)
     }
 
     fn greedy() -> SamplingParams {

@@ -208,12 +208,7 @@ fn load_engine(
     let bytes_per_token = cache.bytes_per_token();
     metrics.kv_cache_bytes_per_token.set(bytes_per_token as i64);
 
-    let max_seq_len = args
-        .max_seq_len
-        .map_or(config.max_position_embeddings, |n| n as usize);
-    if max_seq_len < 2 {
-        bail!("--max-seq-len {max_seq_len} leaves no room for a prompt and a token");
-    }
+    let max_seq_len = context_limit(args.max_seq_len, config.max_position_embeddings)?;
     let capacity_tokens = num_blocks * block_size;
     let limits = RequestLimits {
         max_seq_len,
@@ -239,7 +234,7 @@ fn load_engine(
         num_experts_per_token: moe.map_or(0, |m| m.num_experts_per_tok) as u32,
         num_shared_experts: moe.map_or(0, |m| m.n_shared_experts) as u32,
         local_routed_experts: local_experts as u32,
-        max_context: max_seq_len as u32,
+        max_context: u32::try_from(max_seq_len).unwrap_or(u32::MAX),
         kv_cache_bytes_per_token: bytes_per_token as u64,
         kv_cache_capacity_tokens: capacity_tokens as u64,
         kv_cache_block_size: args.block_size,
@@ -279,6 +274,28 @@ fn load_engine(
         sharded.enable_exchange();
     }
     Ok((engine, handle, info, limits, codec))
+}
+
+/// The context limit served: `--max-seq-len`, never past the model's own context
+/// (`max_position_embeddings`), which its position tables and training cover. A larger flag (the
+/// CRD allows up to 1048576) is clamped with a warning rather than failing every long request.
+fn context_limit(flag: Option<u32>, model_context: usize) -> anyhow::Result<usize> {
+    let limit = match flag {
+        Some(requested) if requested as usize > model_context => {
+            tracing::warn!(
+                requested,
+                model_context,
+                "--max-seq-len exceeds the model's context (max_position_embeddings); serving the model's context"
+            );
+            model_context
+        }
+        Some(requested) => requested as usize,
+        None => model_context,
+    };
+    if limit < 2 {
+        bail!("--max-seq-len {limit} leaves no room for a prompt and a token");
+    }
+    Ok(limit)
 }
 
 /// Parameters stored in the checkpoint (every tensor's element count).
@@ -338,4 +355,18 @@ async fn shutdown_signal() -> anyhow::Result<()> {
         result = tokio::signal::ctrl_c() => result.context("waiting for Ctrl-C")?,
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_context_limit_never_exceeds_the_model_context() {
+        assert_eq!(context_limit(None, 4096).unwrap(), 4096);
+        assert_eq!(context_limit(Some(1024), 4096).unwrap(), 1024);
+        assert_eq!(context_limit(Some(1_048_576), 4096).unwrap(), 4096);
+        let error = context_limit(Some(1), 4096).unwrap_err().to_string();
+        assert!(error.contains("--max-seq-len 1 leaves no room"), "{error}");
+    }
 }

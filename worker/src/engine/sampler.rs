@@ -181,7 +181,7 @@ impl Sampler {
             .iter()
             .enumerate()
             .filter(|(_, logit)| logit.is_finite())
-            .map(|(token, &logit)| (token as u32, logit / temperature))
+            .map(|(token, &logit)| (token as u32, logit))
             .collect();
         if candidates.is_empty() {
             return argmax(logits);
@@ -190,8 +190,14 @@ impl Sampler {
         if self.params.top_k > 0 {
             candidates.truncate(self.params.top_k as usize);
         }
+        // Scaled after subtracting the maximum: logit / temperature overflows to inf for tiny
+        // temperatures (1e-39), and inf - inf is NaN; (logit - max) / temperature only goes to
+        // -inf, whose exp is 0, so the distribution degrades to greedy.
         let max = candidates[0].1;
-        let mut probs: Vec<f32> = candidates.iter().map(|(_, l)| (l - max).exp()).collect();
+        let mut probs: Vec<f32> = candidates
+            .iter()
+            .map(|(_, l)| ((l - max) / temperature).exp())
+            .collect();
         let total: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
 
@@ -297,6 +303,21 @@ mod tests {
         };
         assert_eq!(draw(3), draw(3));
         assert_ne!(draw(3), draw(4));
+    }
+
+    #[test]
+    fn a_tiny_temperature_samples_the_most_likely_token() {
+        // 1e-39 made every logit / temperature infinite, and inf - inf NaN: the draw then fell
+        // through to an arbitrary candidate.
+        let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.61).cos() * 10.0).collect();
+        let best = argmax(&logits);
+        for temperature in [1e-39, f32::MIN_POSITIVE, 1e-30] {
+            let mut sampler = Sampler::new(params(temperature));
+            for _ in 0..20 {
+                let sampled = sampler.sample(&mut logits.clone(), &[], 0);
+                assert_eq!(sampled.token, best, "temperature {temperature}");
+            }
+        }
     }
 
     #[test]

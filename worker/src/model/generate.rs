@@ -29,20 +29,28 @@ pub struct Generation {
 /// from softmax(logits / temperature).
 pub fn sample(logits: &[f32], temperature: f32, rng: &mut StdRng) -> u32 {
     if temperature <= 0.0 {
-        let mut best = 0;
+        // The first maximum, skipping NaN (which compares false with everything).
+        let mut best: Option<usize> = None;
         for (i, &v) in logits.iter().enumerate() {
-            if v > logits[best] {
-                best = i;
+            if !v.is_nan() && best.is_none_or(|b| v > logits[b]) {
+                best = Some(i);
             }
         }
-        return best as u32;
+        return best.unwrap_or(0) as u32;
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // NaN and infinite logits get no weight; with nothing finite left, the first maximum wins.
     let weights: Vec<f64> = logits
         .iter()
-        .map(|&v| (((v - max) / temperature) as f64).exp())
+        .map(|&v| {
+            let weight = (((v - max) / temperature) as f64).exp();
+            if weight.is_finite() { weight } else { 0.0 }
+        })
         .collect();
     let total: f64 = weights.iter().sum();
+    if !(total > 0.0 && total.is_finite()) {
+        return sample(logits, 0.0, rng);
+    }
     let mut target = rng.random_range(0.0..total);
     for (i, w) in weights.iter().enumerate() {
         if target < *w {
@@ -146,5 +154,19 @@ mod tests {
         // A very low temperature is effectively greedy.
         let mut rng = StdRng::seed_from_u64(3);
         assert!((0..50).all(|_| sample(&logits, 0.01, &mut rng) == 2));
+    }
+
+    #[test]
+    fn non_finite_logits_do_not_panic() {
+        // An empty range in random_range panicked when every weight was NaN or 0.
+        let mut rng = StdRng::seed_from_u64(1);
+        assert_eq!(sample(&[f32::NAN, 1.0, 0.5], 0.0, &mut rng), 1);
+        for _ in 0..20 {
+            let token = sample(&[f32::NAN, 1.0, 0.5], 1.0, &mut rng);
+            assert!(token == 1 || token == 2, "sampled the NaN logit");
+        }
+        assert_eq!(sample(&[f32::NAN, f32::NAN], 1.0, &mut rng), 0);
+        assert_eq!(sample(&[f32::INFINITY, 0.0, 1.0], 1.0, &mut rng), 0);
+        assert_eq!(sample(&[f32::NEG_INFINITY; 3], 0.7, &mut rng), 0);
     }
 }

@@ -25,6 +25,10 @@ use crate::engine::{EngineHandle, SubmitError};
 /// Most alternatives a client may ask for per token.
 pub const MAX_LOGPROBS: u32 = 20;
 
+/// Longest `request_id`, in bytes: it is echoed in every response message, so a long one would
+/// multiply the response size.
+pub const MAX_REQUEST_ID_BYTES: usize = 256;
+
 /// The limits a request is validated against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestLimits {
@@ -70,6 +74,12 @@ pub fn validate_generate(
     arrival: Instant,
 ) -> Result<GenerationRequest, Status> {
     let invalid = |message: String| Status::invalid_argument(message);
+    if request.request_id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(invalid(format!(
+            "request_id is {} bytes; at most {MAX_REQUEST_ID_BYTES} are allowed",
+            request.request_id.len()
+        )));
+    }
     let prompt = match request.prompt {
         Some(generate_request::Prompt::Text(text)) => {
             if text.is_empty() {
@@ -230,6 +240,8 @@ struct OutputStream {
     receiver: OutputReceiver,
     deadline: Option<Instant>,
     done: bool,
+    /// Tokens streamed so far, for the deadline error.
+    generated: usize,
     /// The request's `generate` span: what the stream logs belongs to it.
     span: tracing::Span,
 }
@@ -256,7 +268,9 @@ async fn next_response(
         Some(deadline) => {
             match tokio::time::timeout_at(deadline.into(), state.receiver.recv()).await {
                 Ok(next) => next,
-                Err(_) => Some(Err(GenerationError::DeadlineExceeded { generated: 0 })),
+                Err(_) => Some(Err(GenerationError::DeadlineExceeded {
+                    generated: state.generated,
+                })),
             }
         }
         None => state.receiver.recv().await,
@@ -265,6 +279,7 @@ async fn next_response(
     let item = match next {
         Some(Ok(output)) => {
             state.done = output.finished.is_some();
+            state.generated += output.token_ids.len();
             if let Some(finished) = &output.finished {
                 tracing::debug!(
                     finish_reason = finished.reason.as_str(),
@@ -323,6 +338,7 @@ impl Inference for InferenceService {
             receiver,
             deadline,
             done: false,
+            generated: 0,
             span,
         });
         Ok(Response::new(Box::pin(stream)))
@@ -467,6 +483,13 @@ mod tests {
                 },
                 "stopping.stop[1] is empty",
             ),
+            (
+                GenerateRequest {
+                    request_id: "x".repeat(MAX_REQUEST_ID_BYTES + 1),
+                    ..text("hi")
+                },
+                "request_id is 257 bytes; at most 256",
+            ),
         ];
         for (request, expected) in cases {
             let message = check(request).unwrap_err();
@@ -484,5 +507,38 @@ mod tests {
         assert_eq!(parse_grpc_timeout("S"), None);
         assert_eq!(parse_grpc_timeout("5x"), None);
         assert_eq!(parse_grpc_timeout(""), None);
+    }
+
+    #[tokio::test]
+    async fn the_deadline_error_counts_the_tokens_already_streamed() {
+        use futures::StreamExt;
+
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        for token in [7, 8] {
+            sender
+                .send(Ok(GenerationOutput {
+                    token_ids: vec![token],
+                    ..GenerationOutput::default()
+                }))
+                .unwrap();
+        }
+        let stream = response_stream(OutputStream {
+            request_id: String::new(),
+            receiver,
+            deadline: Some(Instant::now() + Duration::from_millis(50)),
+            done: false,
+            generated: 0,
+            span: tracing::Span::none(),
+        });
+        let items: Vec<_> = stream.collect().await;
+        assert_eq!(items.len(), 3, "two tokens, then the deadline");
+        let status = items[2].as_ref().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert!(
+            status.message().contains("after 2 generated tokens"),
+            "{}",
+            status.message()
+        );
+        drop(sender);
     }
 }

@@ -1,5 +1,9 @@
 //! Token ids -> streamed text: whole UTF-8 characters only, and stop strings never partly emitted.
 
+use std::collections::HashSet;
+
+use aho_corasick::{AhoCorasick, MatchKind};
+
 use super::codec::{CodecError, TokenCodec};
 
 /// Incremental decoding: the text of a growing id sequence, released as soon as it is stable.
@@ -54,10 +58,23 @@ fn common_prefix_len(a: &str, b: &str) -> usize {
         .map_or(a.len().min(b.len()), |((index, _), _)| index)
 }
 
+/// Most stop strings one request may give.
+pub const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_STRING_BYTES: usize = 256;
+
 /// Holds back text that might be the start of a stop string, and cuts the text at the first stop.
+///
+/// Each token costs time linear in the text it adds plus the longest stop string, whatever the
+/// number of stops: one Aho-Corasick automaton finds the earliest stop, and a set of every stop's
+/// proper prefixes finds the longest held-back suffix.
 #[derive(Debug, Default, Clone)]
 pub struct StopStringMatcher {
-    stops: Vec<String>,
+    automaton: Option<AhoCorasick>,
+    /// Every proper prefix of every stop string.
+    prefixes: HashSet<String>,
+    /// Length of the longest stop string, in bytes.
+    longest: usize,
     held: String,
 }
 
@@ -70,29 +87,46 @@ pub struct Released {
 }
 
 impl StopStringMatcher {
+    /// A matcher for `stops`; the request validation keeps them within [`MAX_STOP_STRINGS`] and
+    /// [`MAX_STOP_STRING_BYTES`] and non-empty.
     pub fn new(stops: Vec<String>) -> Self {
+        let stops: Vec<String> = stops.into_iter().filter(|s| !s.is_empty()).collect();
+        if stops.is_empty() {
+            return Self::default();
+        }
+        let automaton = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostFirst)
+            .build(&stops)
+            .ok();
+        let prefixes = stops
+            .iter()
+            .flat_map(|stop| {
+                stop.char_indices()
+                    .skip(1)
+                    .map(|(end, _)| stop[..end].to_owned())
+            })
+            .collect();
         Self {
-            stops,
+            automaton,
+            prefixes,
+            longest: stops.iter().map(String::len).max().unwrap_or(0),
             held: String::new(),
         }
     }
 
     /// Adds new text; returns what may be emitted now.
     pub fn push(&mut self, delta: &str) -> Released {
-        if self.stops.is_empty() {
+        let Some(automaton) = &self.automaton else {
             return Released {
                 text: delta.to_owned(),
                 stopped: false,
             };
-        }
+        };
+        // The held text is shorter than the longest stop, so the search costs the new text plus
+        // that length.
         self.held.push_str(delta);
-        let first_stop = self
-            .stops
-            .iter()
-            .filter_map(|stop| self.held.find(stop.as_str()))
-            .min();
-        if let Some(at) = first_stop {
-            let text = self.held[..at].to_owned();
+        if let Some(found) = automaton.find(&self.held) {
+            let text = self.held[..found.start()].to_owned();
             self.held.clear();
             return Released {
                 text,
@@ -115,16 +149,27 @@ impl StopStringMatcher {
 
     /// Length in bytes of the longest suffix of the held text that a stop string starts with.
     fn longest_partial_stop_suffix(&self) -> usize {
-        let mut longest = 0;
-        for (start, _) in self.held.char_indices() {
-            let suffix = &self.held[start..];
-            if self.stops.iter().any(|stop| stop.starts_with(suffix)) {
-                longest = suffix.len();
-                break;
-            }
-        }
-        longest
+        let earliest = floor_char_boundary(
+            &self.held,
+            self.held
+                .len()
+                .saturating_sub(self.longest.saturating_sub(1)),
+        );
+        self.held[earliest..]
+            .char_indices()
+            .map(|(start, _)| &self.held[earliest + start..])
+            .find(|suffix| self.prefixes.contains(*suffix))
+            .map_or(0, str::len)
     }
+}
+
+/// The largest char boundary of `text` at or below `index`.
+fn floor_char_boundary(text: &str, index: usize) -> usize {
+    let mut index = index.min(text.len());
+    while !text.is_char_boundary(index) {
+        index -= 1;
+    }
+    index
 }
 
 #[cfg(test)]
@@ -196,5 +241,38 @@ mod tests {
                 stopped: true
             }
         );
+    }
+
+    #[test]
+    fn overlapping_stops_hold_the_longest_possible_start() {
+        let mut matcher = StopStringMatcher::new(vec!["abcd".into(), "bcx".into(), "é!".into()]);
+        // "abc" may start "abcd", and its suffix "bc" may start "bcx": all of it is held.
+        assert_eq!(matcher.push("zzabc").text, "zz");
+        // "abce" starts no stop any more; "é" (two bytes) may start "é!".
+        assert_eq!(matcher.push("eé").text, "abce");
+        assert_eq!(
+            matcher.push("!"),
+            Released {
+                text: String::new(),
+                stopped: true
+            }
+        );
+        let mut matcher = StopStringMatcher::new(vec!["abcd".into(), "bcx".into()]);
+        assert_eq!(matcher.push("abcx tail").text, "a");
+    }
+
+    #[test]
+    fn many_stops_sharing_prefixes_behave_like_one() {
+        let stops: Vec<String> = (0..MAX_STOP_STRINGS).map(|i| format!("<end{i}>")).collect();
+        let mut matcher = StopStringMatcher::new(stops);
+        let mut emitted = String::new();
+        for piece in ["text <en", "d", "x> more <end1", "1> never"] {
+            let released = matcher.push(piece);
+            emitted.push_str(&released.text);
+            if released.stopped {
+                break;
+            }
+        }
+        assert_eq!(emitted, "text <endx> more ");
     }
 }

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::engine::codec::TokenCodec;
+use crate::engine::detokenizer::{MAX_STOP_STRING_BYTES, MAX_STOP_STRINGS};
 use crate::engine::request::{
     FinishReason, GenerationError, GenerationOutput, GenerationRequest, OutputReceiver,
 };
@@ -124,8 +125,25 @@ pub fn validate_generate(
         Some(n) => n as usize,
         None => context - prompt.len(),
     };
+    if stopping.stop.len() > MAX_STOP_STRINGS {
+        return Err(invalid(format!(
+            "stopping.stop has {} strings; at most {MAX_STOP_STRINGS} are allowed",
+            stopping.stop.len()
+        )));
+    }
     if let Some(index) = stopping.stop.iter().position(String::is_empty) {
         return Err(invalid(format!("stopping.stop[{index}] is empty")));
+    }
+    if let Some((index, stop)) = stopping
+        .stop
+        .iter()
+        .enumerate()
+        .find(|(_, stop)| stop.len() > MAX_STOP_STRING_BYTES)
+    {
+        return Err(invalid(format!(
+            "stopping.stop[{index}] is {} bytes; at most {MAX_STOP_STRING_BYTES} are allowed",
+            stop.len()
+        )));
     }
     if request.logprobs > MAX_LOGPROBS {
         return Err(invalid(format!(
@@ -482,6 +500,26 @@ mod tests {
                     ..text("hi")
                 },
                 "stopping.stop[1] is empty",
+            ),
+            (
+                GenerateRequest {
+                    stopping: Some(StoppingCriteria {
+                        stop: vec!["s".into(); MAX_STOP_STRINGS + 1],
+                        ..StoppingCriteria::default()
+                    }),
+                    ..text("hi")
+                },
+                "stopping.stop has 17 strings; at most 16",
+            ),
+            (
+                GenerateRequest {
+                    stopping: Some(StoppingCriteria {
+                        stop: vec!["ok".into(), "y".repeat(MAX_STOP_STRING_BYTES + 1)],
+                        ..StoppingCriteria::default()
+                    }),
+                    ..text("hi")
+                },
+                "stopping.stop[1] is 257 bytes; at most 256",
             ),
             (
                 GenerateRequest {

@@ -93,6 +93,29 @@ impl Compiled {
     }
 }
 
+/// Each `.entry` of a PTX text with its number of `.param`s.
+pub fn ptx_entry_params(ptx: &str) -> Vec<(String, usize)> {
+    let mut out: Vec<(String, usize)> = Vec::new();
+    let mut in_params = false;
+    for line in ptx.lines().map(str::trim) {
+        if let Some(name) = ptx_entries(line).into_iter().next() {
+            out.push((name, 0));
+            in_params = !line.ends_with(')') && !line.contains("()");
+            continue;
+        }
+        if in_params {
+            if line.starts_with(".param") {
+                if let Some(last) = out.last_mut() {
+                    last.1 += 1;
+                }
+            } else if line.starts_with(')') {
+                in_params = false;
+            }
+        }
+    }
+    out
+}
+
 /// Names of the `.entry` functions of a PTX text.
 pub fn ptx_entries(ptx: &str) -> Vec<String> {
     ptx.lines()
@@ -241,5 +264,10 @@ mod tests {
     fn ptx_entries_are_read_from_entry_lines() {
         let ptx = "//\n.visible .entry rmsnorm_bf16(\n\t.param .u64 a\n)\n.visible .entry silu_mul_f32(\n";
         assert_eq!(ptx_entries(ptx), ["rmsnorm_bf16", "silu_mul_f32"]);
+        let ptx = ".visible .entry a_f32(\n\t.param .u64 a_f32_param_0,\n\t.param .f32 a_f32_param_1\n)\n{\n\t.param .b32 inner;\n}\n.visible .entry b_f32()\n{\n}\n";
+        assert_eq!(
+            ptx_entry_params(ptx),
+            [("a_f32".to_string(), 2), ("b_f32".to_string(), 0)]
+        );
     }
 }

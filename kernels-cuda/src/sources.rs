@@ -14,6 +14,9 @@ pub struct KernelSource {
     pub file: &'static str,
     pub text: &'static str,
     pub stems: &'static [&'static str],
+    /// Parameters of each stem's entries, in `stems` order: the launch code must pass exactly
+    /// these (the NVRTC test checks them against the compiled PTX).
+    pub params: &'static [usize],
     pub defines: &'static [(&'static str, &'static str)],
 }
 
@@ -23,6 +26,19 @@ impl KernelSource {
         self.defines
             .iter()
             .map(|&(k, v)| (k, v.to_string()))
+            .collect()
+    }
+
+    /// Every entry with its parameter count.
+    pub fn entry_params(&self) -> Vec<(String, usize)> {
+        self.stems
+            .iter()
+            .zip(self.params)
+            .flat_map(|(stem, &n)| {
+                DTYPE_SUFFIXES
+                    .iter()
+                    .map(move |d| (format!("{stem}_{d}"), n))
+            })
             .collect()
     }
 
@@ -54,6 +70,7 @@ pub const RMSNORM: KernelSource = KernelSource {
     file: "rmsnorm.cu",
     text: include_str!("kernels/rmsnorm.cu"),
     stems: &["rmsnorm"],
+    params: &[7],
     defines: &[],
 };
 
@@ -61,6 +78,7 @@ pub const ROPE: KernelSource = KernelSource {
     file: "rope.cu",
     text: include_str!("kernels/rope.cu"),
     stems: &["rope_interleaved", "rope_neox"],
+    params: &[8, 8],
     defines: &[],
 };
 
@@ -68,6 +86,7 @@ pub const LATENT_CACHE: KernelSource = KernelSource {
     file: "latent_cache.cu",
     text: include_str!("kernels/latent_cache.cu"),
     stems: &["latent_cache_write"],
+    params: &[9],
     defines: &[],
 };
 
@@ -75,6 +94,7 @@ pub const SILU_MUL: KernelSource = KernelSource {
     file: "silu_mul.cu",
     text: include_str!("kernels/silu_mul.cu"),
     stems: &["silu_mul"],
+    params: &[7],
     defines: &[],
 };
 
@@ -82,6 +102,7 @@ pub const MLA_DECODE: KernelSource = KernelSource {
     file: "mla_decode.cu",
     text: include_str!("kernels/mla_decode.cu"),
     stems: &["mla_decode_split", "mla_decode_combine"],
+    params: &[14, 8],
     defines: MLA_DEFINES,
 };
 
@@ -120,6 +141,9 @@ mod tests {
         unique.dedup();
         assert_eq!(unique.len(), names.len(), "duplicate entry names");
         assert_eq!(names.len(), 21);
+        for source in ALL {
+            assert_eq!(source.params.len(), source.stems.len(), "{}", source.file);
+        }
     }
 
     #[test]

@@ -100,6 +100,16 @@ fn check_compiles(source: &KernelSource, arch: Arch) {
         "{}: unexpected extra entries {entries:?}",
         source.file
     );
+    let params = compile::ptx_entry_params(&compiled.ptx);
+    for expected in source.entry_params() {
+        assert!(
+            params.contains(&expected),
+            "{} for {arch}: expected entry {} with {} params; PTX has {params:?}",
+            source.file,
+            expected.0,
+            expected.1
+        );
+    }
     assert!(
         compiled.ptx.contains(&format!(".target {arch}")),
         "{}: PTX not for {arch}",

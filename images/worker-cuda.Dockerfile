@@ -1,39 +1,29 @@
 # syntax=docker/dockerfile:1
-# NOT YET BUILDABLE: the worker has no `cuda` feature yet (its forward pass runs on CPU kernels).
-# This file fixes the image layout the CUDA worker will have.
-# The latentserve worker for NVIDIA GPUs: built with the worker's `cuda` feature (candle's CUDA
-# backend) on the CUDA devel image, run on the much smaller CUDA runtime image (cuBLAS, cuRAND,
-# NVRTC; the driver's libcuda comes from the node through the NVIDIA container toolkit).
-# Build from the workspace root:
-#   docker build -f images/worker-cuda.Dockerfile --build-arg CUDA_COMPUTE_CAP=90 \
-#     -t REGISTRY/latentserve-worker-cuda:0.1.0 .
-# Pods run it with `--device cuda` and a GPU limit (e.g. nvidia.com/gpu: 1).
+# The latentserve worker for NVIDIA GPUs: the worker built with its `cuda` feature. Build from
+# the workspace root:
+#   docker build -f images/worker-cuda.Dockerfile -t REGISTRY/latentserve-worker-cuda:0.1.0 .
+#
+# STATUS: the image builds the feature, but the CUDA forward pass is not implemented yet.
+# `--device cuda` probes the GPU and its libraries, then exits non-zero with one line saying the
+# forward pass is not in this build (docs/gpu.md). Run it with `--device cpu` until then.
+#
+# The `cuda` feature loads every CUDA library at run time (cudarc's dynamic loading) and compiles
+# its kernels with NVRTC at start-up for the GPU it finds, so the build stage needs no CUDA
+# toolkit, no driver and no GPU: it is the plain Rust image, like images/worker.Dockerfile. The
+# run stage is NVIDIA's CUDA runtime image, which has cuBLAS, cuBLASLt and NVRTC; the driver's
+# libcuda.so.1 comes from the node through the NVIDIA container toolkit.
 
 ARG RUST_VERSION=1.89
-ARG CUDA_VERSION=12.4.1
-ARG UBUNTU_RELEASE=22.04
+ARG DEBIAN_RELEASE=bookworm
+# CUDA 13 libraries need a driver of the 580 series or newer on the nodes; for nodes on a CUDA 12
+# driver build with e.g. --build-arg CUDA_VERSION=12.8.1 (the worker looks for the .so.13 and
+# .so.12 names of every library).
+ARG CUDA_VERSION=13.0.0
+# Ubuntu 24.04's glibc (2.39) is newer than bookworm's (2.36), which the binary is linked against;
+# Ubuntu 22.04 (2.35) would be too old.
+ARG UBUNTU_RELEASE=24.04
 
-# rustc and cargo come from the official Rust image; they only need a glibc as new as Debian
-# bookworm's, which Ubuntu 22.04 has.
-FROM rust:${RUST_VERSION}-bookworm AS rust
-
-FROM nvidia/cuda:${CUDA_VERSION}-devel-ubuntu${UBUNTU_RELEASE} AS build
-# The GPU generation the kernels are compiled for (candle-kernels builds PTX for it; newer GPUs
-# JIT the PTX). 80: A100, 86: A10/A40, 89: L4/L40S, 90: H100/H200. No GPU is needed to build.
-ARG CUDA_COMPUTE_CAP=80
-# LIBRARY_PATH: link against the driver stub; the node's real libcuda.so.1 is mounted into the
-# container at run time.
-ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP} \
-    RUSTUP_HOME=/usr/local/rustup \
-    CARGO_HOME=/usr/local/cargo \
-    PATH=/usr/local/cargo/bin:/usr/local/cuda/bin:${PATH} \
-    LIBRARY_PATH=/usr/local/cuda/lib64/stubs
-RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      build-essential pkg-config ca-certificates \
- && rm -rf /var/lib/apt/lists/*
-COPY --from=rust /usr/local/cargo /usr/local/cargo
-COPY --from=rust /usr/local/rustup /usr/local/rustup
+FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
@@ -43,7 +33,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_RELEASE}
 LABEL org.opencontainers.image.title="latentserve-worker-cuda" \
-      org.opencontainers.image.description="latentserve inference worker (NVIDIA CUDA): DeepSeek-style MLA + MoE models over gRPC" \
+      org.opencontainers.image.description="latentserve inference worker (NVIDIA CUDA build): DeepSeek-style MLA + MoE models over gRPC" \
       org.opencontainers.image.licenses="Apache-2.0"
 # The base image already asks the NVIDIA container toolkit for the compute driver libraries;
 # which GPUs the container sees is up to the device plugin (the pod's nvidia.com/gpu limit).
@@ -51,6 +41,10 @@ COPY --from=build /out/latentserve-worker /usr/local/bin/latentserve-worker
 # The demo model: what `serve` and `generate` load when no --model is given (the worker looks in
 # <prefix>/share/latentserve/models/demo next to its binary).
 COPY models/demo/ /usr/local/share/latentserve/models/demo/
+# NVRTC output is cached per GPU architecture here (an unwritable cache only costs a recompile
+# at each start); mount an emptyDir or a volume over it to keep it across restarts.
+ENV LATENTSERVE_CACHE=/var/cache/latentserve
+RUN install -d -o 65532 -g 65532 /var/cache/latentserve
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/latentserve-worker"]
 CMD ["serve", "--device", "cuda"]

@@ -10,11 +10,13 @@
 //! engine   the scheduler's steps over a paged block manager, sampling, detokenization
 //! experts  expert parallelism: placement, the Experts service, peers, the sharded MoE
 //! model    config, loader, MLA, MoE, RoPE, the latent cache, the forward pass
+//! device   `--device cpu|cuda[:N]`: parsing and, with the `cuda` feature, the GPU probe
 //! kernels  (crate latentserve-kernels) SIMD kernels and their thread pool
 //! metrics  every Prometheus metric, named once; used by any layer above
 //! ```
 
 pub mod cli;
+pub mod device;
 pub mod engine;
 pub mod experts;
 pub mod metrics;

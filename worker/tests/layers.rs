@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 
 /// Top to bottom.
-const LAYERS: &[&str] = &["cli", "server", "engine", "experts", "model", "metrics"];
+const LAYERS: &[&str] = &[
+    "cli", "server", "engine", "experts", "model", "device", "metrics",
+];
 
 fn rank(module: &str) -> Option<usize> {
     LAYERS.iter().position(|&layer| layer == module)

@@ -38,6 +38,8 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub device: super::DeviceArgs,
 }
 
 const BLOCK_SIZE: usize = 16;
@@ -128,6 +130,7 @@ fn decode_rate(
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    args.device.require_supported()?;
     let options = LoadOptions {
         dtype: args.dtype.candle(),
         ..LoadOptions::default()

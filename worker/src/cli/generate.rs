@@ -45,9 +45,12 @@ pub struct GenerateArgs {
     /// Storage dtype of the weights (computation is f32 either way).
     #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
     pub dtype: WeightDtype,
+    #[command(flatten)]
+    pub device: super::DeviceArgs,
 }
 
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
+    args.device.require_supported()?;
     let dir = &resolve_model_dir(args.model.as_deref())?;
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         bail!(

@@ -9,7 +9,9 @@ pub mod parse;
 pub mod serve;
 pub mod shard_args;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::device::{Device, DeviceParseError, DeviceUnavailable, require_supported};
 
 /// The latentserve inference worker.
 #[derive(Debug, Parser)]
@@ -54,6 +56,26 @@ fn async_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// The `--device` flag, flattened into `serve`, `generate` and `bench`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct DeviceArgs {
+    /// Device to run on: cpu, cuda or cuda:N. CUDA needs a binary built with the `cuda` feature.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    s.parse().map_err(|e: DeviceParseError| e.to_string())
+}
+
+impl DeviceArgs {
+    /// Fails, with one line naming what is missing, unless this binary can run on the device.
+    /// Call it first thing in a command, before any model is loaded.
+    pub fn require_supported(&self) -> Result<(), DeviceUnavailable> {
+        require_supported(self.device)
+    }
+}
+
 /// Storage dtype of the weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
 pub enum WeightDtype {
@@ -68,5 +90,31 @@ impl WeightDtype {
             Self::F32 => candle_core::DType::F32,
             Self::F16 => candle_core::DType::F16,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flag_defaults_to_cpu() {
+        #[derive(Parser)]
+        struct DeviceOnly {
+            #[command(flatten)]
+            device: DeviceArgs,
+        }
+        assert_eq!(DeviceOnly::parse_from(["x"]).device.device, Device::Cpu);
+        assert_eq!(
+            DeviceOnly::parse_from(["x", "--device", "cuda:1"])
+                .device
+                .device,
+            Device::Cuda(1)
+        );
+        let err = DeviceOnly::try_parse_from(["x", "--device", "tpu"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("expected cpu, cuda or cuda:N"), "{err}");
     }
 }

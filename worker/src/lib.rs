@@ -3,6 +3,7 @@
 //! `latentserve-worker` is a thin wrapper over [`cli`].
 
 pub mod cli;
+pub mod device;
 pub mod engine;
 pub mod experts;
 pub mod model;

@@ -59,6 +59,8 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 const BLOCK_SIZE: usize = 16;
@@ -196,6 +198,7 @@ fn batch_decode_rate(
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    args.device.require_supported()?;
     let options = LoadOptions {
         dtype: args.dtype.candle(),
         ..LoadOptions::default()

@@ -50,6 +50,8 @@ pub struct GenerateArgs {
     /// Storage dtype of the weights (computation is f32 either way).
     #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
     pub dtype: WeightDtype,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 /// Tokens per cache block for a single generation.
@@ -170,6 +172,7 @@ pub fn generate_ids(
 }
 
 pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
+    args.device.require_supported()?;
     let dir = &resolve_model_dir(args.model.as_deref())?;
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         bail!(

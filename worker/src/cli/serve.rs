@@ -78,6 +78,8 @@ pub struct ServeArgs {
     /// Expert parallelism: rank, shard count, peers, placement, wire dtype.
     #[command(flatten)]
     pub shard: ShardArgs,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 /// Parses a byte size: a number with an optional binary (Ki, Mi, Gi, Ti) or decimal (K, M, G, T)
@@ -371,6 +373,7 @@ fn model_dir_name(dir: &Path) -> String {
 
 /// `serve`: runs until SIGTERM or Ctrl-C, then drains and returns.
 pub async fn run(mut args: ServeArgs) -> anyhow::Result<()> {
+    args.device.require_supported()?;
     args.shard.resolve_rank()?;
     let serving = start(&args).await?;
     shutdown_signal().await?;

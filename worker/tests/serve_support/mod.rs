@@ -85,6 +85,7 @@ pub fn args(model: &str) -> ServeArgs {
         drain_timeout: Duration::from_secs(30),
         dtype: WeightDtype::F32,
         shard: latentserve_worker::experts::shard::ShardArgs::default(),
+        device: Default::default(),
     }
 }
 

@@ -282,3 +282,72 @@ fn init_random_writes_a_model_that_generates() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["generated_ids"].as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn bench_with_random_weights_prints_json() {
+    let config = fixture_dir("v2-lite-f16").join("config.json");
+    let out = worker(&[
+        "bench",
+        "--random-weights",
+        "--config",
+        config.to_str().unwrap(),
+        "--dtype",
+        "f16",
+        "--seed",
+        "7",
+        "--prefill-tokens",
+        "16",
+        "--depths",
+        "8",
+        "--decode-tokens",
+        "3",
+        "--batch-sizes",
+        "1,4",
+        "--batch-depth",
+        "8",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The fields of a bench on a model directory are all there.
+    for key in [
+        "model",
+        "dtype",
+        "load_seconds",
+        "prefill",
+        "decode",
+        "decode_at_depth",
+        "kv_bytes_per_token",
+        "weight_bytes_per_decode_token",
+    ] {
+        assert!(!v[key].is_null(), "{key} missing: {v}");
+    }
+    assert_eq!(v["prefill"]["tokens"], 16);
+    let batches: Vec<u64> = v["batch_decode"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            assert!(b["tokens_per_second"].as_f64().unwrap() > 0.0);
+            b["batch"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(batches, [1, 4]);
+    assert_eq!(v["random_weights"]["seed"], 7);
+    assert_eq!(v["random_weights"]["storage_dtype"], "f16");
+    assert!(v["random_weights"]["bytes"].as_u64().unwrap() > 0);
+
+    // --random-weights needs --config, and excludes --model.
+    assert_fails_with(&worker(&["bench", "--random-weights"]), &["--config"]);
+    assert_fails_with(
+        &worker(&[
+            "bench",
+            "--random-weights",
+            "--config",
+            config.to_str().unwrap(),
+            "--model",
+            "x",
+        ]),
+        &["--model"],
+    );
+}

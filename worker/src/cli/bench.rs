@@ -5,6 +5,11 @@
 //! bytes per token; weight bytes read per decoded token against a measured 2-thread memory read
 //! bandwidth. Cache rows below the measured depth are filled with synthetic values: decode cost
 //! does not depend on them, and a 4000-token prefill would dominate the run.
+//!
+//! `--batch-sizes 1,8,64` adds decode steps of that many sequences at once (each after
+//! `--batch-depth` cached positions). `--random-weights --config FILE` benches a config with
+//! random weights made in memory instead of a model directory (no checkpoint file, whatever the
+//! model's size).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -14,6 +19,7 @@ use candle_core::{DType, Device};
 use clap::Args;
 
 use super::WeightDtype;
+use crate::model::random::InMemoryRandomModel;
 use crate::model::{
     CacheLayout, DeepSeekModel, LatentCache, LoadOptions, LogitsFor, ModelConfig, SequenceChunk,
 };
@@ -21,8 +27,17 @@ use crate::model::{
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Model directory.
-    #[arg(long)]
-    pub model: PathBuf,
+    #[arg(long, required_unless_present = "random_weights")]
+    pub model: Option<PathBuf>,
+    /// Bench the config of --config with random weights made in memory (no model directory).
+    #[arg(long, conflicts_with = "model", requires = "config")]
+    pub random_weights: bool,
+    /// With --random-weights: a DeepSeek-V2/V3 config.json.
+    #[arg(long, requires = "random_weights")]
+    pub config: Option<PathBuf>,
+    /// With --random-weights: seed of the weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Storage dtype of the weights.
     #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
     pub dtype: WeightDtype,
@@ -35,6 +50,12 @@ pub struct BenchArgs {
     /// Decode steps timed at each depth.
     #[arg(long, default_value_t = 32)]
     pub decode_tokens: usize,
+    /// Batched decode: numbers of sequences decoding together, e.g. 1,8,64,256 (none by default).
+    #[arg(long, value_delimiter = ',')]
+    pub batch_sizes: Vec<usize>,
+    /// Cached positions of every sequence in the batched decode.
+    #[arg(long, default_value_t = 128)]
+    pub batch_depth: usize,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -129,6 +150,53 @@ fn decode_rate(
     Ok((steps - 1) as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Batched decode: `batch` sequences, each after `depth` cached positions in its own blocks,
+/// decode `steps` tokens together (the first step untimed). Returns (tokens/s, seconds per step).
+fn batch_decode_rate(
+    model: &DeepSeekModel,
+    batch: usize,
+    depth: usize,
+    steps: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let config = model.config();
+    let per_sequence = (depth + steps).div_ceil(BLOCK_SIZE);
+    let mut cache = LatentCache::new(
+        config,
+        batch * per_sequence,
+        BLOCK_SIZE,
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    let tables: Vec<Vec<u32>> = (0..batch)
+        .map(|s| ((s * per_sequence) as u32..((s + 1) * per_sequence) as u32).collect())
+        .collect();
+    for (s, table) in tables.iter().enumerate() {
+        cache.fill_synthetic(table, depth, 7 + s as u64);
+    }
+    let ids = tokens(config, batch * steps);
+    let step = |cache: &mut LatentCache, i: usize| -> anyhow::Result<()> {
+        let chunks: Vec<SequenceChunk> = tables
+            .iter()
+            .enumerate()
+            .map(|(s, table)| SequenceChunk {
+                tokens: std::slice::from_ref(&ids[i * batch + s]),
+                start_pos: depth + i,
+                block_table: table,
+            })
+            .collect();
+        model.forward(&chunks, cache, LogitsFor::LastToken)?;
+        Ok(())
+    };
+    step(&mut cache, 0)?;
+    let started = Instant::now();
+    for i in 1..steps {
+        step(&mut cache, i)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let timed = (steps - 1) as f64;
+    Ok((batch as f64 * timed / seconds, seconds / timed))
+}
+
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     args.device.require_supported()?;
     let options = LoadOptions {
@@ -136,8 +204,35 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         ..LoadOptions::default()
     };
     let load_started = Instant::now();
-    let model = DeepSeekModel::load(&args.model, &options)
-        .with_context(|| format!("loading the model in {}", args.model.display()))?;
+    let (model, model_name, random_weights) = match (&args.model, &args.config) {
+        (Some(dir), _) => {
+            let model = DeepSeekModel::load(dir, &options)
+                .with_context(|| format!("loading the model in {}", dir.display()))?;
+            (model, dir.display().to_string(), serde_json::Value::Null)
+        }
+        (None, Some(config)) => {
+            // Stored in the weight dtype when it is 16-bit, so the loader only copies.
+            let storage = match options.dtype {
+                DType::F16 | DType::BF16 => options.dtype,
+                _ => DType::F32,
+            };
+            let random = InMemoryRandomModel::new(config, args.seed, storage)
+                .with_context(|| format!("making random weights for {}", config.display()))?;
+            let model = DeepSeekModel::load(random.dir(), &options)
+                .with_context(|| format!("loading random weights for {}", config.display()))?;
+            let info = serde_json::json!({
+                "config": config.display().to_string(),
+                "seed": args.seed,
+                "storage_dtype": format!("{storage:?}").to_lowercase(),
+                "bytes": random.weight_bytes(),
+                "generate_seconds": random.generate_seconds(),
+            });
+            // Frees the in-memory checkpoint: the model holds its own copy now.
+            drop(random);
+            (model, format!("random:{}", config.display()), info)
+        }
+        (None, None) => anyhow::bail!("give --model DIR or --random-weights --config FILE"),
+    };
     let load_seconds = load_started.elapsed().as_secs_f64();
     let config = model.config().clone();
     let context = config.max_position_embeddings;
@@ -192,6 +287,26 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         "decode at depth: absorbed vs decompressed per-head cache"
     );
 
+    let mut batch_decode = Vec::new();
+    let batch_depth = args.batch_depth.min(context.saturating_sub(steps));
+    for &batch in &args.batch_sizes {
+        let (rate, step_seconds) = batch_decode_rate(&model, batch.max(1), batch_depth, steps)?;
+        tracing::info!(
+            batch,
+            depth = batch_depth,
+            tokens_per_s = format!("{rate:.1}"),
+            step_ms = format!("{:.2}", step_seconds * 1e3),
+            "batched decode"
+        );
+        batch_decode.push(serde_json::json!({
+            "batch": batch.max(1),
+            "depth": batch_depth,
+            "steps": steps - 1,
+            "tokens_per_second": rate,
+            "step_seconds": step_seconds,
+        }));
+    }
+
     let latent_bytes = LatentCache::new(&config, 1, 1, DType::F32, &Device::Cpu)?.bytes_per_token();
     let heads_bytes = LatentCache::with_layout(
         &config,
@@ -210,7 +325,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .unwrap_or(0.0);
     let bandwidth_fraction = weight_bytes as f64 * batch1_rate / bandwidth;
     let report = serde_json::json!({
-        "model": args.model.display().to_string(),
+        "model": model_name,
         "dtype": format!("{:?}", args.dtype).to_lowercase(),
         "threads": rayon::current_num_threads(),
         "load_seconds": load_seconds,
@@ -231,6 +346,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         "read_bandwidth_bytes_per_second": bandwidth,
         "bandwidth_fraction_at_first_depth": bandwidth_fraction,
         "peak_rss_bytes": peak_rss_bytes(),
+        "batch_decode": batch_decode,
+        "random_weights": random_weights,
     });
     if args.json {
         println!("{report}");

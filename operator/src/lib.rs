@@ -15,6 +15,7 @@ pub mod reconcile;
 pub mod resources;
 pub mod status;
 pub mod validate;
+pub mod worker_args;
 
 #[cfg(test)]
 mod test_support;

@@ -6,7 +6,7 @@ use crate::crd::{HostPathSource, ModelDeployment, ModelDeploymentSpec, ModelSour
 use crate::discovery::{Features, KubeVersion};
 use crate::resources::BuildContext;
 
-/// The brief's example: `demo` in `models`, one group of two shards.
+/// The example ModelDeployment of the docs: `demo` in `models`, one group of two shards.
 pub fn demo() -> ModelDeployment {
     let mut md = ModelDeployment::new(
         "demo",

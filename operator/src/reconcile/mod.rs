@@ -13,6 +13,9 @@ pub mod events;
 pub mod prune;
 pub mod update_status;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -1,4 +1,7 @@
-//! Fixtures shared by the unit tests.
+//! Fixtures shared by the unit tests, and [`fake_api`], an in-process Kubernetes API for the
+//! reconciler tests.
+
+pub mod fake_api;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 

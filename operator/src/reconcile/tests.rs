@@ -11,6 +11,7 @@ use latentserve_proto::v1::ModelInfo;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::capacity::ModelInfoError;
 use crate::resources::LABEL_GROUP;
 use crate::test_support::build_context;
 use crate::test_support::demo;
@@ -30,9 +31,14 @@ struct NoWorkers;
 impl ModelInfoSource for NoWorkers {
     fn model_info<'a>(
         &'a self,
-        _: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<ModelInfo, String>> + Send + 'a>> {
-        Box::pin(async { Err("no workers in this test".to_owned()) })
+        address: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<ModelInfo, ModelInfoError>> + Send + 'a>> {
+        Box::pin(async move {
+            Err(ModelInfoError::Call {
+                address: address.to_owned(),
+                source: tonic::Status::unavailable("no workers in this test"),
+            })
+        })
     }
 }
 

@@ -41,7 +41,7 @@ use crate::resources::{
     Owner,
 };
 use crate::status::Outcome;
-use crate::validate::validate;
+use crate::validate::{ValidatedSpec, validate};
 
 /// How long a healthy ModelDeployment waits before it is looked at again without any event.
 const RESYNC: Duration = Duration::from_secs(300);
@@ -228,7 +228,7 @@ async fn reconcile_valid(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
 /// Build -> apply -> prune, then the Events that describe what changed. Returns the
 /// StatefulSets of the current groups as the API server answered the applies.
 async fn apply_and_prune(
-    spec: &crate::validate::ValidatedSpec<'_>,
+    spec: &ValidatedSpec<'_>,
     ctx: &Context,
     existing: &[StatefulSet],
 ) -> Result<Vec<StatefulSet>, Error> {

@@ -10,13 +10,36 @@ use latentserve_proto::v1::{GetModelInfoRequest, ModelInfo};
 
 use crate::crd::Capacity;
 
+/// Why a worker gave no `ModelInfo`.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelInfoError {
+    #[error("bad worker address {address}: {source}")]
+    Address {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("cannot connect to {address}: {source}")]
+    Connect {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("GetModelInfo on {address}: {source}")]
+    Call {
+        address: String,
+        #[source]
+        source: tonic::Status,
+    },
+}
+
 /// Where the reconciler gets `ModelInfo` from; a trait so that tests without workers can run the
 /// reconciler with a source that never answers.
 pub trait ModelInfoSource: Send + Sync {
     fn model_info<'a>(
         &'a self,
         address: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<ModelInfo, String>> + Send + 'a>>;
+    ) -> Pin<Box<dyn Future<Output = Result<ModelInfo, ModelInfoError>> + Send + 'a>>;
 }
 
 /// Asks the worker over gRPC, within a short deadline so that a hung worker cannot stall a
@@ -38,20 +61,29 @@ impl ModelInfoSource for GrpcModelInfo {
     fn model_info<'a>(
         &'a self,
         address: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<ModelInfo, String>> + Send + 'a>> {
+    ) -> Pin<Box<dyn Future<Output = Result<ModelInfo, ModelInfoError>> + Send + 'a>> {
         Box::pin(async move {
             let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-                .map_err(|e| format!("bad worker address {address}: {e}"))?
+                .map_err(|source| ModelInfoError::Address {
+                    address: address.to_owned(),
+                    source,
+                })?
                 .connect_timeout(self.timeout)
                 .timeout(self.timeout);
             let channel = endpoint
                 .connect()
                 .await
-                .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+                .map_err(|source| ModelInfoError::Connect {
+                    address: address.to_owned(),
+                    source,
+                })?;
             let reply = InferenceClient::new(channel)
                 .get_model_info(GetModelInfoRequest {})
                 .await
-                .map_err(|e| format!("GetModelInfo on {address}: {e}"))?;
+                .map_err(|source| ModelInfoError::Call {
+                    address: address.to_owned(),
+                    source,
+                })?;
             Ok(reply.into_inner())
         })
     }
@@ -167,6 +199,7 @@ mod tests {
             timeout: Duration::from_millis(500),
         };
         let err = source.model_info(&address).await.unwrap_err();
-        assert!(err.contains(&address), "{err}");
+        assert!(err.to_string().contains(&address), "{err}");
+        assert!(matches!(err, ModelInfoError::Connect { .. }), "{err:?}");
     }
 }

@@ -16,17 +16,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Flags the operator sets on the worker itself; `serving.extraArgs` must not repeat them.
-pub const RESERVED_WORKER_FLAGS: &[&str] = &[
-    "--model",
-    "--grpc-addr",
-    "--experts-addr",
-    "--metrics-addr",
-    "--shard-rank",
-    "--shard-rank-from-pod-name",
-    "--shard-count",
-    "--peers",
-    "--drain-timeout",
-];
+pub const RESERVED_WORKER_FLAGS: &[&str] = crate::worker_args::RESERVED;
 
 /// The most worker pods one ModelDeployment may ask for (`replicas x expertShards`).
 pub const MAX_TOTAL_PODS: i32 = 1024;
@@ -241,7 +231,7 @@ pub struct ServingSpec {
     /// Extra worker flags, appended after the ones the operator sets (which they must not repeat).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(length(min = 1, max = 1024)))]
-    #[x_kube(validation = Rule::new("self.all(a, !(a.split('=')[0] in ['--model', '--grpc-addr', '--experts-addr', '--metrics-addr', '--shard-rank', '--shard-rank-from-pod-name', '--shard-count', '--peers', '--drain-timeout']))").message("extraArgs must not repeat a flag the operator sets"))]
+    #[x_kube(validation = Rule::new(crate::worker_args::extra_args_cel_rule()).message("extraArgs must not repeat a flag the operator sets"))]
     pub extra_args: Vec<String>,
 }
 

@@ -1,10 +1,14 @@
 //! The latentserve operator: the `ModelDeployment` CRD and the controller that turns it into
 //! worker pods.
 //!
-//! The reconciler is a pipeline, one module per step: [`validate`] -> [`resources`] (pure
-//! builders) -> server-side apply and pruning ([`reconcile`]) -> [`status`]. [`discovery`] adapts
-//! the builders to the cluster, [`leader`] elects one active process, [`metrics`] serves
-//! Prometheus and health endpoints, and [`capacity`] reads the cache figures from a worker.
+//! The reconciler is a pipeline, one module per stage: [`validate`] (spec -> `ValidatedSpec`) ->
+//! [`resources`] (pure builders of the typed desired objects) -> [`reconcile::apply`]
+//! (server-side apply) -> [`reconcile::prune`] (delete what is owned and no longer desired) ->
+//! [`reconcile::update_status`] (conditions computed by [`status`]). [`reconcile`] wires them
+//! into the controller. [`worker_args`] is the one place that spells the worker's flags,
+//! [`discovery`] adapts the builders to the cluster, [`leader`] elects one active process,
+//! [`metrics`] serves Prometheus and health endpoints, and [`capacity`] reads the cache figures
+//! from a worker.
 
 pub mod capacity;
 pub mod crd;
@@ -15,6 +19,7 @@ pub mod reconcile;
 pub mod resources;
 pub mod status;
 pub mod validate;
+pub mod worker_args;
 
 #[cfg(test)]
 mod test_support;

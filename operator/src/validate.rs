@@ -1,11 +1,20 @@
-//! The checks of the CRD schema and its CEL rules, repeated in the reconciler so that clusters
-//! which skip them (CEL before 1.25, an object stored before the CRD was updated) are protected
-//! too. Pure: a `ModelDeployment` and the cluster's features in, the first bad field out.
+//! The first stage of a reconcile: the checks of the CRD schema and its CEL rules, repeated so
+//! that clusters which skip them (CEL before 1.25, an object stored before the CRD was updated)
+//! are protected too. Pure: a `ModelDeployment` and the cluster's features in; out comes either
+//! the first bad field or a [`ValidatedSpec`], the only input the builders take, holding every
+//! parsed quantity so that nothing parses the spec a second time.
+
+use std::ops::Range;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
-use crate::crd::{MAX_TOTAL_PODS, ModelDeployment, ModelSource, RESERVED_WORKER_FLAGS};
+use crate::crd::{
+    MAX_TOTAL_PODS, ModelDeployment, ModelDeploymentSpec, ModelSource, RESERVED_WORKER_FLAGS,
+    ServiceSpec, ServingSpec, WorkerResources,
+};
 use crate::discovery::Features;
+use crate::resources::Owner;
+use crate::worker_args::flag_of;
 
 /// The longest ModelDeployment name: `NAME-<group>` must leave room for the StatefulSet
 /// controller's `controller-revision-hash` label (63 characters in all) with up to four group
@@ -27,8 +36,81 @@ fn invalid(field: &str, message: impl Into<String>) -> InvalidSpec {
     }
 }
 
-/// Checks everything the builders rely on.
-pub fn validate(md: &ModelDeployment, features: &Features) -> Result<(), InvalidSpec> {
+/// `replicas` serving groups of `expert_shards` ranks each, both checked to be in range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardPlan {
+    pub replicas: i32,
+    pub expert_shards: i32,
+}
+
+impl ShardPlan {
+    /// The serving groups, by number.
+    pub fn groups(&self) -> Range<i32> {
+        0..self.replicas
+    }
+
+    /// The shard ranks of one group.
+    pub fn ranks(&self) -> Range<i32> {
+        0..self.expert_shards
+    }
+}
+
+/// A `ModelDeployment` that passed [`validate`]: the builders' only input. Its fields are
+/// private so that only `validate` makes one; what had to be parsed is here parsed.
+#[derive(Debug, Clone)]
+pub struct ValidatedSpec<'a> {
+    md: &'a ModelDeployment,
+    owner: Owner,
+    plan: ShardPlan,
+    serving: ServingSpec,
+    kv_cache_bytes: Option<u64>,
+    resources: WorkerResources,
+    service: ServiceSpec,
+}
+
+impl<'a> ValidatedSpec<'a> {
+    /// The object as the API server sent it, for the fields that pass through unchanged.
+    pub fn model_deployment(&self) -> &'a ModelDeployment {
+        self.md
+    }
+
+    pub fn spec(&self) -> &'a ModelDeploymentSpec {
+        &self.md.spec
+    }
+
+    pub fn owner(&self) -> &Owner {
+        &self.owner
+    }
+
+    pub fn plan(&self) -> ShardPlan {
+        self.plan
+    }
+
+    /// `spec.serving` with its defaults. Its `kvCacheMemory` is the quantity as written; the
+    /// worker gets [`Self::kv_cache_bytes`].
+    pub fn serving(&self) -> &ServingSpec {
+        &self.serving
+    }
+
+    /// `spec.serving.kvCacheMemory` in bytes.
+    pub fn kv_cache_bytes(&self) -> Option<u64> {
+        self.kv_cache_bytes
+    }
+
+    pub fn resources(&self) -> &WorkerResources {
+        &self.resources
+    }
+
+    pub fn service(&self) -> &ServiceSpec {
+        &self.service
+    }
+}
+
+/// Checks everything the builders rely on, and parses it once.
+pub fn validate<'a>(
+    md: &'a ModelDeployment,
+    features: &Features,
+) -> Result<ValidatedSpec<'a>, InvalidSpec> {
     let name = md.metadata.name.as_deref().unwrap_or_default();
     if name.len() > MAX_NAME_LEN {
         return Err(invalid(
@@ -131,11 +213,13 @@ pub fn validate(md: &ModelDeployment, features: &Features) -> Result<(), Invalid
     {
         return Err(invalid("spec.serving.maxSeqLen", "must be at least 1"));
     }
-    if let Some(memory) = &serving.kv_cache_memory {
-        kv_cache_bytes(memory)?;
-    }
+    let kv_cache_bytes = serving
+        .kv_cache_memory
+        .as_ref()
+        .map(kv_cache_bytes)
+        .transpose()?;
     for (i, arg) in serving.extra_args.iter().enumerate() {
-        let flag = arg.split('=').next().unwrap_or_default();
+        let flag = flag_of(arg);
         if RESERVED_WORKER_FLAGS.contains(&flag) {
             return Err(invalid(
                 &format!("spec.serving.extraArgs[{i}]"),
@@ -143,16 +227,28 @@ pub fn validate(md: &ModelDeployment, features: &Features) -> Result<(), Invalid
             ));
         }
     }
-    if let Some(port) = md.service().port
+    let service = md.service();
+    if let Some(port) = service.port
         && !(1..=65535).contains(&port)
     {
         return Err(invalid("spec.service.port", "must be between 1 and 65535"));
     }
-    Ok(())
+    Ok(ValidatedSpec {
+        md,
+        owner: Owner::of(md),
+        plan: ShardPlan {
+            replicas: spec.replicas,
+            expert_shards: spec.expert_shards,
+        },
+        serving,
+        kv_cache_bytes,
+        resources,
+        service,
+    })
 }
 
 /// `serving.kvCacheMemory` in bytes, for the worker's `--kv-cache-memory`.
-pub fn kv_cache_bytes(memory: &Quantity) -> Result<u64, InvalidSpec> {
+fn kv_cache_bytes(memory: &Quantity) -> Result<u64, InvalidSpec> {
     match parse_quantity(memory) {
         Some(bytes) if bytes >= 1.0 => Ok(bytes as u64),
         _ => Err(invalid(
@@ -213,6 +309,22 @@ mod tests {
     fn the_demo_spec_is_valid() {
         validate(&demo(), &features_latest()).unwrap();
         validate(&demo(), &features_1_20()).unwrap();
+    }
+
+    #[test]
+    fn the_validated_spec_holds_the_parsed_values() {
+        let md = demo();
+        let spec = validate(&md, &features_latest()).unwrap();
+        assert_eq!(spec.kv_cache_bytes(), Some(8 << 30));
+        assert_eq!(
+            spec.plan(),
+            ShardPlan {
+                replicas: 1,
+                expert_shards: 2
+            }
+        );
+        assert_eq!(spec.plan().ranks(), 0..2);
+        assert_eq!(spec.owner().name, "demo");
     }
 
     #[test]

@@ -4,35 +4,34 @@
 use k8s_openapi::api::core::v1::ConfigMap;
 use serde_json::json;
 
-use super::{EXPERTS_PORT, Owner, names};
-use crate::crd::ModelDeployment;
+use super::names;
+use crate::validate::ValidatedSpec;
 
-pub fn config_map(md: &ModelDeployment, owner: &Owner) -> ConfigMap {
-    let groups: Vec<_> = (0..md.spec.replicas)
+pub fn config_map(spec: &ValidatedSpec<'_>) -> ConfigMap {
+    let owner = spec.owner();
+    let plan = spec.plan();
+    let groups: Vec<_> = plan
+        .groups()
         .map(|group| {
             json!({
                 "statefulSet": names::group(&owner.name, group),
-                "pods": (0..md.spec.expert_shards)
+                "pods": plan
+                    .ranks()
                     .map(|rank| json!({
                         "rank": rank,
                         "pod": names::pod(&owner.name, group, rank),
-                        "peerAddress": format!(
-                            "{}.{}.{}.svc:{EXPERTS_PORT}",
-                            names::pod(&owner.name, group, rank),
-                            names::peers_service(&owner.name),
-                            owner.namespace
-                        ),
+                        "peerAddress": owner.peer_address(group, rank),
                     }))
                     .collect::<Vec<_>>(),
             })
         })
         .collect();
     let plan = json!({
-        "replicas": md.spec.replicas,
-        "expertShards": md.spec.expert_shards,
+        "replicas": plan.replicas,
+        "expertShards": plan.expert_shards,
         "groups": groups,
     });
-    let serving = serde_json::to_value(md.serving()).expect("serving settings serialize");
+    let serving = serde_json::to_value(spec.serving()).expect("serving settings serialize");
     ConfigMap {
         metadata: owner.meta(names::config_map(&owner.name), owner.labels("config")),
         data: Some(
@@ -53,18 +52,23 @@ fn pretty(value: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::demo;
+    use crate::test_support::{demo, features_latest};
+    use crate::validate::validate;
 
     #[test]
     fn the_plan_lists_every_rank_of_every_group() {
         let mut md = demo();
         md.spec.replicas = 2;
-        let config = config_map(&md, &Owner::of(&md));
+        let config = config_map(&validate(&md, &features_latest()).unwrap());
         assert_eq!(config.metadata.name.as_deref(), Some("demo-config"));
         let data = config.data.unwrap();
         let plan: serde_json::Value = serde_json::from_str(&data["shard-plan.json"]).unwrap();
         assert_eq!(plan["groups"][1]["pods"][1]["pod"], "demo-1-1");
         assert_eq!(plan["groups"][1]["pods"][1]["rank"], 1);
+        assert_eq!(
+            plan["groups"][1]["pods"][1]["peerAddress"],
+            "demo-1-1.demo-peers.models.svc:50052"
+        );
         let serving: serde_json::Value = serde_json::from_str(&data["serving.json"]).unwrap();
         assert_eq!(serving["maxBatchSize"], 64);
     }

@@ -3,6 +3,7 @@
 
 pub mod configmap;
 pub mod networkpolicy;
+pub mod owned;
 pub mod pdb;
 pub mod service;
 pub mod statefulset;
@@ -11,10 +12,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
-use kube::core::{ApiResource, GroupVersionKind};
 
+pub use self::owned::{Desired, OwnedKind};
 use crate::crd::ModelDeployment;
-use crate::discovery::{Features, PdbApi};
+use crate::discovery::Features;
+use crate::validate::ValidatedSpec;
 
 /// The field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "latentserve-operator";
@@ -120,6 +122,33 @@ impl Owner {
         }
     }
 
+    /// `host:port` of the expert exchange of rank `rank` in group `group`, through the peers
+    /// Service.
+    pub fn peer_address(&self, group: i32, rank: i32) -> String {
+        format!(
+            "{}.{}.{}.svc:{EXPERTS_PORT}",
+            names::pod(&self.name, group, rank),
+            names::peers_service(&self.name),
+            self.namespace
+        )
+    }
+
+    /// Label selector of every child of this ModelDeployment, whatever its component.
+    pub fn children_selector(&self) -> String {
+        format!(
+            "{LABEL_INSTANCE}={},{LABEL_MANAGED_BY}={MANAGED_BY}",
+            self.name
+        )
+    }
+
+    /// Whether `meta` names this ModelDeployment among its owners.
+    pub fn owns(&self, meta: &ObjectMeta) -> bool {
+        meta.owner_references
+            .iter()
+            .flatten()
+            .any(|r| r.uid == self.reference.uid)
+    }
+
     /// `host:port` of the client Service.
     pub fn endpoint(&self, port: i32) -> String {
         format!(
@@ -138,36 +167,6 @@ pub fn selector_string(labels: &BTreeMap<String, String>) -> String {
         .join(",")
 }
 
-/// One object to apply: its API, name and full body.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Desired {
-    pub api: ApiResource,
-    pub name: String,
-    pub body: serde_json::Value,
-}
-
-impl Desired {
-    fn typed<K: Resource<DynamicType = ()> + serde::Serialize>(object: &K) -> Self {
-        Self {
-            api: ApiResource::erase::<K>(&()),
-            name: object.meta().name.clone().unwrap_or_default(),
-            body: serde_json::to_value(object).expect("Kubernetes objects serialize to JSON"),
-        }
-    }
-
-    /// The same object under another version of its API group (same schema, older name).
-    fn with_version(mut self, group: &str, version: &str, kind: &str, plural: &str) -> Self {
-        self.api =
-            ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
-        self.body["apiVersion"] = serde_json::Value::String(format!("{group}/{version}"));
-        self
-    }
-
-    pub fn kind(&self) -> &str {
-        &self.api.kind
-    }
-}
-
 /// What the builders need besides the ModelDeployment.
 #[derive(Debug, Clone)]
 pub struct BuildContext {
@@ -177,33 +176,24 @@ pub struct BuildContext {
 }
 
 /// Every child of a valid ModelDeployment, in apply order (Services and ConfigMap before the
-/// StatefulSets whose pods use them).
-pub fn build_all(md: &ModelDeployment, ctx: &BuildContext) -> Vec<Desired> {
-    let owner = Owner::of(md);
+/// StatefulSets whose pods use them), leaving out kinds this cluster does not serve.
+pub fn build_all(spec: &ValidatedSpec<'_>, ctx: &BuildContext) -> Vec<Desired> {
+    let owner = spec.owner();
     let mut desired = vec![
-        Desired::typed(&configmap::config_map(md, &owner)),
-        Desired::typed(&service::peers_service(&owner)),
-        Desired::typed(&service::client_service(md, &owner)),
+        Desired::ConfigMap(configmap::config_map(spec)),
+        Desired::Service(service::peers_service(owner)),
+        Desired::Service(service::client_service(spec)),
+        Desired::NetworkPolicy(networkpolicy::network_policy(owner)),
     ];
-    if ctx.features.network_policies {
-        desired.push(Desired::typed(&networkpolicy::network_policy(&owner)));
-    }
-    for group in 0..md.spec.replicas {
-        desired.push(Desired::typed(&statefulset::stateful_set(
-            md, &owner, group, ctx,
+    for group in spec.plan().groups() {
+        desired.push(Desired::StatefulSet(statefulset::stateful_set(
+            spec, group, ctx,
         )));
-        let budget = Desired::typed(&pdb::disruption_budget(&owner, group));
-        match ctx.features.pdb {
-            PdbApi::V1 => desired.push(budget),
-            PdbApi::V1beta1 => desired.push(budget.with_version(
-                "policy",
-                "v1beta1",
-                "PodDisruptionBudget",
-                "poddisruptionbudgets",
-            )),
-            PdbApi::None => {}
-        }
+        desired.push(Desired::PodDisruptionBudget(pdb::disruption_budget(
+            owner, group,
+        )));
     }
+    desired.retain(|d| d.kind().api(&ctx.features).is_some());
     desired
 }
 
@@ -211,9 +201,14 @@ pub fn build_all(md: &ModelDeployment, ctx: &BuildContext) -> Vec<Desired> {
 mod tests {
     use super::*;
     use crate::test_support::{build_context, demo, features_1_20};
+    use crate::validate::validate;
+
+    fn build(md: &ModelDeployment, ctx: &BuildContext) -> Vec<Desired> {
+        build_all(&validate(md, &ctx.features).unwrap(), ctx)
+    }
 
     #[test]
-    fn names_follow_the_brief() {
+    fn child_names_derive_from_the_deployment_name() {
         assert_eq!(names::group("demo", 0), "demo-0");
         assert_eq!(names::pod("demo", 0, 1), "demo-0-1");
         assert_eq!(names::peers_service("demo"), "demo-peers");
@@ -225,10 +220,11 @@ mod tests {
     fn every_child_is_owned_and_labelled() {
         let mut md = demo();
         md.spec.replicas = 2;
-        let desired = build_all(&md, &build_context());
+        let ctx = build_context();
+        let desired = build(&md, &ctx);
         let kinds: Vec<_> = desired
             .iter()
-            .map(|d| (d.kind(), d.name.as_str()))
+            .map(|d| (d.kind().as_str(), d.name()))
             .collect();
         assert_eq!(
             kinds,
@@ -243,8 +239,10 @@ mod tests {
                 ("PodDisruptionBudget", "demo-1"),
             ]
         );
+        let owner = Owner::of(&md);
         for object in &desired {
-            let meta = &object.body["metadata"];
+            let body = object.body(&object.kind().api(&ctx.features).unwrap());
+            let meta = &body["metadata"];
             assert_eq!(meta["namespace"], "models");
             assert_eq!(meta["ownerReferences"][0]["kind"], "ModelDeployment");
             assert_eq!(meta["ownerReferences"][0]["controller"], true);
@@ -252,7 +250,8 @@ mod tests {
             assert_eq!(meta["labels"][LABEL_MANAGED_BY], MANAGED_BY);
             assert_eq!(meta["labels"][LABEL_NAME], APP_NAME);
             assert!(meta["labels"][LABEL_COMPONENT].is_string());
-            assert_eq!(object.body["kind"], object.kind());
+            assert_eq!(body["kind"], object.kind().as_str());
+            assert!(owner.owns(object.meta()));
         }
     }
 
@@ -260,22 +259,49 @@ mod tests {
     fn old_clusters_get_v1beta1_budgets() {
         let mut ctx = build_context();
         ctx.features = features_1_20();
-        let desired = build_all(&demo(), &ctx);
+        let desired = build(&demo(), &ctx);
         let pdb = desired
             .iter()
-            .find(|d| d.kind() == "PodDisruptionBudget")
+            .find(|d| d.kind() == OwnedKind::PodDisruptionBudget)
             .unwrap();
-        assert_eq!(pdb.body["apiVersion"], "policy/v1beta1");
-        assert_eq!(pdb.api.version, "v1beta1");
-        assert_eq!(pdb.api.plural, "poddisruptionbudgets");
+        let api = pdb.kind().api(&ctx.features).unwrap();
+        assert_eq!(pdb.body(&api)["apiVersion"], "policy/v1beta1");
+        assert_eq!(api.version, "v1beta1");
+        assert_eq!(api.plural, "poddisruptionbudgets");
+    }
+
+    #[test]
+    fn kinds_the_cluster_does_not_serve_are_left_out() {
+        let mut ctx = build_context();
+        ctx.features.network_policies = false;
+        ctx.features.pdb = crate::discovery::PdbApi::None;
+        let kinds: Vec<_> = build(&demo(), &ctx).iter().map(Desired::kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                OwnedKind::ConfigMap,
+                OwnedKind::Service,
+                OwnedKind::Service,
+                OwnedKind::StatefulSet
+            ]
+        );
     }
 
     #[test]
     fn zero_replicas_keep_services_but_no_groups() {
         let mut md = demo();
         md.spec.replicas = 0;
-        let desired = build_all(&md, &build_context());
-        assert!(desired.iter().all(|d| d.kind() != "StatefulSet"));
-        assert!(desired.iter().any(|d| d.name == "demo-peers"));
+        let desired = build(&md, &build_context());
+        assert!(desired.iter().all(|d| d.kind() != OwnedKind::StatefulSet));
+        assert!(desired.iter().any(|d| d.name() == "demo-peers"));
+    }
+
+    #[test]
+    fn peer_addresses_go_through_the_peers_service() {
+        let owner = Owner::of(&demo());
+        assert_eq!(
+            owner.peer_address(1, 0),
+            "demo-1-0.demo-peers.models.svc:50052"
+        );
     }
 }

@@ -5,7 +5,7 @@ use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{DEFAULT_SERVICE_PORT, EXPERTS_PORT, GRPC_PORT, METRICS_PORT, Owner, names};
-use crate::crd::ModelDeployment;
+use crate::validate::ValidatedSpec;
 
 fn port(name: &str, port: i32, target: i32, app_protocol: Option<&str>) -> ServicePort {
     ServicePort {
@@ -43,8 +43,9 @@ pub fn peers_service(owner: &Owner) -> Service {
 }
 
 /// `NAME`: what clients connect to, over every ready pod of every group.
-pub fn client_service(md: &ModelDeployment, owner: &Owner) -> Service {
-    let service = md.service();
+pub fn client_service(spec: &ValidatedSpec<'_>) -> Service {
+    let owner = spec.owner();
+    let service = spec.service();
     let mut metadata = owner.meta(names::client_service(&owner.name), owner.labels("client"));
     if !service.annotations.is_empty() {
         metadata.annotations = Some(service.annotations.clone());
@@ -73,7 +74,8 @@ pub fn client_service(md: &ModelDeployment, owner: &Owner) -> Service {
 mod tests {
     use super::*;
     use crate::crd::{ServiceSpec as ClientServiceSpec, ServiceType};
-    use crate::test_support::demo;
+    use crate::test_support::{demo, features_latest};
+    use crate::validate::validate;
 
     #[test]
     fn peers_service_is_headless_and_publishes_unready_pods() {
@@ -94,7 +96,7 @@ mod tests {
             type_: Some(ServiceType::LoadBalancer),
             annotations: [("lb.example/internal".to_owned(), "true".to_owned())].into(),
         });
-        let service = client_service(&md, &Owner::of(&md));
+        let service = client_service(&validate(&md, &features_latest()).unwrap());
         assert_eq!(
             service.metadata.annotations.unwrap()["lb.example/internal"],
             "true"

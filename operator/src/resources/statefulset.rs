@@ -15,9 +15,10 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{BuildContext, EXPERTS_PORT, GRPC_PORT, LABEL_GROUP, METRICS_PORT, Owner, names};
-use crate::crd::{ModelDeployment, ModelSource};
-use crate::validate::kv_cache_bytes;
+use super::{BuildContext, EXPERTS_PORT, GRPC_PORT, LABEL_GROUP, METRICS_PORT, names};
+use crate::crd::ModelSource;
+use crate::validate::ValidatedSpec;
+use crate::worker_args::ServeArgs;
 
 /// Where the model is mounted in every worker.
 pub const MODEL_MOUNT: &str = "/model";
@@ -32,12 +33,8 @@ const STARTUP_FAILURES: i32 = 360;
 const WORKER_UID: i64 = 65532;
 
 /// The StatefulSet of serving group `group`.
-pub fn stateful_set(
-    md: &ModelDeployment,
-    owner: &Owner,
-    group: i32,
-    ctx: &BuildContext,
-) -> StatefulSet {
+pub fn stateful_set(spec: &ValidatedSpec<'_>, group: i32, ctx: &BuildContext) -> StatefulSet {
+    let owner = spec.owner();
     let mut selector = owner.pod_selector();
     selector.insert(LABEL_GROUP.to_owned(), group.to_string());
     let mut labels = owner.labels("worker");
@@ -46,7 +43,7 @@ pub fn stateful_set(
     StatefulSet {
         metadata: owner.meta(names::group(&owner.name, group), labels.clone()),
         spec: Some(StatefulSetSpec {
-            replicas: Some(md.spec.expert_shards),
+            replicas: Some(spec.plan().expert_shards),
             service_name: Some(names::peers_service(&owner.name)),
             pod_management_policy: Some("Parallel".to_owned()),
             selector: LabelSelector {
@@ -67,7 +64,7 @@ pub fn stateful_set(
                     ])),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(pod_spec(md, owner, group, ctx)),
+                spec: Some(pod_spec(spec, group, ctx)),
             },
             ..StatefulSetSpec::default()
         }),
@@ -75,10 +72,10 @@ pub fn stateful_set(
     }
 }
 
-fn pod_spec(md: &ModelDeployment, owner: &Owner, group: i32, ctx: &BuildContext) -> PodSpec {
-    let spec = &md.spec;
+fn pod_spec(validated: &ValidatedSpec<'_>, group: i32, ctx: &BuildContext) -> PodSpec {
+    let spec = validated.spec();
     PodSpec {
-        containers: vec![worker_container(md, owner, group, ctx)],
+        containers: vec![worker_container(validated, group, ctx)],
         volumes: Some(vec![
             model_volume(&spec.model),
             Volume {
@@ -141,66 +138,32 @@ fn model_volume(source: &ModelSource) -> Volume {
     volume
 }
 
-/// The worker's command line, per the project's CLI contract.
-pub fn worker_args(md: &ModelDeployment, owner: &Owner, group: i32) -> Vec<String> {
-    let shards = md.spec.expert_shards;
-    let peers: Vec<String> = (0..shards)
-        .map(|rank| {
-            format!(
-                "{}.{}.{}.svc:{EXPERTS_PORT}",
-                names::pod(&owner.name, group, rank),
-                names::peers_service(&owner.name),
-                owner.namespace
-            )
-        })
-        .collect();
-    let mut args = vec![
-        "serve".to_owned(),
-        "--model".to_owned(),
-        MODEL_MOUNT.to_owned(),
-        "--grpc-addr".to_owned(),
-        format!("0.0.0.0:{GRPC_PORT}"),
-        "--experts-addr".to_owned(),
-        format!("0.0.0.0:{EXPERTS_PORT}"),
-        "--metrics-addr".to_owned(),
-        format!("0.0.0.0:{METRICS_PORT}"),
-        // The rank is the pod's StatefulSet ordinal: the worker reads it from $POD_NAME.
-        "--shard-rank-from-pod-name".to_owned(),
-        "--shard-count".to_owned(),
-        shards.to_string(),
-        "--peers".to_owned(),
-        peers.join(","),
-        "--drain-timeout".to_owned(),
-        format!("{DRAIN_SECONDS}s"),
-    ];
-    let serving = md.serving();
-    if let Some(n) = serving.max_batch_size {
-        args.extend(["--max-batch-size".to_owned(), n.to_string()]);
+/// The worker's command line for serving group `group`.
+pub fn serve_args(spec: &ValidatedSpec<'_>, group: i32) -> ServeArgs {
+    let serving = spec.serving();
+    ServeArgs {
+        model: MODEL_MOUNT.to_owned(),
+        grpc_addr: format!("0.0.0.0:{GRPC_PORT}"),
+        experts_addr: format!("0.0.0.0:{EXPERTS_PORT}"),
+        metrics_addr: format!("0.0.0.0:{METRICS_PORT}"),
+        shard_count: spec.plan().expert_shards,
+        peers: spec
+            .plan()
+            .ranks()
+            .map(|rank| spec.owner().peer_address(group, rank))
+            .collect(),
+        drain_timeout_seconds: DRAIN_SECONDS,
+        max_batch_size: serving.max_batch_size,
+        max_seq_len: serving.max_seq_len,
+        kv_cache_bytes: spec.kv_cache_bytes(),
+        prefix_caching: serving.prefix_caching,
+        dtype: serving.dtype,
+        extra_args: serving.extra_args.clone(),
     }
-    if let Some(n) = serving.max_seq_len {
-        args.extend(["--max-seq-len".to_owned(), n.to_string()]);
-    }
-    if let Some(memory) = &serving.kv_cache_memory
-        && let Ok(bytes) = kv_cache_bytes(memory)
-    {
-        args.extend(["--kv-cache-memory".to_owned(), bytes.to_string()]);
-    }
-    if serving.prefix_caching == Some(false) {
-        args.push("--no-prefix-caching".to_owned());
-    }
-    if let Some(dtype) = serving.dtype {
-        args.extend(["--dtype".to_owned(), dtype.as_str().to_owned()]);
-    }
-    args.extend(serving.extra_args.iter().cloned());
-    args
 }
 
-fn worker_container(
-    md: &ModelDeployment,
-    owner: &Owner,
-    group: i32,
-    ctx: &BuildContext,
-) -> Container {
+fn worker_container(spec: &ValidatedSpec<'_>, group: i32, ctx: &BuildContext) -> Container {
+    let md = spec.model_deployment();
     let port = |name: &str, number: i32| ContainerPort {
         name: Some(name.to_owned()),
         container_port: number,
@@ -232,7 +195,7 @@ fn worker_container(
         ),
         image_pull_policy: md.spec.image_pull_policy.map(|p| p.as_str().to_owned()),
         command: Some(vec!["latentserve-worker".to_owned()]),
-        args: Some(worker_args(md, owner, group)),
+        args: Some(serve_args(spec, group).render()),
         env: Some(vec![
             field_env("POD_NAME", "metadata.name"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
@@ -242,7 +205,7 @@ fn worker_container(
             port("experts", EXPERTS_PORT),
             port("metrics", METRICS_PORT),
         ]),
-        resources: Some(resources(md)),
+        resources: Some(resources(spec)),
         volume_mounts: Some(vec![
             VolumeMount {
                 name: "model".to_owned(),
@@ -314,8 +277,8 @@ fn readiness_check(ctx: &BuildContext) -> Probe {
     }
 }
 
-fn resources(md: &ModelDeployment) -> ResourceRequirements {
-    let spec = md.resources();
+fn resources(spec: &ValidatedSpec<'_>) -> ResourceRequirements {
+    let spec = spec.resources();
     let mut requests = spec.requests.clone();
     let mut limits = spec.limits.clone();
     if let Some(gpus) = spec.gpus.filter(|&n| n > 0) {
@@ -334,11 +297,16 @@ fn resources(md: &ModelDeployment) -> ResourceRequirements {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{Dtype, PvcSource};
+    use crate::crd::{Dtype, ModelDeployment, PvcSource};
     use crate::test_support::{build_context, demo, features_1_20};
+    use crate::validate::validate;
+
+    fn build_with(md: &ModelDeployment, group: i32, ctx: &BuildContext) -> StatefulSet {
+        stateful_set(&validate(md, &ctx.features).unwrap(), group, ctx)
+    }
 
     fn build(md: &ModelDeployment, group: i32) -> StatefulSet {
-        stateful_set(md, &Owner::of(md), group, &build_context())
+        build_with(md, group, &build_context())
     }
 
     fn container(sts: &StatefulSet) -> Container {
@@ -479,13 +447,12 @@ mod tests {
     #[test]
     fn probes_use_grpc_where_served_and_http_readyz_otherwise() {
         let md = demo();
-        let owner = Owner::of(&md);
-        let new = container(&stateful_set(&md, &owner, 0, &build_context()));
+        let new = container(&build(&md, 0));
         let readiness = new.readiness_probe.unwrap();
         assert_eq!(readiness.grpc.unwrap().port, GRPC_PORT);
         let mut old_ctx = build_context();
         old_ctx.features = features_1_20();
-        let old = container(&stateful_set(&md, &owner, 0, &old_ctx));
+        let old = container(&build_with(&md, 0, &old_ctx));
         let readiness = old.readiness_probe.unwrap();
         assert!(readiness.grpc.is_none());
         assert_eq!(readiness.http_get.unwrap().path.as_deref(), Some("/readyz"));

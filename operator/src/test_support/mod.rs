@@ -1,4 +1,7 @@
-//! Fixtures shared by the unit tests.
+//! Fixtures shared by the unit tests, and [`fake_api`], an in-process Kubernetes API for the
+//! reconciler tests.
+
+pub mod fake_api;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
@@ -6,7 +9,7 @@ use crate::crd::{HostPathSource, ModelDeployment, ModelDeploymentSpec, ModelSour
 use crate::discovery::{Features, KubeVersion};
 use crate::resources::BuildContext;
 
-/// The brief's example: `demo` in `models`, one group of two shards.
+/// The example ModelDeployment of the docs: `demo` in `models`, one group of two shards.
 pub fn demo() -> ModelDeployment {
     let mut md = ModelDeployment::new(
         "demo",

@@ -1,0 +1,416 @@
+//! The reconciler against an in-process fake API server: what it applies, patches, deletes and
+//! reports, in milliseconds. The real-API-server tests are in `tests/tests/operator_cluster.rs`.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::DeserializeGuard;
+use kube::core::error_boundary::InvalidObject;
+use latentserve_proto::v1::ModelInfo;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::capacity::ModelInfoError;
+use crate::resources::LABEL_GROUP;
+use crate::test_support::build_context;
+use crate::test_support::demo;
+use crate::test_support::fake_api::{FakeApi, Recorded};
+
+const MODEL_DEPLOYMENTS: &str = "/apis/latentserve.io/v1alpha1/namespaces/models/modeldeployments";
+const STATEFUL_SETS: &str = "/apis/apps/v1/namespaces/models/statefulsets";
+const SERVICES: &str = "/api/v1/namespaces/models/services";
+const CONFIG_MAPS: &str = "/api/v1/namespaces/models/configmaps";
+const NETWORK_POLICIES: &str = "/apis/networking.k8s.io/v1/namespaces/models/networkpolicies";
+const BUDGETS: &str = "/apis/policy/v1/namespaces/models/poddisruptionbudgets";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/models/events";
+
+/// No worker answers: these tests have no ready pods to ask.
+struct NoWorkers;
+
+impl ModelInfoSource for NoWorkers {
+    fn model_info<'a>(
+        &'a self,
+        address: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<ModelInfo, ModelInfoError>> + Send + 'a>> {
+        Box::pin(async move {
+            Err(ModelInfoError::Call {
+                address: address.to_owned(),
+                source: tonic::Status::unavailable("no workers in this test"),
+            })
+        })
+    }
+}
+
+/// The fake API holding the ModelDeployment, and a context whose client talks to it.
+fn setup(md: &ModelDeployment) -> (FakeApi, Arc<Context>) {
+    let fake = FakeApi::new();
+    fake.insert(MODEL_DEPLOYMENTS, serde_json::to_value(md).unwrap());
+    let ctx = Context::new(
+        fake.client(),
+        build_context(),
+        Arc::new(Metrics::new()),
+        Arc::new(NoWorkers),
+    );
+    (fake, Arc::new(ctx))
+}
+
+async fn reconcile_once(md: &ModelDeployment, ctx: &Arc<Context>) -> Result<Action, Error> {
+    reconcile(Arc::new(DeserializeGuard(Ok(md.clone()))), ctx.clone()).await
+}
+
+/// The ModelDeployment as the fake stores it now (with the status the operator wrote).
+fn stored(fake: &FakeApi) -> ModelDeployment {
+    serde_json::from_value(fake.get(MODEL_DEPLOYMENTS, "demo").unwrap()).unwrap()
+}
+
+fn paths<'a>(requests: &'a [Recorded], method: &str) -> Vec<&'a str> {
+    requests
+        .iter()
+        .filter(|r| r.method == method && !r.path.starts_with(EVENTS))
+        .map(|r| r.path.as_str())
+        .collect()
+}
+
+fn args_of(sts: &Value) -> Vec<String> {
+    serde_json::from_value(sts["spec"]["template"]["spec"]["containers"][0]["args"].clone())
+        .unwrap()
+}
+
+/// A child of `demo` as an older operator (or an earlier spec) may have left it.
+fn owned_child(kind: &str, api_version: &str, name: &str, group: Option<i32>) -> Value {
+    let md = demo();
+    let mut labels = json!({
+        "app.kubernetes.io/name": "latentserve-worker",
+        "app.kubernetes.io/instance": "demo",
+        "app.kubernetes.io/component": "worker",
+        "app.kubernetes.io/managed-by": "latentserve-operator",
+    });
+    if let Some(group) = group {
+        labels[LABEL_GROUP] = json!(group.to_string());
+    }
+    json!({
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": {
+            "name": name,
+            "namespace": "models",
+            "labels": labels,
+            "ownerReferences": [md.controller_owner_ref(&()).unwrap()],
+        },
+    })
+}
+
+#[tokio::test]
+async fn create_applies_every_child_under_the_field_manager() {
+    let md = demo();
+    let (fake, ctx) = setup(&md);
+    let action = reconcile_once(&md, &ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(RESYNC));
+
+    let requests = fake.take_requests();
+    let applied: Vec<&Recorded> = requests
+        .iter()
+        .filter(|r| r.method == "PATCH" && !r.path.ends_with("/status"))
+        .collect();
+    let applied_paths: Vec<&str> = applied.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(
+        applied_paths,
+        [
+            format!("{CONFIG_MAPS}/demo-config"),
+            format!("{SERVICES}/demo-peers"),
+            format!("{SERVICES}/demo"),
+            format!("{NETWORK_POLICIES}/demo"),
+            format!("{STATEFUL_SETS}/demo-0"),
+            format!("{BUDGETS}/demo-0"),
+        ]
+    );
+    for request in &applied {
+        assert_eq!(
+            request.content_type.as_deref(),
+            Some("application/apply-patch+yaml"),
+            "{}",
+            request.path
+        );
+        assert!(
+            request.query.contains("fieldManager=latentserve-operator")
+                && request.query.contains("force=true"),
+            "{}?{}",
+            request.path,
+            request.query
+        );
+    }
+    assert!(paths(&requests, "DELETE").is_empty());
+    let sts = fake.get(STATEFUL_SETS, "demo-0").unwrap();
+    let args = args_of(&sts);
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--kv-cache-memory" && w[1] == "8589934592"),
+        "{args:?}"
+    );
+    let created = requests
+        .iter()
+        .any(|r| r.is("POST", EVENTS) && r.body["reason"] == "Created");
+    assert!(created, "a Created event");
+    assert_eq!(
+        ctx.metrics.reconciles.with_label_values(&["ok"]).get(),
+        1,
+        "the reconcile is counted"
+    );
+}
+
+#[tokio::test]
+async fn a_changed_spec_is_patched_into_the_statefulsets() {
+    let md = demo();
+    let (fake, ctx) = setup(&md);
+    reconcile_once(&md, &ctx).await.unwrap();
+    fake.take_requests();
+
+    let mut changed = stored(&fake);
+    changed.spec.serving.as_mut().unwrap().max_batch_size = Some(32);
+    changed.metadata.generation = Some(4);
+    reconcile_once(&changed, &ctx).await.unwrap();
+
+    let requests = fake.take_requests();
+    let apply = requests
+        .iter()
+        .find(|r| r.is("PATCH", &format!("{STATEFUL_SETS}/demo-0")))
+        .expect("the StatefulSet is applied again");
+    let args = args_of(&apply.body);
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--max-batch-size" && w[1] == "32"),
+        "{args:?}"
+    );
+    let sts = fake.get(STATEFUL_SETS, "demo-0").unwrap();
+    assert_eq!(args_of(&sts), args);
+    assert!(paths(&requests, "DELETE").is_empty());
+    assert_eq!(stored(&fake).status.unwrap().observed_generation, Some(4));
+}
+
+#[tokio::test]
+async fn owned_children_no_longer_desired_are_deleted_and_others_kept() {
+    let md = demo();
+    let (fake, ctx) = setup(&md);
+    // Left over: a NetworkPolicy under a name no longer built, and group 1 after a scale-down
+    // to one group, with its budget.
+    fake.insert(
+        NETWORK_POLICIES,
+        owned_child(
+            "NetworkPolicy",
+            "networking.k8s.io/v1",
+            "demo-experts",
+            None,
+        ),
+    );
+    fake.insert(
+        STATEFUL_SETS,
+        owned_child("StatefulSet", "apps/v1", "demo-1", Some(1)),
+    );
+    fake.insert(
+        BUDGETS,
+        owned_child("PodDisruptionBudget", "policy/v1", "demo-1", Some(1)),
+    );
+    // Not ours to delete: another ModelDeployment's child, and one with our labels that a
+    // different owner holds.
+    let mut foreign = owned_child("NetworkPolicy", "networking.k8s.io/v1", "other", None);
+    foreign["metadata"]["labels"]["app.kubernetes.io/instance"] = json!("other");
+    fake.insert(NETWORK_POLICIES, foreign);
+    let mut adopted = owned_child("ConfigMap", "v1", "demo-notes", None);
+    adopted["metadata"]["ownerReferences"][0]["uid"] = json!("another-uid");
+    fake.insert(CONFIG_MAPS, adopted);
+
+    reconcile_once(&md, &ctx).await.unwrap();
+
+    let requests = fake.take_requests();
+    assert_eq!(
+        paths(&requests, "DELETE"),
+        [
+            format!("{NETWORK_POLICIES}/demo-experts"),
+            format!("{STATEFUL_SETS}/demo-1"),
+            format!("{BUDGETS}/demo-1"),
+        ]
+    );
+    let delete = requests.iter().find(|r| r.method == "DELETE").unwrap();
+    assert_eq!(delete.body["propagationPolicy"], "Background");
+    assert!(fake.get(NETWORK_POLICIES, "demo").is_some());
+    assert!(fake.get(NETWORK_POLICIES, "other").is_some());
+    assert!(fake.get(CONFIG_MAPS, "demo-notes").is_some());
+    assert!(fake.get(STATEFUL_SETS, "demo-0").is_some());
+    assert!(fake.get(STATEFUL_SETS, "demo-1").is_none());
+    let scaled = requests
+        .iter()
+        .any(|r| r.is("POST", EVENTS) && r.body["reason"] == "Scaled");
+    assert!(
+        !scaled,
+        "one group existed and one is wanted: no scale event"
+    );
+}
+
+#[tokio::test]
+async fn the_status_is_applied_with_conditions_and_not_rewritten_when_unchanged() {
+    let md = demo();
+    let (fake, ctx) = setup(&md);
+    reconcile_once(&md, &ctx).await.unwrap();
+    let requests = fake.take_requests();
+    let status_path = format!("{MODEL_DEPLOYMENTS}/demo/status");
+    let write = requests
+        .iter()
+        .find(|r| r.is("PATCH", &status_path))
+        .expect("the status is written");
+    assert_eq!(
+        write.content_type.as_deref(),
+        Some("application/apply-patch+yaml")
+    );
+    assert!(write.query.contains("fieldManager=latentserve-operator"));
+    let status = stored(&fake).status.unwrap();
+    let conditions: Vec<_> = status
+        .conditions
+        .iter()
+        .map(|c| (c.type_.as_str(), c.status.as_str(), c.reason.as_str()))
+        .collect();
+    assert_eq!(
+        conditions,
+        [
+            ("Available", "False", "NoGroupReady"),
+            // The StatefulSet reports no rolled-out pods yet.
+            ("Progressing", "True", "RollingOut"),
+            ("Degraded", "False", "AsExpected"),
+        ]
+    );
+    assert_eq!(status.observed_generation, Some(3));
+    assert_eq!(status.endpoint.as_deref(), Some("demo.models.svc:50051"));
+
+    // The same observations again: the status is current, so nothing is written.
+    reconcile_once(&stored(&fake), &ctx).await.unwrap();
+    let requests = fake.take_requests();
+    assert!(
+        !requests.iter().any(|r| r.is("PATCH", &status_path)),
+        "steady state writes no status"
+    );
+}
+
+#[tokio::test]
+async fn paused_and_invalid_specs_write_only_the_status() {
+    let mut md = demo();
+    md.spec.paused = true;
+    let (fake, ctx) = setup(&md);
+    reconcile_once(&md, &ctx).await.unwrap();
+    let requests = fake.take_requests();
+    let writes: Vec<_> = requests
+        .iter()
+        .filter(|r| r.method != "GET" && !r.path.starts_with(EVENTS))
+        .map(|r| r.path.as_str())
+        .collect();
+    assert_eq!(writes, [format!("{MODEL_DEPLOYMENTS}/demo/status")]);
+
+    md.spec.paused = false;
+    md.spec.serving.as_mut().unwrap().extra_args = vec!["--peers=evil:1".into()];
+    reconcile_once(&md, &ctx).await.unwrap();
+    let requests = fake.take_requests();
+    assert!(paths(&requests, "DELETE").is_empty());
+    let writes: Vec<_> = requests
+        .iter()
+        .filter(|r| r.method != "GET" && !r.path.starts_with(EVENTS))
+        .map(|r| r.path.as_str())
+        .collect();
+    assert_eq!(writes, [format!("{MODEL_DEPLOYMENTS}/demo/status")]);
+    let degraded = stored(&fake)
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(degraded.reason, "InvalidSpec");
+    assert!(degraded.message.contains("spec.serving.extraArgs[0]"));
+}
+
+#[tokio::test]
+async fn an_api_error_is_a_typed_error_with_its_metric_label() {
+    let md = demo();
+    let (fake, ctx) = setup(&md);
+    fake.fail("PATCH", "/statefulsets/", 403);
+    let guard = Arc::new(DeserializeGuard(Ok(md.clone())));
+    let err = reconcile(guard.clone(), ctx.clone()).await.unwrap_err();
+    match &err {
+        Error::Apply {
+            kind: crate::resources::OwnedKind::StatefulSet,
+            name,
+            source: kube::Error::Api(status),
+        } => {
+            assert_eq!(name, "demo-0");
+            assert_eq!(status.code, 403);
+        }
+        other => panic!("expected an apply error, got {other:?}"),
+    }
+    assert_eq!(err.metric_label(), "apply");
+    assert_eq!(
+        error_policy(guard.clone(), &err, ctx.clone()),
+        Action::requeue(Duration::from_secs(1))
+    );
+    assert_eq!(
+        error_policy(guard, &err, ctx.clone()),
+        Action::requeue(Duration::from_secs(2)),
+        "backoff doubles"
+    );
+    assert_eq!(
+        ctx.metrics
+            .reconcile_errors
+            .with_label_values(&["apply"])
+            .get(),
+        2
+    );
+    // The failure is in the status and in an Event.
+    let degraded = stored(&fake)
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(degraded.reason, "ReconcileFailed");
+    assert!(degraded.message.contains("applying StatefulSet demo-0"));
+    let requests = fake.take_requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.is("POST", EVENTS) && r.body["reason"] == "ReconcileFailed")
+    );
+
+    let (fake, ctx) = setup(&md);
+    fake.fail("GET", "/pods", 500);
+    let err = reconcile_once(&md, &ctx).await.unwrap_err();
+    assert!(matches!(err, Error::List { what: "Pods", .. }), "{err:?}");
+    assert_eq!(err.metric_label(), "list");
+
+    let (fake, ctx) = setup(&md);
+    fake.fail("DELETE", "/networkpolicies/", 500);
+    fake.insert(
+        NETWORK_POLICIES,
+        owned_child(
+            "NetworkPolicy",
+            "networking.k8s.io/v1",
+            "demo-experts",
+            None,
+        ),
+    );
+    let err = reconcile_once(&md, &ctx).await.unwrap_err();
+    assert_eq!(err.metric_label(), "delete");
+}
+
+#[tokio::test]
+async fn a_malformed_object_fails_alone_and_waits_for_a_change() {
+    let (_fake, ctx) = setup(&demo());
+    let guard = Arc::new(DeserializeGuard(Err(InvalidObject {
+        error: "spec.replicas: invalid type: string".into(),
+        metadata: ObjectMeta {
+            name: Some("broken".into()),
+            namespace: Some("models".into()),
+            ..ObjectMeta::default()
+        },
+    })));
+    let err = reconcile(guard.clone(), ctx.clone()).await.unwrap_err();
+    assert_eq!(err.metric_label(), "malformed");
+    assert_eq!(error_policy(guard, &err, ctx), Action::await_change());
+}

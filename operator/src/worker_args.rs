@@ -1,0 +1,137 @@
+//! The worker's command line as the operator writes it: one constant per flag of
+//! `latentserve-worker serve`, the list of flags the operator owns (which `serving.extraArgs`
+//! must not repeat, in the validator and in the CRD's CEL rule alike), and [`ServeArgs`], the
+//! typed arguments that render to the container's `args`. Nothing else in the operator spells a
+//! worker flag; `tests/tests/worker_flags.rs` parses what this renders with the worker's own parser.
+
+use crate::crd::Dtype;
+
+/// The subcommand every worker container runs.
+pub const SERVE: &str = "serve";
+
+pub const MODEL: &str = "--model";
+pub const GRPC_ADDR: &str = "--grpc-addr";
+pub const EXPERTS_ADDR: &str = "--experts-addr";
+pub const METRICS_ADDR: &str = "--metrics-addr";
+/// Never written by the operator (it conflicts with [`SHARD_RANK_FROM_POD_NAME`]), but reserved:
+/// a rank in `extraArgs` would break the group's shard plan.
+pub const SHARD_RANK: &str = "--shard-rank";
+pub const SHARD_RANK_FROM_POD_NAME: &str = "--shard-rank-from-pod-name";
+pub const SHARD_COUNT: &str = "--shard-count";
+pub const PEERS: &str = "--peers";
+pub const DRAIN_TIMEOUT: &str = "--drain-timeout";
+pub const MAX_BATCH_SIZE: &str = "--max-batch-size";
+pub const MAX_SEQ_LEN: &str = "--max-seq-len";
+pub const KV_CACHE_MEMORY: &str = "--kv-cache-memory";
+pub const NO_PREFIX_CACHING: &str = "--no-prefix-caching";
+pub const DTYPE: &str = "--dtype";
+
+/// Flags the operator sets on every worker itself; `serving.extraArgs` must not repeat them.
+/// The serving settings are not among them: their spec fields are the usual way to set them,
+/// and a repeated one is the worker's to reject.
+pub const RESERVED: &[&str] = &[
+    MODEL,
+    GRPC_ADDR,
+    EXPERTS_ADDR,
+    METRICS_ADDR,
+    SHARD_RANK,
+    SHARD_RANK_FROM_POD_NAME,
+    SHARD_COUNT,
+    PEERS,
+    DRAIN_TIMEOUT,
+];
+
+/// The CEL rule on `serving.extraArgs` that keeps [`RESERVED`] flags out on clusters that
+/// enforce CEL (1.25+); the validator applies the same rule everywhere.
+pub fn extra_args_cel_rule() -> String {
+    let quoted: Vec<String> = RESERVED.iter().map(|flag| format!("'{flag}'")).collect();
+    format!("self.all(a, !(a.split('=')[0] in [{}]))", quoted.join(", "))
+}
+
+/// The flag of one `extraArgs` entry: `--flag` of `--flag=value`.
+pub fn flag_of(arg: &str) -> &str {
+    arg.split('=').next().unwrap_or_default()
+}
+
+/// Everything a worker of one serving group is started with, typed; [`ServeArgs::render`] turns
+/// it into the container's `args`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeArgs {
+    pub model: String,
+    pub grpc_addr: String,
+    pub experts_addr: String,
+    pub metrics_addr: String,
+    /// The rank is the pod's StatefulSet ordinal: the worker reads it from `$POD_NAME`.
+    pub shard_count: i32,
+    /// `host:port` of every rank of the group's expert exchange, in rank order.
+    pub peers: Vec<String>,
+    pub drain_timeout_seconds: i64,
+    pub max_batch_size: Option<i32>,
+    pub max_seq_len: Option<i32>,
+    pub kv_cache_bytes: Option<u64>,
+    /// `Some(false)` turns prefix caching off; the worker's default is on.
+    pub prefix_caching: Option<bool>,
+    pub dtype: Option<Dtype>,
+    /// Appended last, as written in the spec.
+    pub extra_args: Vec<String>,
+}
+
+impl ServeArgs {
+    /// The container's `args`: the subcommand, the operator's flags, then the extra ones.
+    pub fn render(&self) -> Vec<String> {
+        let mut args = vec![SERVE.to_owned()];
+        let mut flag = |name: &str, value: Option<String>| {
+            args.push(name.to_owned());
+            args.extend(value);
+        };
+        flag(MODEL, Some(self.model.clone()));
+        flag(GRPC_ADDR, Some(self.grpc_addr.clone()));
+        flag(EXPERTS_ADDR, Some(self.experts_addr.clone()));
+        flag(METRICS_ADDR, Some(self.metrics_addr.clone()));
+        flag(SHARD_RANK_FROM_POD_NAME, None);
+        flag(SHARD_COUNT, Some(self.shard_count.to_string()));
+        flag(PEERS, Some(self.peers.join(",")));
+        flag(
+            DRAIN_TIMEOUT,
+            Some(format!("{}s", self.drain_timeout_seconds)),
+        );
+        if let Some(n) = self.max_batch_size {
+            flag(MAX_BATCH_SIZE, Some(n.to_string()));
+        }
+        if let Some(n) = self.max_seq_len {
+            flag(MAX_SEQ_LEN, Some(n.to_string()));
+        }
+        if let Some(bytes) = self.kv_cache_bytes {
+            flag(KV_CACHE_MEMORY, Some(bytes.to_string()));
+        }
+        if self.prefix_caching == Some(false) {
+            flag(NO_PREFIX_CACHING, None);
+        }
+        if let Some(dtype) = self.dtype {
+            flag(DTYPE, Some(dtype.as_str().to_owned()));
+        }
+        args.extend(self.extra_args.iter().cloned());
+        args
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cel_rule_names_every_reserved_flag() {
+        assert_eq!(
+            extra_args_cel_rule(),
+            "self.all(a, !(a.split('=')[0] in ['--model', '--grpc-addr', '--experts-addr', \
+             '--metrics-addr', '--shard-rank', '--shard-rank-from-pod-name', '--shard-count', \
+             '--peers', '--drain-timeout']))"
+        );
+    }
+
+    #[test]
+    fn the_flag_of_an_argument_is_before_its_equals_sign() {
+        assert_eq!(flag_of("--peers=a:1,b:2"), "--peers");
+        assert_eq!(flag_of("--no-prefix-caching"), "--no-prefix-caching");
+    }
+}

@@ -38,7 +38,8 @@ apt_dir=$WORK/apt
 mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial" "$apt_dir/sources"
 apt_opts=(-o "Dir::Etc::SourceList=/dev/null" -o "Dir::Etc::SourceParts=$apt_dir/sources"
   -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir" -o "Dir::Cache::pkgcache="
-  -o "Dir::Cache::srcpkgcache=" -o "Dir::Cache::Archives=$apt_dir/archives")
+  -o "Dir::Cache::srcpkgcache=" -o "Dir::Cache::Archives=$apt_dir/archives"
+  -o "APT::Sandbox::User=root")
 keyring=/usr/share/keyrings/debian-archive-keyring.gpg
 sources=$apt_dir/sources/kubernetes-src.sources
 : > "$sources"

@@ -17,7 +17,16 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 export KUBECONFIG=${LATENTSERVE_TEST_KUBECONFIG:-/tmp/latentserve-k8s/kubeconfig}
-[ -f "$KUBECONFIG" ] || { echo "cluster-check: no test control plane ($KUBECONFIG missing): run tests/k8s/up.sh" >&2; exit 1; }
+# Without a running test control plane these checks cannot run: under CI that is a failure,
+# elsewhere a visible notice (start one with tests/k8s/build.sh && tests/k8s/up.sh).
+if ! LATENTSERVE_K8S_DIR=$(dirname "$KUBECONFIG") tests/k8s/status.sh; then
+  if [ "${CI:-}" = true ]; then
+    echo "cluster-check: FAILED: no test control plane answers at $KUBECONFIG (CI=true)" >&2
+    exit 1
+  fi
+  echo "cluster-check: SKIPPED the Helm cluster checks: no test control plane answers at $KUBECONFIG (run tests/k8s/up.sh)" >&2
+  exit 0
+fi
 HELM=$(tests/helm/fetch-helm.sh)
 if ! command -v kubectl >/dev/null; then
   PATH=$(dirname "$(tests/helm/fetch-helm.sh kubectl)"):$PATH
@@ -69,13 +78,22 @@ if [ -n "$has_crd" ]; then
   # Apart from the templates, as a plain create without client-side validation: before 1.25
   # neither kubectl's validation nor server-side apply knows CEL rules (x-kubernetes-validations)
   # and both reject them, while a create (what `helm install` does with crds/) has the server
-  # drop them. An installed CRD is left alone: other tests may be using it.
-  if kubectl get "crd/$CRD" >/dev/null 2>&1; then
-    echo "crds: $CRD is already installed; its dry run is skipped" > "$work/dry-run.log"
-  else
-    kubectl create --dry-run=server --validate=false -f "$CHART/crds/" > "$work/dry-run.log" ||
-      fail "the API server rejected the CRD: $(cat "$work/dry-run.log")"
-  fi
+  # drop them. A create of the installed CRD would only answer AlreadyExists (and other tests
+  # may be using it), so the dry run creates the same definition under a group of its own:
+  # the server validates every part of it (names, versions, schema, printer columns) all the same.
+  mkdir "$work/crds"
+  python3 - "$CHART/crds" "$work/crds" <<'PY' || fail "cannot rewrite the CRDs for the dry run"
+import pathlib, sys, yaml
+for source in sorted(pathlib.Path(sys.argv[1]).glob("*.yaml")):
+    crd = yaml.safe_load(source.read_text())
+    crd["spec"]["group"] = "helm-check-dry-run." + crd["spec"]["group"]
+    crd["metadata"]["name"] = crd["spec"]["names"]["plural"] + "." + crd["spec"]["group"]
+    (pathlib.Path(sys.argv[2]) / source.name).write_text(yaml.safe_dump(crd))
+PY
+  kubectl create --dry-run=server --validate=false -f "$work/crds/" > "$work/dry-run.log" 2>&1 ||
+    fail "the API server rejected the CRD: $(cat "$work/dry-run.log")"
+  grep -q "created (server dry run)" "$work/dry-run.log" ||
+    fail "no CRD was created in the dry run: $(cat "$work/dry-run.log")"
   echo "crds: $(tr '\n' ' ' < "$work/dry-run.log")"
 fi
 for values in default tests/helm/values/*.yaml; do

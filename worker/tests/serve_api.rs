@@ -5,12 +5,13 @@ mod serve_support;
 use std::time::Duration;
 
 use futures::future::join_all;
+use latentserve_proto::v1::inference_client::InferenceClient;
 use latentserve_proto::v1::{
     FinishReason, GenerateRequest, GetModelInfoRequest, StoppingCriteria, generate_request,
 };
-use latentserve_worker::model::random::{RandomDtype, init_random};
 use serve_support::*;
 use tonic::Code;
+use tonic::transport::Channel;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_tokens_through_the_server_equal_the_transformers_references() {
@@ -139,20 +140,10 @@ async fn a_batch_of_16_gives_the_same_tokens_as_each_request_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_stream_frees_its_blocks() {
     // The fixtures' 128-token context decodes in milliseconds, before the client could look at
-    // the cache; the same architecture with an 8192-token context keeps the request running
-    // for thousands of steps.
+    // the cache; the same architecture with a long context keeps the request running for
+    // thousands of steps.
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("v3-tiny-f32").join("config.json")).expect("config"),
-    )
-    .expect("config json");
-    config["max_position_embeddings"] = 8192.into();
-    let config_path = dir.path().join("config.json");
-    std::fs::write(&config_path, config.to_string()).expect("write config");
-    let model = dir.path().join("model");
-    init_random(&config_path, &model, 7, RandomDtype::F32).expect("random model");
-    let mut serve_args = args("v3-tiny-f32");
-    serve_args.model = Some(model);
+    let serve_args = long_context_args(dir.path());
     let serving = serve(&serve_args).await;
     let mut client = client(&serving).await;
     let mut stream = client
@@ -180,14 +171,16 @@ async fn a_cancelled_stream_frees_its_blocks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_resource_exhausted() {
-    let mut serve_args = args("v3-tiny-f32");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut serve_args = long_context_args(dir.path());
     serve_args.max_batch_size = 1;
     serve_args.max_queue = 1;
     let serving = serve(&serve_args).await;
     let mut client = client(&serving).await;
-    // The first request runs; once it has produced a token it holds the only batch slot.
+    // The first request runs; once it has produced a token it holds the only batch slot, and it
+    // is long enough to hold it while the others arrive.
     let mut running = client
-        .generate(greedy_request(&[3, 4, 5], 120))
+        .generate(greedy_request(&[3, 4, 5], LONG_REQUEST_TOKENS))
         .await
         .expect("accepted")
         .into_inner();
@@ -199,11 +192,27 @@ async fn a_full_queue_answers_resource_exhausted() {
     let mut outcomes = Vec::new();
     let mut held = Vec::new();
     for _ in 0..4 {
-        match client.generate(greedy_request(&[6, 7], 100)).await {
+        match client
+            .generate(greedy_request(&[6, 7], LONG_REQUEST_TOKENS))
+            .await
+        {
             Ok(stream) => held.push(stream.into_inner()),
             Err(status) => outcomes.push(status),
         }
     }
+    // The queue was full because the first request still ran: it had not generated all of its
+    // tokens after the refusals (the counter counts a token before it is streamed), and the
+    // one queued request has generated none, as the only slot was taken.
+    let (_, text) = http_get(&serving, "/metrics").await;
+    let generated = metric(&text, "generation_tokens_total");
+    assert!(
+        generated < f64::from(LONG_REQUEST_TOKENS),
+        "the first request had finished ({generated} tokens) before the queue filled"
+    );
+    wait_for_metrics(&serving, "one request running and one waiting", |text| {
+        metric(text, "requests_running") == 1.0 && metric(text, "requests_waiting") == 1.0
+    })
+    .await;
     assert_eq!(held.len(), 1, "exactly one request fits in the queue");
     assert_eq!(outcomes.len(), 3);
     for status in outcomes {
@@ -223,34 +232,88 @@ async fn a_full_queue_answers_resource_exhausted() {
     drain(serving).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_client_deadline_is_honoured() {
-    let serving = serve(&args("v3-tiny-f32")).await;
-    let mut client = client(&serving).await;
-    let mut request = tonic::Request::new(greedy_request(&[3, 4, 5], 120));
-    request.set_timeout(Duration::from_millis(20));
-    let status = match client.generate(request).await {
-        Ok(stream) => {
-            let mut stream = stream.into_inner();
-            loop {
-                match stream.message().await {
-                    Ok(Some(_)) => continue,
-                    Ok(None) => panic!("the stream ended without an error"),
-                    Err(status) => break status,
+/// How one request with a client deadline ended: the tokens streamed before its end, and the
+/// finish reason or the error.
+async fn generate_with_timeout(
+    client: &mut InferenceClient<Channel>,
+    timeout: Duration,
+) -> (usize, Result<FinishReason, tonic::Status>) {
+    let mut request = tonic::Request::new(greedy_request(&[3, 4, 5], LONG_REQUEST_TOKENS));
+    request.set_timeout(timeout);
+    let mut stream = match client.generate(request).await {
+        Ok(stream) => stream.into_inner(),
+        Err(status) => return (0, Err(status)),
+    };
+    let mut tokens = 0;
+    loop {
+        match stream.message().await {
+            Ok(Some(message)) => {
+                tokens += message.token_ids.len();
+                if message.finish_reason() != FinishReason::Unspecified {
+                    return (tokens, Ok(message.finish_reason()));
                 }
             }
+            Ok(None) => panic!("the stream ended without a finish reason or an error"),
+            Err(status) => return (tokens, Err(status)),
         }
-        Err(status) => status,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_deadline_is_honoured() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let serving = serve(&long_context_args(dir.path())).await;
+    let mut client = client(&serving).await;
+    // The deadline must pass while the request runs: after its first token, before its last.
+    // Machines differ in speed, so a deadline that passed before the first token is doubled and
+    // one that outlived the request is halved, a bounded number of times. Only the server can
+    // end a stream that has begun: tonic's own timers (client and server) cover the call up to
+    // the response headers, and report CANCELLED "Timeout expired" then.
+    let mut timeout = Duration::from_millis(400);
+    let mut tried = Vec::new();
+    let (tokens, status) = loop {
+        assert!(
+            tried.len() < 8,
+            "no deadline passed while the request ran; (timeout, tokens, outcome) tried: {tried:?}"
+        );
+        let (tokens, outcome) = tokio::time::timeout(
+            Duration::from_secs(120),
+            generate_with_timeout(&mut client, timeout),
+        )
+        .await
+        .expect("the request ends within 120 s");
+        match outcome {
+            Err(status) if tokens > 0 => break (tokens, status),
+            Err(status)
+                if status.code() == Code::DeadlineExceeded
+                    || (status.code() == Code::Cancelled
+                        && status.message().contains("Timeout expired")) =>
+            {
+                tried.push((timeout, tokens, format!("{status:?}")));
+                timeout *= 2;
+            }
+            Err(status) => panic!("the request failed before its first token: {status:?}"),
+            Ok(finish) => {
+                tried.push((timeout, tokens, format!("{finish:?}")));
+                timeout /= 2;
+            }
+        }
+        wait_for_metrics(&serving, "the request to leave", |text| {
+            metric(text, "requests_running") == 0.0
+        })
+        .await;
     };
-    // The server answers DEADLINE_EXCEEDED when the deadline passes; tonic's client enforces the
-    // same grpc-timeout itself and, on a loaded machine, may report CANCELLED ("Timeout
-    // expired") first. Either way the server must drop the request and free its blocks.
-    let client_timer_won =
-        status.code() == Code::Cancelled && status.message().contains("Timeout expired");
     assert!(
-        status.code() == Code::DeadlineExceeded || client_timer_won,
-        "{status:?}"
+        tokens < LONG_REQUEST_TOKENS as usize,
+        "{tokens} tokens and then {status:?}"
     );
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("deadline exceeded"),
+        "{}",
+        status.message()
+    );
+    // The server drops the request and frees its blocks.
     wait_for_metrics(&serving, "the expired request to leave", |text| {
         metric(text, "requests_running") == 0.0 && metric(text, "kv_cache_usage_ratio") == 0.0
     })
@@ -399,18 +462,20 @@ async fn bad_requests_get_invalid_argument_and_do_not_disturb_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_refuses_new_requests_and_finishes_running_ones() {
-    let serving = serve(&args("v3-tiny-f32")).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let serving = serve(&long_context_args(dir.path())).await;
     let mut client = client(&serving).await;
     let (status, _) = http_get(&serving, "/readyz").await;
     assert_eq!(status, 200);
     let mut running = client
-        .generate(greedy_request(&[3, 4, 5], 100))
+        .generate(greedy_request(&[3, 4, 5], DRAINED_REQUEST_TOKENS))
         .await
         .expect("accepted")
         .into_inner();
     running.message().await.expect("first").expect("some");
+    let metrics_addr = serving.server.metrics_addr;
     let drain = tokio::spawn(serving.server.drain(Duration::from_secs(60)));
-    // Wait (bounded) until draining has begun: /readyz turns 503.
+    // Wait (bounded) until draining has begun: new requests are refused.
     let mut refused = None;
     for _ in 0..500 {
         match client.generate(greedy_request(&[3], 2)).await {
@@ -427,6 +492,14 @@ async fn draining_refuses_new_requests_and_finishes_running_ones() {
         "{}",
         refused.message()
     );
+    // The request was still running once draining had begun: it had not generated all of its
+    // tokens (the counter counts a token before it is streamed), so the drain had to wait for it.
+    let (_, text) = http_get_at(metrics_addr, "/metrics").await;
+    let generated = metric(&text, "generation_tokens_total");
+    assert!(
+        generated < f64::from(DRAINED_REQUEST_TOKENS),
+        "the request had finished ({generated} tokens) before draining began"
+    );
     let mut count = 1;
     let mut finish = FinishReason::Unspecified;
     while let Some(message) = running
@@ -437,7 +510,10 @@ async fn draining_refuses_new_requests_and_finishes_running_ones() {
         count += message.token_ids.len();
         finish = message.finish_reason();
     }
-    assert_eq!((count, finish), (100, FinishReason::Length));
+    assert_eq!(
+        (count, finish),
+        (DRAINED_REQUEST_TOKENS as usize, FinishReason::Length)
+    );
     drain.await.expect("drain task").expect("drain");
 }
 

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use latentserve_proto::v1::FinishReason;
 use latentserve_proto::v1::inference_client::InferenceClient;
-use serve_support::{fixture, greedy_request};
+use serve_support::{
+    DRAINED_REQUEST_TOKENS, greedy_request, http_get_at, long_context_model, metric,
+};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -34,9 +36,12 @@ async fn health(channel: tonic::transport::Channel) -> Option<i32> {
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let grpc_port = free_port();
     let metrics_port = free_port();
+    // A long-context model keeps the in-flight request running until the drain has begun.
+    let dir = tempfile::tempdir().expect("temp dir");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_latentserve-worker"))
         .args(["serve", "--model"])
-        .arg(fixture("v3-tiny-f32"))
+        .arg(long_context_model(dir.path()))
+        .args(["--model-name", "v3-tiny-f32"])
         .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
         .args(["--drain-timeout", "60s"])
@@ -63,7 +68,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     };
     let mut client = InferenceClient::new(channel.clone());
     let mut running = client
-        .generate(greedy_request(&[3, 4, 5], 100))
+        .generate(greedy_request(&[3, 4, 5], DRAINED_REQUEST_TOKENS))
         .await
         .expect("accepted")
         .into_inner();
@@ -85,6 +90,17 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         .await
         .expect_err("new requests are refused");
     assert_eq!(refused.code(), tonic::Code::Unavailable);
+    // The request was still running once draining had begun: it had not generated all of its
+    // tokens (the counter counts a token before it is streamed), so the drain had to wait for it.
+    let metrics_addr = format!("127.0.0.1:{metrics_port}")
+        .parse()
+        .expect("address");
+    let (_, text) = http_get_at(metrics_addr, "/metrics").await;
+    let generated = metric(&text, "generation_tokens_total");
+    assert!(
+        generated < f64::from(DRAINED_REQUEST_TOKENS),
+        "the request had finished ({generated} tokens) before draining began"
+    );
 
     let mut tokens = 1;
     let mut finish = FinishReason::Unspecified;
@@ -92,7 +108,10 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         tokens += message.token_ids.len();
         finish = message.finish_reason();
     }
-    assert_eq!((tokens, finish), (100, FinishReason::Length));
+    assert_eq!(
+        (tokens, finish),
+        (DRAINED_REQUEST_TOKENS as usize, FinishReason::Length)
+    );
 
     let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await

@@ -3,7 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use latentserve_proto::v1::inference_client::InferenceClient;
@@ -12,6 +13,7 @@ use latentserve_proto::v1::{
 };
 use latentserve_worker::cli::WeightDtype;
 use latentserve_worker::cli::serve::{ServeArgs, Serving, start};
+use latentserve_worker::model::random::{RandomDtype, init_random};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
@@ -89,6 +91,39 @@ pub fn args(model: &str) -> ServeArgs {
     }
 }
 
+/// The context of [`long_context_model`].
+pub const LONG_CONTEXT: u32 = 8192;
+/// A request on [`long_context_model`] that runs for thousands of engine steps, for tests that
+/// cancel it or let its deadline pass: it holds its batch slot while they look.
+pub const LONG_REQUEST_TOKENS: u32 = 8000;
+/// A request on [`long_context_model`] that a drain lets finish: hundreds of steps, so that it
+/// still runs when the drain begins a few milliseconds after its first token, even on a much
+/// faster machine, and finishes within seconds in a debug build.
+pub const DRAINED_REQUEST_TOKENS: u32 = 500;
+
+/// A random model (seed 7, f32) of the `v3-tiny-f32` fixture's architecture with an
+/// [`LONG_CONTEXT`]-token context, written under `dir`. The fixtures' 128-token context decodes
+/// in milliseconds, before a client could observe the request running.
+pub fn long_context_model(dir: &Path) -> PathBuf {
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("v3-tiny-f32").join("config.json")).expect("config"),
+    )
+    .expect("config json");
+    config["max_position_embeddings"] = LONG_CONTEXT.into();
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, config.to_string()).expect("write config");
+    let model = dir.join("model");
+    init_random(&config_path, &model, 7, RandomDtype::F32).expect("random model");
+    model
+}
+
+/// [`args`] for `v3-tiny-f32` (the name in every metric label) serving [`long_context_model`].
+pub fn long_context_args(dir: &Path) -> ServeArgs {
+    let mut serve_args = args("v3-tiny-f32");
+    serve_args.model = Some(long_context_model(dir));
+    serve_args
+}
+
 pub async fn serve(args: &ServeArgs) -> Serving {
     start(args).await.expect("server starts")
 }
@@ -156,7 +191,12 @@ pub async fn generate(
 
 /// GET on the metrics port.
 pub async fn http_get(serving: &Serving, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(serving.server.metrics_addr)
+    http_get_at(serving.server.metrics_addr, path).await
+}
+
+/// GET on a metrics port: the status code and the body.
+pub async fn http_get_at(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("metrics port accepts");
     let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");

@@ -19,7 +19,6 @@ import concurrent.futures
 import json
 import pathlib
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,27 +31,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = REPO / "models" / "demo"
 sys.path.insert(0, str(REPO / "tests" / "python"))
 from test_grpc_client import generate_stubs  # noqa: E402  (the stubs our client test builds)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, worker: subprocess.Popen, seconds: float = 120.0):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if worker.poll() is not None:
-            raise SystemExit(f"the worker exited with status {worker.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"the worker was not ready at {url} within {seconds:.0f} s")
+from worker_process import free_port, wait_ready  # noqa: E402
 
 
 def expert_load(metrics_text: str) -> dict[int, dict[int, float]]:

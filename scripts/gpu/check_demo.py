@@ -12,7 +12,6 @@ import concurrent.futures
 import json
 import math
 import pathlib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,9 @@ import time
 import urllib.request
 
 from check_common import REPO, kill_group, tail
+
+sys.path.insert(0, str(REPO / "tests" / "python"))
+from worker_process import free_port, wait_ready  # noqa: E402  (shared with evaluate_demo.py)
 
 DEMO = REPO / "models" / "demo"
 STAGE = "demo"
@@ -35,27 +37,6 @@ def _helpers(log):
     except Exception as err:  # noqa: BLE001 - e.g. grpc_tools missing on the GPU image
         log(f"  models/evaluate_demo.py cannot be imported here ({type(err).__name__}: {err}); using grpc_raw")
         return None, f"{type(err).__name__}: {err}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, worker: subprocess.Popen, seconds: float) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if worker.poll() is not None:
-            raise RuntimeError(f"the worker exited with status {worker.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the worker was not ready at {url} within {seconds:.0f} s")
 
 
 def run(ctx, clock) -> dict:
@@ -74,7 +55,6 @@ def run(ctx, clock) -> dict:
         client_kind = "stubs" if evaluate_demo is not None else "raw"
     if client_kind == "stubs" and evaluate_demo is None:
         raise RuntimeError(f"--grpc-client stubs, but models/evaluate_demo.py cannot be imported: {import_error}")
-    free_port = evaluate_demo.free_port if evaluate_demo else _free_port
     grpc_port, metrics_port = free_port(), free_port()
 
     cmd = [
@@ -96,7 +76,7 @@ def run(ctx, clock) -> dict:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_file, cwd=REPO, start_new_session=True)
     try:
         ready_limit = clock.timeout(args.ready_timeout)
-        (evaluate_demo.wait_ready if evaluate_demo else _wait_ready)(
+        wait_ready(
             f"http://127.0.0.1:{metrics_port}/readyz", proc, ready_limit
         )
         out["ready_seconds"] = round(time.monotonic() - started, 2)

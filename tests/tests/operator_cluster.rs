@@ -296,11 +296,13 @@ async fn a_model_deployment_becomes_wired_workers_scales_updates_pauses_and_is_c
         (list.items.len() == 2).then_some(())
     })
     .await;
-    let md = setup.get("demo").await;
-    assert_eq!(
-        condition(&md, "Available"),
-        Some(("False".into(), "NoGroupReady".into()))
-    );
+    // The pods can appear before the reconcile that created their StatefulSet has written the
+    // status (it prunes in between), so wait for the first status, then check what it says.
+    let available = wait_for("the first Available condition", SHORT, || async {
+        condition(&setup.get("demo").await, "Available")
+    })
+    .await;
+    assert_eq!(available, ("False".into(), "NoGroupReady".into()));
     make_pods_ready(&setup, "demo-0", 2).await;
     let md = wait_for("Available", SHORT, || async {
         let md = setup.get("demo").await;

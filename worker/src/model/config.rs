@@ -142,6 +142,58 @@ struct RawConfig {
     eos_token_id: Option<Value>,
 }
 
+impl RawConfig {
+    /// The size keys with their upper bounds: far above every published DeepSeek model (V3: 61
+    /// layers, hidden 7168, 256 routed experts, vocabulary 129280, context 163840), yet low
+    /// enough that nothing sized from them exhausts memory before the weights are checked. A
+    /// config that asks for a billion layers is refused by name instead of aborting in an
+    /// allocation.
+    fn size_keys(&self) -> [(&'static str, Option<usize>, usize); 20] {
+        [
+            ("vocab_size", self.vocab_size, 1 << 21),
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("moe_intermediate_size", self.moe_intermediate_size, 1 << 18),
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 10),
+            ("num_attention_heads", self.num_attention_heads, 1 << 10),
+            ("num_key_value_heads", self.num_key_value_heads, 1 << 10),
+            ("n_shared_experts", self.n_shared_experts, 1 << 6),
+            ("n_routed_experts", self.n_routed_experts, 1 << 12),
+            ("n_group", self.n_group, 1 << 12),
+            ("topk_group", self.topk_group, 1 << 12),
+            ("num_experts_per_tok", self.num_experts_per_tok, 1 << 12),
+            ("moe_layer_freq", self.moe_layer_freq, 1 << 10),
+            ("first_k_dense_replace", self.first_k_dense_replace, 1 << 10),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 24,
+            ),
+            ("q_lora_rank", self.q_lora_rank, 1 << 16),
+            ("kv_lora_rank", self.kv_lora_rank, 1 << 16),
+            ("qk_nope_head_dim", self.qk_nope_head_dim, 1 << 12),
+            ("qk_rope_head_dim", self.qk_rope_head_dim, 1 << 12),
+            ("v_head_dim", self.v_head_dim, 1 << 12),
+        ]
+    }
+
+    /// Every size key within its bound, checked before anything is sized from them.
+    fn check_size_limits(&self) -> Result<(), ModelError> {
+        for (key, value, limit) in self.size_keys() {
+            if let Some(value) = value
+                && value > limit
+            {
+                return Err(invalid(
+                    key,
+                    value,
+                    &format!("exceeds the limit of {limit}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn invalid(key: &str, value: impl std::fmt::Display, why: &str) -> ModelError {
     ModelError::Config(format!("{key} = {value}: {why}"))
 }
@@ -188,6 +240,7 @@ impl ModelConfig {
     }
 
     fn from_raw(raw: RawConfig) -> Result<Self, ModelError> {
+        raw.check_size_limits()?;
         let model_type = match required(raw.model_type.as_deref(), "model_type")? {
             "deepseek_v2" => ModelType::DeepseekV2,
             "deepseek_v3" => ModelType::DeepseekV3,
@@ -567,6 +620,38 @@ mod tests {
         let m = 0.1 * 4f64.ln() + 1.0;
         assert!((c.softmax_scale() - 24f64.powf(-0.5) * m * m).abs() < 1e-12);
         assert_eq!(c.eos_token_ids, vec![1, 2]);
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_by_name_before_any_allocation() {
+        // 1e9 layers or experts used to end in "memory allocation failed" and SIGABRT.
+        let v3: RawConfig = serde_json::from_value(v3_json()).unwrap();
+        for (key, _, limit) in v3.size_keys() {
+            let mut v = v3_json();
+            v[key] = serde_json::json!(1_000_000_000u64);
+            let error = parse(v).unwrap_err().to_string();
+            assert!(
+                error.contains(&format!("{key} = 1000000000: exceeds the limit of {limit}")),
+                "{error}"
+            );
+        }
+        // Every bound is above DeepSeek-V3's own figures.
+        let real = [
+            ("vocab_size", 129_280),
+            ("hidden_size", 7168),
+            ("intermediate_size", 18_432),
+            ("num_hidden_layers", 61),
+            ("num_attention_heads", 128),
+            ("n_routed_experts", 256),
+            ("max_position_embeddings", 163_840),
+            ("kv_lora_rank", 512),
+            ("q_lora_rank", 1536),
+        ];
+        let bounds = v3.size_keys();
+        for (key, value) in real {
+            let limit = bounds.iter().find(|(k, _, _)| *k == key).unwrap().2;
+            assert!(value <= limit, "{key}");
+        }
     }
 
     #[test]

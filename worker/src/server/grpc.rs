@@ -179,6 +179,17 @@ pub fn validate_generate(
     })
 }
 
+/// Runs tokenizer work on tokio's blocking pool. It costs CPU time in proportion to the input
+/// (a 4 MB prompt takes about a second), and run inline it would stall every other task of the
+/// runtime, the HTTP probes included, past the kubelet's 1 s probe timeout.
+async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Status::internal(format!("the tokenizer task failed: {e}")))?
+}
+
 /// Parses a `grpc-timeout` header value: up to 8 digits and a unit (H, M, S, m, u, n).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
@@ -334,13 +345,11 @@ impl Inference for InferenceService {
             .and_then(|value| value.to_str().ok())
             .and_then(parse_grpc_timeout)
             .map(|timeout| arrival + timeout);
-        let request = validate_generate(
-            request.into_inner(),
-            model.codec.as_ref(),
-            &model.limits,
-            deadline,
-            arrival,
-        )?;
+        let (codec, limits, inner) = (model.codec.clone(), model.limits, request.into_inner());
+        let request = off_runtime(move || {
+            validate_generate(inner, codec.as_ref(), &limits, deadline, arrival)
+        })
+        .await?;
         let request_id = request.request_id.clone();
         let span = tracing::info_span!(
             "generate",
@@ -367,11 +376,13 @@ impl Inference for InferenceService {
         request: Request<TokenizeRequest>,
     ) -> Result<Response<TokenizeResponse>, Status> {
         let request = request.into_inner();
-        let ids = self
-            .loaded()?
-            .codec
-            .encode(&request.text, request.add_special_tokens)
-            .map_err(|e| Status::invalid_argument(format!("text could not be tokenized: {e}")))?;
+        let codec = self.loaded()?.codec.clone();
+        let ids = off_runtime(move || {
+            codec
+                .encode(&request.text, request.add_special_tokens)
+                .map_err(|e| Status::invalid_argument(format!("text could not be tokenized: {e}")))
+        })
+        .await?;
         Ok(Response::new(TokenizeResponse { ids }))
     }
 
@@ -392,10 +403,13 @@ impl Inference for InferenceService {
                 model.limits.vocab_size
             )));
         }
-        let text = model
-            .codec
-            .decode(&request.ids, request.skip_special_tokens)
-            .map_err(|e| Status::invalid_argument(format!("ids could not be decoded: {e}")))?;
+        let codec = model.codec.clone();
+        let text = off_runtime(move || {
+            codec
+                .decode(&request.ids, request.skip_special_tokens)
+                .map_err(|e| Status::invalid_argument(format!("ids could not be decoded: {e}")))
+        })
+        .await?;
         Ok(Response::new(DetokenizeResponse { text }))
     }
 
@@ -578,5 +592,31 @@ mod tests {
             status.message()
         );
         drop(sender);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn tokenizer_work_leaves_the_runtime_free() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        // The work waits (bounded) for a flag that only another task of this one-thread runtime
+        // can set: run inline, it would hold the only thread and never see the flag.
+        let released = Arc::new(AtomicBool::new(false));
+        let seen = released.clone();
+        let work = off_runtime(move || {
+            let until = Instant::now() + Duration::from_secs(10);
+            while !seen.load(Ordering::SeqCst) {
+                if Instant::now() > until {
+                    return Err(Status::internal("the runtime never ran the other task"));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(42)
+        });
+        let release = async {
+            tokio::task::yield_now().await;
+            released.store(true, Ordering::SeqCst);
+        };
+        let (result, ()) = tokio::join!(work, release);
+        assert_eq!(result.unwrap(), 42);
     }
 }

@@ -189,7 +189,9 @@ fn run_loop<E: ModelExecutor>(
                 }
             }
         }
-        scheduler.step().record(metrics);
+        let (stats, outputs) = scheduler.step();
+        stats.record(metrics);
+        outputs.deliver();
     }
 }
 
@@ -199,6 +201,77 @@ fn apply<E: ModelExecutor>(scheduler: &mut Scheduler<E>, command: Command, metri
             scheduler.add_request(*request, sender);
             scheduler.occupancy().record(metrics);
         }
-        Command::CancelAll => scheduler.cancel_all().record(metrics),
+        Command::CancelAll => {
+            let (stats, outputs) = scheduler.cancel_all();
+            stats.record(metrics);
+            outputs.deliver();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::engine::blocks::BlockManager;
+    use crate::engine::codec::tests::ByteCodec;
+    use crate::engine::executor::StepError;
+    use crate::engine::request::GenerationRequest;
+    use crate::engine::sampler::SamplingParams;
+    use crate::engine::scheduler::SchedulerConfig;
+    use crate::model::SequenceChunk;
+
+    /// Always says `a`.
+    struct SaysA;
+
+    impl ModelExecutor for SaysA {
+        fn vocab_size(&self) -> usize {
+            300
+        }
+
+        fn forward(&mut self, chunks: &[SequenceChunk<'_>]) -> Result<Vec<f32>, StepError> {
+            let mut logits = vec![0.0; chunks.len() * 300];
+            for row in logits.chunks_mut(300) {
+                row[usize::from(b'a')] = 10.0;
+            }
+            Ok(logits)
+        }
+    }
+
+    #[test]
+    fn a_finished_request_is_in_the_metrics_when_its_client_sees_the_finish() {
+        let metrics = Arc::new(Metrics::new("test").unwrap());
+        let counts = Arc::new(RequestCounts::default());
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                max_batch_size: 8,
+                max_tokens_per_step: 64,
+                max_seq_len: 64,
+            },
+            SaysA,
+            Arc::new(ByteCodec),
+            BlockManager::new(32, 4, false),
+            counts.clone(),
+        );
+        let (engine, handle) = Engine::start(scheduler, counts, metrics.clone(), 8).unwrap();
+        let counted = "latentserve_request_success_total{finish_reason=\"length\",model=\"test\"} ";
+        for done in 1..=20 {
+            let request = GenerationRequest {
+                arrival: Instant::now(),
+                ..GenerationRequest::of_bytes(b"prompt", 3, SamplingParams::default())
+            };
+            let mut outputs = handle.submit(request).unwrap();
+            // The moment the stream shows the finish, the counter must already include it.
+            while let Some(output) = outputs.blocking_recv() {
+                if output.unwrap().finished.is_some() {
+                    break;
+                }
+            }
+            let text = metrics.render();
+            assert!(text.contains(&format!("{counted}{done}")), "{text}");
+        }
+        drop(handle);
+        engine.join();
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! A step is three stages, as in vLLM's engine: [`Scheduler::schedule`] makes a [`StepPlan`]
 //! (preempting and admitting as the cache pool allows), `execute` runs it through the model, and
-//! `apply_outputs` samples, applies the finish rules (see [`super::output`]) and streams. What the
-//! step did comes back as [`StepStats`]; the caller turns those into metrics.
+//! `apply_outputs` samples and applies the finish rules (see [`super::output`]). What the step did
+//! comes back as [`StepStats`] and what it made for the clients as an [`Outbox`]: the caller
+//! records the stats into metrics first, then delivers the outputs.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -112,6 +113,29 @@ impl StepPlan {
     }
 }
 
+/// The pieces a step sends to request streams. They are delivered after the step's stats are
+/// recorded, so a client that sees its request finish finds it counted in /metrics.
+#[derive(Default)]
+#[must_use = "a step's outputs reach their clients only through deliver()"]
+pub struct Outbox(Vec<(OutputSender, Result<GenerationOutput, GenerationError>)>);
+
+impl Outbox {
+    fn push(&mut self, sender: &OutputSender, item: Result<GenerationOutput, GenerationError>) {
+        self.0.push((sender.clone(), item));
+    }
+
+    fn take(&mut self) -> Self {
+        Self(std::mem::take(&mut self.0))
+    }
+
+    /// Sends every piece to its stream; a closed stream is reaped at the next step.
+    pub fn deliver(self) {
+        for (sender, item) in self.0 {
+            let _ = sender.send(item);
+        }
+    }
+}
+
 /// The engine proper: one owner of the model, the block manager and every request's state.
 pub struct Scheduler<E: ModelExecutor> {
     config: SchedulerConfig,
@@ -123,6 +147,8 @@ pub struct Scheduler<E: ModelExecutor> {
     /// Oldest admission first: the newest is preempted first.
     running: Vec<Sequence>,
     counts: Arc<RequestCounts>,
+    /// What this step sends to the request streams.
+    outbox: Outbox,
 }
 
 impl<E: ModelExecutor> Scheduler<E> {
@@ -142,6 +168,7 @@ impl<E: ModelExecutor> Scheduler<E> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             counts,
+            outbox: Outbox::default(),
         }
     }
 
@@ -200,7 +227,7 @@ impl<E: ModelExecutor> Scheduler<E> {
     }
 
     /// Ends every request with finish reason `cancelled` (draining past its timeout).
-    pub fn cancel_all(&mut self) -> StepStats {
+    pub fn cancel_all(&mut self) -> (StepStats, Outbox) {
         let now = Instant::now();
         let mut stats = StepStats::default();
         for mut seq in self
@@ -216,15 +243,16 @@ impl<E: ModelExecutor> Scheduler<E> {
                 String::new(),
                 &mut stats,
             );
-            let _ = seq.sender.send(Ok(output));
+            self.outbox.push(&seq.sender, Ok(output));
             self.release(&mut seq);
         }
         stats.occupancy = self.occupancy();
-        stats
+        (stats, self.outbox.take())
     }
 
-    /// One engine step: drop cancelled requests, plan, run the batch, sample and stream.
-    pub fn step(&mut self) -> StepStats {
+    /// One engine step: drop cancelled requests, plan, run the batch and sample. Returns what it
+    /// did and the outputs it made, for the caller to record and then deliver.
+    pub fn step(&mut self) -> (StepStats, Outbox) {
         let started = Instant::now();
         self.reap_cancelled(started);
         let mut stats = StepStats::default();
@@ -241,7 +269,7 @@ impl<E: ModelExecutor> Scheduler<E> {
         }
         stats.expert_tokens = self.executor.take_expert_counts();
         stats.occupancy = self.occupancy();
-        stats
+        (stats, self.outbox.take())
     }
 
     /// A dropped stream is a cancellation; a passed deadline fails the request.
@@ -274,9 +302,10 @@ impl<E: ModelExecutor> Scheduler<E> {
     fn end_without_finish(&mut self, seq: &mut Sequence) {
         if !seq.sender.is_closed() {
             tracing::info!(request_id = %seq.request.request_id, "deadline exceeded");
-            let _ = seq.sender.send(Err(GenerationError::DeadlineExceeded {
+            let error = GenerationError::DeadlineExceeded {
                 generated: seq.generated(),
-            }));
+            };
+            self.outbox.push(&seq.sender, Err(error));
         } else {
             tracing::debug!(request_id = %seq.request.request_id, "stream dropped, cancelling");
         }
@@ -355,9 +384,8 @@ impl<E: ModelExecutor> Scheduler<E> {
                 .blocks_for(seq.prompt_len() + seq.request.max_tokens);
             if needed > pool {
                 let mut seq = self.waiting.pop_front().expect("front exists");
-                let _ = seq
-                    .sender
-                    .send(Err(GenerationError::TooLongForCache { needed, pool }));
+                let error = GenerationError::TooLongForCache { needed, pool };
+                self.outbox.push(&seq.sender, Err(error));
                 self.release(&mut seq);
                 continue;
             }
@@ -494,8 +522,7 @@ impl<E: ModelExecutor> Scheduler<E> {
                     let tail = seq.output.flush(reason);
                     finished.push((chunk.seq, reason, output, tail));
                 }
-                // A closed stream is reaped at the next step.
-                None => drop(seq.sender.send(Ok(output))),
+                None => self.outbox.push(&seq.sender, Ok(output)),
             }
         }
 
@@ -507,7 +534,7 @@ impl<E: ModelExecutor> Scheduler<E> {
             last.token_ids = output.token_ids;
             last.logprobs = output.logprobs;
             last.text.insert_str(0, &output.text);
-            let _ = seq.sender.send(Ok(last));
+            self.outbox.push(&seq.sender, Ok(last));
             self.release(&mut seq);
         }
     }
@@ -559,7 +586,7 @@ impl<E: ModelExecutor> Scheduler<E> {
         indices.sort_unstable_by(|a, b| b.cmp(a));
         for index in indices {
             let mut seq = self.running.remove(index);
-            let _ = seq.sender.send(Err(error.clone()));
+            self.outbox.push(&seq.sender, Err(error.clone()));
             self.release(&mut seq);
         }
     }
@@ -651,8 +678,9 @@ mod tests {
 
     impl Harness {
         fn step(&mut self) -> StepStats {
-            let stats = self.scheduler.step();
+            let (stats, outputs) = self.scheduler.step();
             stats.record(&self.metrics);
+            outputs.deliver();
             stats
         }
     }

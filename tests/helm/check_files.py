@@ -6,8 +6,9 @@ docs/install.md describes (the demo on a hostPath, V2-Lite on a PVC with 2 shard
 V3 with 8 shards). The server-side dry run against the real CRD is in cluster-check.sh.
 
 images/: every Dockerfile is multi-stage, builds its crate with --locked, and its final stage
-runs as a numeric non-root user; the CUDA worker builds with --features cuda on a CUDA devel
-image and runs on the CUDA runtime image.
+runs as a numeric non-root user; the CUDA worker builds with --features cuda on the plain Rust
+image (CUDA is loaded at run time, so the build needs no toolkit) and runs on the CUDA runtime
+image.
 """
 
 import re
@@ -108,7 +109,7 @@ def main():
     check_dockerfile("operator.Dockerfile", "latentserve-operator")
     check_dockerfile("worker.Dockerfile", "latentserve-worker")
     check_dockerfile("worker-cuda.Dockerfile", "latentserve-worker", features="cuda",
-                     build_base="nvidia/cuda:${CUDA_VERSION}-devel", run_base="nvidia/cuda:${CUDA_VERSION}-runtime")
+                     build_base="rust:${RUST_VERSION}", run_base="nvidia/cuda:${CUDA_VERSION}-runtime")
     if failures:
         for f in failures:
             print(f, file=sys.stderr)

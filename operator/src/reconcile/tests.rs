@@ -64,6 +64,13 @@ fn stored(fake: &FakeApi) -> ModelDeployment {
     serde_json::from_value(fake.get(MODEL_DEPLOYMENTS, "demo").unwrap()).unwrap()
 }
 
+/// Whether the reconcile posted an Event with this reason.
+fn event_posted(requests: &[Recorded], reason: &str) -> bool {
+    requests
+        .iter()
+        .any(|r| r.is("POST", EVENTS) && r.body["reason"] == reason)
+}
+
 fn paths<'a>(requests: &'a [Recorded], method: &str) -> Vec<&'a str> {
     requests
         .iter()
@@ -148,10 +155,7 @@ async fn create_applies_every_child_under_the_field_manager() {
             .any(|w| w[0] == "--kv-cache-memory" && w[1] == "8589934592"),
         "{args:?}"
     );
-    let created = requests
-        .iter()
-        .any(|r| r.is("POST", EVENTS) && r.body["reason"] == "Created");
-    assert!(created, "a Created event");
+    assert!(event_posted(&requests, "Created"), "a Created event");
     assert_eq!(
         ctx.metrics.reconciles.with_label_values(&["ok"]).get(),
         1,
@@ -238,11 +242,8 @@ async fn owned_children_no_longer_desired_are_deleted_and_others_kept() {
     assert!(fake.get(CONFIG_MAPS, "demo-notes").is_some());
     assert!(fake.get(STATEFUL_SETS, "demo-0").is_some());
     assert!(fake.get(STATEFUL_SETS, "demo-1").is_none());
-    let scaled = requests
-        .iter()
-        .any(|r| r.is("POST", EVENTS) && r.body["reason"] == "Scaled");
     assert!(
-        !scaled,
+        !event_posted(&requests, "Scaled"),
         "one group existed and one is wanted: no scale event"
     );
 }
@@ -372,11 +373,7 @@ async fn an_api_error_is_a_typed_error_with_its_metric_label() {
     assert_eq!(degraded.reason, "ReconcileFailed");
     assert!(degraded.message.contains("applying StatefulSet demo-0"));
     let requests = fake.take_requests();
-    assert!(
-        requests
-            .iter()
-            .any(|r| r.is("POST", EVENTS) && r.body["reason"] == "ReconcileFailed")
-    );
+    assert!(event_posted(&requests, "ReconcileFailed"));
 
     let (fake, ctx) = setup(&md);
     fake.fail("GET", "/pods", 500);

@@ -45,7 +45,7 @@ for n in $SHARDS; do
   pids=()
   for rank in $(seq 0 $((n - 1))); do
     args=(serve --model "$MODEL" --grpc-addr "127.0.0.1:$((base + rank))"
-          --metrics-addr "127.0.0.1:$((base + 5 + rank))" --shard-rank "$rank" --shard-count "$n"
+          --metrics-addr "127.0.0.1:$((base + 5 + rank))" --openai-addr '' --shard-rank "$rank" --shard-count "$n"
           --kv-cache-memory 512Mi --expert-wire-dtype "$WIRE")
     [ "$n" -gt 1 ] && args+=(--peers "$peers")
     RUST_LOG=warn "$BIN" "${args[@]}" 2>"$work/rank-$n-$rank.log" &

@@ -24,6 +24,7 @@ for need in "$BIN" "$MODEL/config.json" "$GGUF" "$BATCHED"; do
 done
 GRPC=127.0.0.1:53101
 METRICS=127.0.0.1:53102
+OPENAI=127.0.0.1:53103
 pid=
 trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null || true' EXIT
 
@@ -37,7 +38,7 @@ print(json.dumps({"round": d["round"], "what": "offline decode t/s, batch 1, dep
                   "value": round(d["offline"]["decode"][0]["tokens_per_second"], 1)}))'
 
   RUST_LOG=warn RAYON_NUM_THREADS=$THREADS "$BIN" serve --model "$MODEL" --kv-cache-memory 1Gi \
-    --grpc-addr $GRPC --metrics-addr $METRICS &
+    --grpc-addr $GRPC --metrics-addr $METRICS --openai-addr $OPENAI &
   pid=$!
   for _ in $(seq 1 600); do curl -sf "http://$METRICS/readyz" >/dev/null && break; sleep 0.5; done
   for c in 1 16; do

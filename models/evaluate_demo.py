@@ -98,6 +98,8 @@ def main():
             f"127.0.0.1:{grpc_port}",
             "--metrics-addr",
             f"127.0.0.1:{metrics_port}",
+            "--openai-addr",
+            "",
             "--kv-cache-memory",
             "64Mi",
         ],

@@ -92,6 +92,8 @@ fn bench_and_serve_check_the_device_before_the_model() {
         "127.0.0.1:0",
         "--metrics-addr",
         "127.0.0.1:0",
+        "--openai-addr",
+        "",
     ]);
     assert!(line.starts_with("Error: --device cuda:0: "), "{line}");
     check_reason(&line);

@@ -70,6 +70,7 @@ impl Worker {
             .arg(fixture(model))
             .args(["--grpc-addr", &format!("127.0.0.1:{port}")])
             .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--openai-addr", ""])
             .args(["--kv-cache-memory", "16Mi"])
             .args(["--shard-rank", &rank.to_string()])
             .args(["--shard-count", &ports.len().to_string()])

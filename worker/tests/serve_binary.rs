@@ -44,6 +44,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         .args(["--model-name", "v3-tiny-f32"])
         .args(["--grpc-addr", &format!("127.0.0.1:{grpc_port}")])
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        .args(["--openai-addr", "127.0.0.1:0"])
         .args(["--drain-timeout", "60s"])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

@@ -1,7 +1,8 @@
 //! `latentserve-worker bench-serve`: load against a running server, like vLLM's serving benchmark.
 //! Sends `--requests` generations with `--concurrency` in flight, random token-id prompts of
 //! `--input-len` tokens (the first `--shared-prefix` of them common to all), `--output-len` new
-//! tokens each (EOS ignored, greedy), and reports throughput and latency percentiles.
+//! tokens each (EOS ignored, greedy), and reports throughput and latency percentiles. The load
+//! goes through gRPC `Generate` or, with `--api openai`, through streamed `/v1/completions`.
 
 use std::time::{Duration, Instant};
 
@@ -17,11 +18,27 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tonic::transport::Channel;
 
+/// The API the load goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Api {
+    /// `latentserve.v1.Inference/Generate`, streamed.
+    Grpc,
+    /// `POST /v1/completions` with `stream: true` (server-sent events).
+    Openai,
+}
+
 #[derive(Debug, Args)]
 pub struct BenchServeArgs {
-    /// gRPC address of the server, HOST:PORT or a URL.
+    /// gRPC address of the server, HOST:PORT or a URL (the model's vocabulary is asked there).
     #[arg(long)]
     pub target: String,
+    /// The API the requests go through.
+    #[arg(long, value_enum, default_value_t = Api::Grpc)]
+    pub api: Api,
+    /// Address of the server's OpenAI API, HOST:PORT or a URL; needed with `--api openai`.
+    #[arg(long)]
+    pub openai_target: Option<String>,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub concurrency: u32,
@@ -90,6 +107,7 @@ pub struct RequestTiming {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BenchReport {
     pub target: String,
+    pub api: Api,
     pub concurrency: u32,
     pub requests: u32,
     pub input_len: u32,
@@ -121,7 +139,11 @@ impl BenchReport {
         let ttft = Percentiles::of(&timings.iter().map(|t| t.ttft).collect::<Vec<_>>());
         let itl: Vec<f64> = timings.iter().flat_map(|t| t.itl.iter().copied()).collect();
         Self {
-            target: args.target.clone(),
+            target: match (args.api, &args.openai_target) {
+                (Api::Openai, Some(target)) => target.clone(),
+                _ => args.target.clone(),
+            },
+            api: args.api,
             concurrency: args.concurrency,
             requests: args.requests,
             input_len: args.input_len,
@@ -151,7 +173,7 @@ impl BenchReport {
             )
         };
         let mut out = format!(
-            "target {}  concurrency {}  requests {}  input {}  output {}  shared prefix {}\n\
+            "target {} ({:?})  concurrency {}  requests {}  input {}  output {}  shared prefix {}\n\
              duration            {:.2} s\n\
              output tokens       {}\n\
              output tokens/s     {:.1}\n\
@@ -162,6 +184,7 @@ impl BenchReport {
              ITL               {}\n\
              end-to-end        {}\n",
             self.target,
+            self.api,
             self.concurrency,
             self.requests,
             self.input_len,
@@ -213,7 +236,179 @@ pub fn make_prompts(
         .collect()
 }
 
-async fn run_one(
+/// Where the load goes.
+#[derive(Clone)]
+enum LoadClient {
+    Grpc(InferenceClient<Channel>),
+    Openai(OpenAiClient),
+}
+
+impl LoadClient {
+    async fn run_one(
+        &self,
+        prompt: Vec<u32>,
+        output_len: u32,
+        index: usize,
+    ) -> anyhow::Result<RequestTiming> {
+        match self {
+            LoadClient::Grpc(client) => {
+                run_one_grpc(client.clone(), prompt, output_len, index).await
+            }
+            LoadClient::Openai(client) => client.run_one(prompt, output_len, index).await,
+        }
+    }
+}
+
+/// Streamed completions over HTTP/1.1 (one pooled connection per request in flight, as the
+/// OpenAI SDKs do).
+#[derive(Clone)]
+struct OpenAiClient {
+    http: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<hyper::body::Bytes>,
+    >,
+    /// `http://HOST:PORT`, without a trailing slash.
+    base: String,
+    model: String,
+}
+
+impl OpenAiClient {
+    fn new(base: String, model: String) -> Self {
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_nodelay(true);
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(connector);
+        Self { http, base, model }
+    }
+
+    async fn run_one(
+        &self,
+        prompt: Vec<u32>,
+        output_len: u32,
+        index: usize,
+    ) -> anyhow::Result<RequestTiming> {
+        use http_body_util::BodyExt;
+
+        let body = serde_json::json!({
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": output_len,
+            "temperature": 0,
+            "ignore_eos": true,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "user": format!("bench-{index}"),
+        });
+        let request = hyper::Request::post(format!("{}/v1/completions", self.base))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(
+                body.to_string(),
+            )))
+            .context("building the request")?;
+        let start = Instant::now();
+        let response = self
+            .http
+            .request(request)
+            .await
+            .with_context(|| format!("request {index}: no answer from {}", self.base))?;
+        let status = response.status();
+        let mut body = response.into_body();
+        if !status.is_success() {
+            let text = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            bail!(
+                "request {index} was refused ({status}): {}",
+                String::from_utf8_lossy(&text)
+            );
+        }
+        let mut timing = RequestTiming::default();
+        let mut last: Option<Instant> = None;
+        let mut pending = Vec::new();
+        'events: while let Some(frame) = body.frame().await {
+            let frame = frame.with_context(|| format!("request {index} failed mid-stream"))?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            pending.extend_from_slice(data);
+            // Events end with a blank line; a frame may hold several or part of one.
+            while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = pending.drain(..end + 2).collect();
+                let now = Instant::now();
+                let text = String::from_utf8_lossy(&event);
+                let Some(payload) = text.trim().strip_prefix("data:") else {
+                    continue;
+                };
+                let payload = payload.trim();
+                if payload == "[DONE]" {
+                    break 'events;
+                }
+                let chunk: serde_json::Value = serde_json::from_str(payload)
+                    .with_context(|| format!("request {index}: a chunk is not JSON: {payload}"))?;
+                if let Some(error) = chunk.get("error") {
+                    bail!("request {index} failed mid-stream: {error}");
+                }
+                if let Some(usage) = chunk.get("usage").filter(|u| !u.is_null()) {
+                    timing.output_tokens =
+                        usage["completion_tokens"].as_u64().unwrap_or(0) as usize;
+                    timing.cached_prompt_tokens = usage["prompt_tokens_details"]["cached_tokens"]
+                        .as_u64()
+                        .unwrap_or(0) as usize;
+                }
+                let has_text = chunk["choices"][0]["text"]
+                    .as_str()
+                    .is_some_and(|t| !t.is_empty());
+                if has_text {
+                    // A chunk is one engine step's tokens; the token count comes with the usage.
+                    match last {
+                        None => timing.ttft = (now - start).as_secs_f64(),
+                        Some(previous) => timing.itl.push((now - previous).as_secs_f64()),
+                    }
+                    last = Some(now);
+                }
+            }
+        }
+        timing.e2e = start.elapsed().as_secs_f64();
+        if timing.output_tokens == 0 {
+            bail!("request {index}: the stream ended without usage (stream_options.include_usage)");
+        }
+        Ok(timing)
+    }
+}
+
+/// The model name a server's OpenAI API serves (its `/v1/models`).
+async fn served_model(client: &OpenAiClient) -> anyhow::Result<String> {
+    use http_body_util::BodyExt;
+
+    let request = hyper::Request::get(format!("{}/v1/models", client.base))
+        .body(http_body_util::Full::default())
+        .context("building the request")?;
+    let response = client
+        .http
+        .request(request)
+        .await
+        .with_context(|| format!("GET {}/v1/models", client.base))?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!(
+            "GET {}/v1/models: {status}: {}",
+            client.base,
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let list: serde_json::Value = serde_json::from_slice(&body)
+        .with_context(|| format!("GET {}/v1/models: not JSON", client.base))?;
+    list["data"][0]["id"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("GET {}/v1/models lists no model", client.base))
+}
+
+async fn run_one_grpc(
     mut client: InferenceClient<Channel>,
     prompt: Vec<u32>,
     output_len: u32,
@@ -287,8 +482,8 @@ pub async fn run(args: BenchServeArgs) -> anyhow::Result<()> {
         .connect()
         .await
         .with_context(|| format!("connecting to {url}"))?;
-    let mut client = InferenceClient::new(channel);
-    let info = client
+    let mut grpc = InferenceClient::new(channel);
+    let info = grpc
         .get_model_info(GetModelInfoRequest {})
         .await
         .context("GetModelInfo failed")?
@@ -296,6 +491,22 @@ pub async fn run(args: BenchServeArgs) -> anyhow::Result<()> {
     if info.vocab_size == 0 {
         bail!("the server reports an empty vocabulary");
     }
+    let client = match args.api {
+        Api::Grpc => LoadClient::Grpc(grpc),
+        Api::Openai => {
+            let Some(target) = &args.openai_target else {
+                bail!("--api openai needs --openai-target HOST:PORT (the server's OpenAI port)");
+            };
+            let base = if target.contains("://") {
+                target.trim_end_matches('/').to_owned()
+            } else {
+                format!("http://{target}")
+            };
+            let mut client = OpenAiClient::new(base, String::new());
+            client.model = served_model(&client).await?;
+            LoadClient::Openai(client)
+        }
+    };
     let with_miss = args.shared_prefix > 0;
     let count = args.requests as usize + usize::from(with_miss);
     let mut prompts = make_prompts(
@@ -307,7 +518,7 @@ pub async fn run(args: BenchServeArgs) -> anyhow::Result<()> {
     );
     let miss = if with_miss {
         let prompt = prompts.remove(0);
-        Some(run_one(client.clone(), prompt, args.output_len, 0).await?)
+        Some(client.run_one(prompt, args.output_len, 0).await?)
     } else {
         None
     };
@@ -327,7 +538,7 @@ pub async fn run(args: BenchServeArgs) -> anyhow::Result<()> {
                 let Some((index, prompt)) = queue.lock().await.pop() else {
                     return Ok::<_, anyhow::Error>(timings);
                 };
-                timings.push(run_one(client.clone(), prompt, output_len, index + 1).await?);
+                timings.push(client.run_one(prompt, output_len, index + 1).await?);
             }
         }));
     }
@@ -371,6 +582,8 @@ mod tests {
     fn report_throughput_and_prefix_ratio() {
         let args = BenchServeArgs {
             target: "x".into(),
+            api: Api::Grpc,
+            openai_target: None,
             concurrency: 2,
             requests: 2,
             input_len: 8,

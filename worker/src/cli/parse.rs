@@ -1,6 +1,23 @@
-//! Parsers of flag values that take units: byte sizes and durations.
+//! Parsers of flag values that take units or may be off: byte sizes, durations, addresses.
 
+use std::net::SocketAddr;
 use std::time::Duration;
+
+/// A listen address that can be turned off with an empty value (`--openai-addr ''`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalAddr(pub Option<SocketAddr>);
+
+/// Parses `HOST:PORT` (an IP address and a port), or nothing for off.
+pub fn parse_optional_addr(text: &str) -> Result<OptionalAddr, String> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Ok(OptionalAddr(None));
+    }
+    trimmed
+        .parse()
+        .map(|addr| OptionalAddr(Some(addr)))
+        .map_err(|_| format!("`{text}` is not an address like 0.0.0.0:8000 (or '' to turn it off)"))
+}
 
 /// Parses a byte size: a number with an optional binary (Ki, Mi, Gi, Ti) or decimal (K, M, G, T)
 /// suffix; a trailing `B` is allowed.
@@ -75,6 +92,20 @@ mod tests {
                 .contains("unknown unit `Xi`")
         );
         assert!(parse_memory_size("lots").is_err());
+    }
+
+    #[test]
+    fn optional_addresses() {
+        assert_eq!(
+            parse_optional_addr("0.0.0.0:8000"),
+            Ok(OptionalAddr(Some("0.0.0.0:8000".parse().unwrap())))
+        );
+        assert_eq!(parse_optional_addr(""), Ok(OptionalAddr(None)));
+        assert!(
+            parse_optional_addr("localhost")
+                .unwrap_err()
+                .contains("'' to turn it off")
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! `latentserve-worker serve`: loads a model and serves it over gRPC, with metrics and probes on
-//! a second port, until SIGTERM (or Ctrl-C) drains it.
+//! `latentserve-worker serve`: loads a model and serves it over gRPC and OpenAI's HTTP API, with
+//! metrics and probes on a third port, until SIGTERM (or Ctrl-C) drains it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,7 +13,7 @@ use latentserve_proto::v1::ModelInfo;
 
 use super::WeightDtype;
 use super::model_dir::resolve_model_dir;
-use super::parse::{parse_duration, parse_memory_size};
+use super::parse::{OptionalAddr, parse_duration, parse_memory_size, parse_optional_addr};
 use super::shard_args::ShardArgs;
 use crate::engine::blocks::{BlockManager, blocks_for_budget};
 use crate::engine::codec::TokenCodec;
@@ -22,11 +22,12 @@ use crate::engine::scheduler::{RequestCounts, Scheduler, SchedulerConfig};
 use crate::engine::{Engine, EngineHandle};
 use crate::experts::shard::Shard;
 use crate::metrics::Metrics;
+use crate::model::chat_template::ChatTemplate;
 use crate::model::config::ModelType;
 use crate::model::loader::WeightStore;
 use crate::model::{DeepSeekModel, LatentCache, LoadOptions, ModelConfig, Tokenizer};
-use crate::server::grpc::{LoadedModel, RequestLimits};
-use crate::server::{ExpertsEndpoint, RunningServer};
+use crate::server::validate::RequestLimits;
+use crate::server::{ExpertsEndpoint, ListenAddrs, LoadedModel, RunningServer};
 
 fn dtype_name(dtype: WeightDtype) -> &'static str {
     match dtype {
@@ -50,6 +51,14 @@ pub struct ServeArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
+    /// /v1/models, /health); '' serves none.
+    #[arg(long, default_value = "0.0.0.0:8000", value_parser = parse_optional_addr)]
+    pub openai_addr: OptionalAddr,
+    /// Jinja chat template for chat requests, replacing the model's own (tokenizer_config.json's
+    /// chat_template or chat_template.jinja).
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
     /// Requests running at once.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_batch_size: u32,
@@ -113,9 +122,13 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Serving> {
         metrics.clone(),
     )
     .context("setting up the expert shard")?;
-    let server = RunningServer::start_with_experts(
-        args.grpc_addr,
-        args.metrics_addr,
+    let addrs = ListenAddrs {
+        grpc: args.grpc_addr,
+        metrics: args.metrics_addr,
+        openai: args.openai_addr.0,
+    };
+    let server = RunningServer::start(
+        &addrs,
         metrics.clone(),
         Some(ExpertsEndpoint {
             service: shard.service.clone().into_server(),
@@ -133,24 +146,26 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Serving> {
     let load_metrics = metrics.clone();
     let load_shard = shard.clone();
     let runtime = tokio::runtime::Handle::current();
-    let (engine, handle, info, limits, codec) = tokio::task::spawn_blocking(move || {
-        load_engine(
-            &load_args,
-            &model_dir,
-            model_name,
-            load_metrics,
-            &load_shard,
-            runtime,
-        )
-    })
-    .await
-    .context("the model loading task panicked")??;
+    let (engine, handle, info, limits, codec, chat_template) =
+        tokio::task::spawn_blocking(move || {
+            load_engine(
+                &load_args,
+                &model_dir,
+                model_name,
+                load_metrics,
+                &load_shard,
+                runtime,
+            )
+        })
+        .await
+        .context("the model loading task panicked")??;
     server
         .set_loaded(LoadedModel {
             engine: handle.clone(),
             codec,
             info,
             limits,
+            chat_template,
         })
         .await;
     Ok(Serving {
@@ -167,6 +182,7 @@ type Loaded = (
     ModelInfo,
     RequestLimits,
     Arc<dyn TokenCodec>,
+    Option<Arc<ChatTemplate>>,
 );
 
 fn load_engine(
@@ -191,6 +207,7 @@ fn load_engine(
     let config = model.config().clone();
     let tokenizer = Tokenizer::load(dir, &config)
         .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+    let chat_template = load_chat_template(dir, &tokenizer, args.chat_template.as_deref())?;
     let load_seconds = started.elapsed().as_secs_f64();
     metrics.model_load_seconds.set(load_seconds);
     tracing::info!(model = %dir.display(), seconds = load_seconds, "model loaded");
@@ -275,7 +292,27 @@ fn load_engine(
     if let Some(sharded) = &sharded {
         sharded.enable_exchange();
     }
-    Ok((engine, handle, info, limits, codec))
+    Ok((engine, handle, info, limits, codec, chat_template))
+}
+
+/// The chat template chat requests are rendered with: `--chat-template`, else the model's own.
+/// A model without one serves completions only; chat requests get an error that says so.
+fn load_chat_template(
+    dir: &Path,
+    tokenizer: &Tokenizer,
+    flag: Option<&Path>,
+) -> anyhow::Result<Option<Arc<ChatTemplate>>> {
+    let template = ChatTemplate::load(dir, tokenizer, flag).with_context(|| match flag {
+        Some(file) => format!("loading the chat template {}", file.display()),
+        None => format!("loading the chat template of {}", dir.display()),
+    })?;
+    match &template {
+        Some(template) => tracing::info!(source = template.source(), "chat template loaded"),
+        None => tracing::warn!(
+            "the model has no chat template: chat requests are refused (use --chat-template FILE)"
+        ),
+    }
+    Ok(template.map(Arc::new))
 }
 
 /// The context limit served: `--max-seq-len`, never past the model's own context

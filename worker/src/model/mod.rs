@@ -2,6 +2,7 @@
 //! a paged latent cache, and the tokenizer.
 
 pub mod cache;
+pub mod chat_template;
 pub mod config;
 pub mod deepseek;
 pub mod generate;

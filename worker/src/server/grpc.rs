@@ -15,38 +15,19 @@ use latentserve_proto::v1::{
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::engine::SubmitError;
 use crate::engine::codec::TokenCodec;
-use crate::engine::detokenizer::{MAX_STOP_STRING_BYTES, MAX_STOP_STRINGS};
 use crate::engine::request::{
     FinishReason, GenerationError, GenerationOutput, GenerationRequest, OutputReceiver,
 };
 use crate::engine::sampler::SamplingParams;
-use crate::engine::{EngineHandle, SubmitError};
-
-/// Most alternatives a client may ask for per token.
-pub const MAX_LOGPROBS: u32 = 20;
-
-/// Longest `request_id`, in bytes: it is echoed in every response message, so a long one would
-/// multiply the response size.
-pub const MAX_REQUEST_ID_BYTES: usize = 256;
-
-/// The limits a request is validated against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RequestLimits {
-    /// Prompt plus new tokens.
-    pub max_seq_len: usize,
-    pub vocab_size: usize,
-    /// Tokens the whole cache pool holds: one request can never use more.
-    pub cache_capacity_tokens: usize,
-}
-
-/// What the service serves once the model is loaded and warmed up.
-pub struct LoadedModel {
-    pub engine: EngineHandle,
-    pub codec: Arc<dyn TokenCodec>,
-    pub info: ModelInfo,
-    pub limits: RequestLimits,
-}
+use crate::model::chat_template::{ChatMessage, ChatTemplate};
+use crate::server::LoadedModel;
+use crate::server::chat::render_conversation;
+use crate::server::validate::{
+    Invalid, RequestLimits, check_logprobs, check_prompt, check_request_id, check_stop_strings,
+    max_new_tokens,
+};
 
 /// The gRPC service; it answers UNAVAILABLE until the model is loaded.
 pub struct InferenceService {
@@ -66,91 +47,79 @@ impl InferenceService {
     }
 }
 
+/// What turning text or a conversation into token ids takes.
+#[derive(Clone, Copy)]
+pub struct Prompting<'a> {
+    pub codec: &'a dyn TokenCodec,
+    pub chat_template: Option<&'a ChatTemplate>,
+    /// The served model's name, for errors.
+    pub model: &'a str,
+}
+
+/// A conversation of the API as the chat template takes it.
+fn conversation(chat: pb::Conversation) -> (Vec<ChatMessage>, bool) {
+    let messages = chat
+        .messages
+        .into_iter()
+        .map(|m| ChatMessage {
+            role: m.role,
+            content: m.content,
+        })
+        .collect();
+    (messages, chat.add_generation_prompt.unwrap_or(true))
+}
+
 /// Turns a `GenerateRequest` into an engine request, or INVALID_ARGUMENT naming the problem.
 pub fn validate_generate(
     request: GenerateRequest,
-    codec: &dyn TokenCodec,
+    prompting: Prompting<'_>,
     limits: &RequestLimits,
     deadline: Option<Instant>,
     arrival: Instant,
 ) -> Result<GenerationRequest, Status> {
-    let invalid = |message: String| Status::invalid_argument(message);
-    if request.request_id.len() > MAX_REQUEST_ID_BYTES {
-        return Err(invalid(format!(
-            "request_id is {} bytes; at most {MAX_REQUEST_ID_BYTES} are allowed",
-            request.request_id.len()
-        )));
-    }
+    let codec = prompting.codec;
+    let invalid = |error: Invalid| Status::invalid_argument(error.0);
+    check_request_id(&request.request_id, "request_id").map_err(invalid)?;
     let prompt = match request.prompt {
         Some(generate_request::Prompt::Text(text)) => {
             if text.is_empty() {
-                return Err(invalid("prompt: text is empty".into()));
+                return Err(Status::invalid_argument("prompt: text is empty"));
             }
-            codec
-                .encode(&text, true)
-                .map_err(|e| invalid(format!("prompt: text could not be tokenized: {e}")))?
+            codec.encode(&text, true).map_err(|e| {
+                Status::invalid_argument(format!("prompt: text could not be tokenized: {e}"))
+            })?
         }
         Some(generate_request::Prompt::TokenIds(ids)) => ids.ids,
-        None => return Err(invalid("prompt: set either text or token_ids".into())),
-    };
-    if prompt.is_empty() {
-        return Err(invalid("prompt: no tokens".into()));
-    }
-    if let Some((index, id)) = prompt
-        .iter()
-        .enumerate()
-        .find(|&(_, &id)| id as usize >= limits.vocab_size)
-    {
-        return Err(invalid(format!(
-            "prompt: token_ids[{index}] = {id} is outside the vocabulary of {} tokens",
-            limits.vocab_size
-        )));
-    }
-    let context = limits.max_seq_len.min(limits.cache_capacity_tokens);
-    if prompt.len() >= context {
-        return Err(invalid(format!(
-            "prompt: {} tokens leave no room to generate within the context limit of {context} tokens",
-            prompt.len()
-        )));
-    }
-    let stopping = request.stopping.unwrap_or_default();
-    let max_tokens = match stopping.max_tokens {
-        Some(0) => return Err(invalid("stopping.max_tokens must be at least 1".into())),
-        Some(n) if prompt.len() + n as usize > context => {
-            return Err(invalid(format!(
-                "stopping.max_tokens: prompt ({} tokens) + max_tokens ({n}) exceeds the context limit of {context} tokens",
-                prompt.len()
-            )));
+        Some(generate_request::Prompt::Chat(chat)) => {
+            let (messages, add_generation_prompt) = conversation(chat);
+            render_conversation(
+                prompting.chat_template,
+                prompting.model,
+                &messages,
+                add_generation_prompt,
+                codec,
+                "prompt: chat.messages",
+            )
+            .map_err(invalid)?
+            .ids
         }
-        Some(n) => n as usize,
-        None => context - prompt.len(),
+        None => {
+            return Err(Status::invalid_argument(
+                "prompt: set one of text, token_ids or chat",
+            ));
+        }
     };
-    if stopping.stop.len() > MAX_STOP_STRINGS {
-        return Err(invalid(format!(
-            "stopping.stop has {} strings; at most {MAX_STOP_STRINGS} are allowed",
-            stopping.stop.len()
-        )));
-    }
-    if let Some(index) = stopping.stop.iter().position(String::is_empty) {
-        return Err(invalid(format!("stopping.stop[{index}] is empty")));
-    }
-    if let Some((index, stop)) = stopping
-        .stop
-        .iter()
-        .enumerate()
-        .find(|(_, stop)| stop.len() > MAX_STOP_STRING_BYTES)
-    {
-        return Err(invalid(format!(
-            "stopping.stop[{index}] is {} bytes; at most {MAX_STOP_STRING_BYTES} are allowed",
-            stop.len()
-        )));
-    }
-    if request.logprobs > MAX_LOGPROBS {
-        return Err(invalid(format!(
-            "logprobs must be at most {MAX_LOGPROBS}, got {}",
-            request.logprobs
-        )));
-    }
+    check_prompt(&prompt, limits, "prompt", "prompt: token_ids").map_err(invalid)?;
+    let stopping = request.stopping.unwrap_or_default();
+    let max_tokens = max_new_tokens(
+        prompt.len(),
+        stopping.max_tokens,
+        limits,
+        "stopping.max_tokens",
+    )
+    .map_err(invalid)?;
+    check_stop_strings(&stopping.stop, "stopping.stop").map_err(invalid)?;
+    check_logprobs(request.logprobs, "logprobs").map_err(invalid)?;
     let sampling = request.sampling.unwrap_or_default();
     let params = SamplingParams {
         temperature: sampling.temperature.unwrap_or(1.0),
@@ -164,7 +133,7 @@ pub fn validate_generate(
     };
     params
         .validate()
-        .map_err(|e| invalid(format!("sampling.{e}")))?;
+        .map_err(|e| Status::invalid_argument(format!("sampling.{e}")))?;
     Ok(GenerationRequest {
         request_id: request.request_id,
         prompt,
@@ -346,8 +315,14 @@ impl Inference for InferenceService {
             .and_then(parse_grpc_timeout)
             .map(|timeout| arrival + timeout);
         let (codec, limits, inner) = (model.codec.clone(), model.limits, request.into_inner());
+        let (template, name) = (model.chat_template.clone(), model.info.model.clone());
         let request = off_runtime(move || {
-            validate_generate(inner, codec.as_ref(), &limits, deadline, arrival)
+            let prompting = Prompting {
+                codec: codec.as_ref(),
+                chat_template: template.as_deref(),
+                model: &name,
+            };
+            validate_generate(inner, prompting, &limits, deadline, arrival)
         })
         .await?;
         let request_id = request.request_id.clone();
@@ -376,14 +351,44 @@ impl Inference for InferenceService {
         request: Request<TokenizeRequest>,
     ) -> Result<Response<TokenizeResponse>, Status> {
         let request = request.into_inner();
-        let codec = self.loaded()?.codec.clone();
-        let ids = off_runtime(move || {
-            codec
+        let model = self.loaded()?;
+        let (codec, template, name) = (
+            model.codec.clone(),
+            model.chat_template.clone(),
+            model.info.model.clone(),
+        );
+        let response = off_runtime(move || match request.chat {
+            Some(chat) => {
+                if !request.text.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "set either text or chat, not both",
+                    ));
+                }
+                let (messages, add_generation_prompt) = conversation(chat);
+                let prompt = render_conversation(
+                    template.as_deref(),
+                    &name,
+                    &messages,
+                    add_generation_prompt,
+                    codec.as_ref(),
+                    "chat.messages",
+                )
+                .map_err(|e| Status::invalid_argument(e.0))?;
+                Ok(TokenizeResponse {
+                    ids: prompt.ids,
+                    prompt_text: prompt.text,
+                })
+            }
+            None => codec
                 .encode(&request.text, request.add_special_tokens)
-                .map_err(|e| Status::invalid_argument(format!("text could not be tokenized: {e}")))
+                .map(|ids| TokenizeResponse {
+                    ids,
+                    prompt_text: String::new(),
+                })
+                .map_err(|e| Status::invalid_argument(format!("text could not be tokenized: {e}"))),
         })
         .await?;
-        Ok(Response::new(TokenizeResponse { ids }))
+        Ok(Response::new(response))
     }
 
     async fn detokenize(
@@ -425,6 +430,8 @@ impl Inference for InferenceService {
 mod tests {
     use super::*;
     use crate::engine::codec::tests::ByteCodec;
+    use crate::engine::detokenizer::{MAX_STOP_STRING_BYTES, MAX_STOP_STRINGS};
+    use crate::server::validate::MAX_REQUEST_ID_BYTES;
     use latentserve_proto::v1::{SamplingParams as PbSampling, StoppingCriteria, TokenIds};
 
     const LIMITS: RequestLimits = RequestLimits {
@@ -441,7 +448,12 @@ mod tests {
     }
 
     fn check(request: GenerateRequest) -> Result<GenerationRequest, String> {
-        validate_generate(request, &ByteCodec, &LIMITS, None, Instant::now()).map_err(|status| {
+        let prompting = Prompting {
+            codec: &ByteCodec,
+            chat_template: None,
+            model: "test",
+        };
+        validate_generate(request, prompting, &LIMITS, None, Instant::now()).map_err(|status| {
             assert_eq!(status.code(), tonic::Code::InvalidArgument);
             status.message().to_owned()
         })
@@ -459,7 +471,7 @@ mod tests {
     #[test]
     fn errors_name_the_field_or_limit() {
         let cases: Vec<(GenerateRequest, &str)> = vec![
-            (GenerateRequest::default(), "prompt: set either"),
+            (GenerateRequest::default(), "prompt: set one of"),
             (text(""), "prompt: text is empty"),
             (
                 GenerateRequest {

@@ -1,14 +1,20 @@
-//! The worker's network face: the gRPC API over the engine (with health and reflection),
-//! Prometheus metrics and HTTP probes, and the SIGTERM drain.
+//! The worker's network face: the gRPC API over the engine (with health and reflection), the
+//! OpenAI-compatible HTTP API over the same engine, Prometheus metrics and HTTP probes, and the
+//! SIGTERM drain.
 
+pub mod chat;
 pub mod grpc;
 pub mod http;
+pub mod openai;
+pub mod validate;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use axum::serve::ListenerExt;
+use latentserve_proto::v1::ModelInfo;
 use latentserve_proto::v1::experts_server::ExpertsServer;
 use latentserve_proto::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
@@ -18,10 +24,24 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::engine::EngineHandle;
+use crate::engine::codec::TokenCodec;
 use crate::experts::EXPERTS_SERVICE_NAME;
 use crate::experts::service::ExpertsService;
 use crate::metrics::Metrics;
-use grpc::{InferenceService, LoadedModel};
+use crate::model::chat_template::ChatTemplate;
+use grpc::InferenceService;
+use validate::RequestLimits;
+
+/// What both APIs serve once the model is loaded and warmed up.
+pub struct LoadedModel {
+    pub engine: EngineHandle,
+    pub codec: Arc<dyn TokenCodec>,
+    pub info: ModelInfo,
+    pub limits: RequestLimits,
+    /// The model's chat template, for chat requests; `None` refuses them.
+    pub chat_template: Option<Arc<ChatTemplate>>,
+}
 
 /// The health service name of the inference API.
 pub const INFERENCE_SERVICE_NAME: &str = "latentserve.v1.Inference";
@@ -55,8 +75,20 @@ pub struct RunningServer {
     grpc_task: JoinHandle<Result<(), tonic::transport::Error>>,
     experts_task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     http_task: JoinHandle<std::io::Result<()>>,
+    openai_task: Option<JoinHandle<std::io::Result<()>>>,
     /// Where the expert exchange listens when it has a port of its own.
     pub experts_addr: Option<SocketAddr>,
+    /// Where the OpenAI-compatible API listens, when it is served.
+    pub openai_addr: Option<SocketAddr>,
+}
+
+/// Where the servers listen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddrs {
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+    /// The OpenAI-compatible HTTP API; `None` serves none.
+    pub openai: Option<SocketAddr>,
 }
 
 /// Where a sharded worker serves the expert exchange (`latentserve.v1.Experts`).
@@ -68,24 +100,16 @@ pub struct ExpertsEndpoint {
 }
 
 impl RunningServer {
-    /// Binds both ports (port 0 picks a free one) and serves health, reflection and metrics at
-    /// once; health reports NOT_SERVING and inference calls UNAVAILABLE until [`Self::set_loaded`].
+    /// Binds every port (port 0 picks a free one) and serves health, reflection and metrics at
+    /// once; health reports NOT_SERVING and inference calls UNAVAILABLE (503 over HTTP) until
+    /// [`Self::set_loaded`]. `experts` is the expert exchange of a sharded worker, on the gRPC
+    /// port or on a port of its own.
     pub async fn start(
-        grpc_addr: SocketAddr,
-        metrics_addr: SocketAddr,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, ServerError> {
-        Self::start_with_experts(grpc_addr, metrics_addr, metrics, None).await
-    }
-
-    /// [`Self::start`], plus `experts`, the expert exchange of a sharded worker, on the gRPC port
-    /// or on a port of its own.
-    pub async fn start_with_experts(
-        grpc_addr: SocketAddr,
-        metrics_addr: SocketAddr,
+        addrs: &ListenAddrs,
         metrics: Arc<Metrics>,
         experts: Option<ExpertsEndpoint>,
     ) -> Result<Self, ServerError> {
+        let (grpc_addr, metrics_addr) = (addrs.grpc, addrs.metrics);
         let (experts_on_grpc_port, experts_own_port) = match experts {
             Some(ExpertsEndpoint {
                 service,
@@ -181,12 +205,40 @@ impl RunningServer {
             }
             None => (None, None),
         };
+        let (openai_task, openai_addr) = match addrs.openai {
+            Some(addr) => {
+                let listener =
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| ServerError::Bind {
+                            what: "the OpenAI API port",
+                            addr,
+                            source,
+                        })?;
+                let addr = bound(&listener, "the OpenAI API port", addr)?;
+                let app = openai::router(loaded.clone(), ready.clone());
+                // Streamed tokens are small writes: without TCP_NODELAY each can wait for the
+                // client's delayed ACK (see no_delay below).
+                let listener = listener.tap_io(|tcp| {
+                    if let Err(error) = tcp.set_nodelay(true) {
+                        tracing::debug!(%error, "TCP_NODELAY not set");
+                    }
+                });
+                let task = tokio::spawn(
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(wait_for(shutdown_rx.clone()))
+                        .into_future(),
+                );
+                (Some(task), Some(addr))
+            }
+            None => (None, None),
+        };
         let http_task = tokio::spawn(
             axum::serve(http_listener, http::router(metrics, ready.clone()))
                 .with_graceful_shutdown(wait_for(shutdown_rx))
                 .into_future(),
         );
-        tracing::info!(%grpc_addr, %metrics_addr, ?experts_addr, "listening");
+        tracing::info!(%grpc_addr, %metrics_addr, ?openai_addr, ?experts_addr, "listening");
         Ok(Self {
             grpc_addr,
             metrics_addr,
@@ -196,7 +248,9 @@ impl RunningServer {
             grpc_task,
             experts_task,
             http_task,
+            openai_task,
             experts_addr,
+            openai_addr,
         })
     }
 
@@ -256,6 +310,9 @@ impl RunningServer {
         self.grpc_task.await??;
         if let Some(task) = self.experts_task {
             task.await??;
+        }
+        if let Some(task) = self.openai_task {
+            task.await?.map_err(ServerError::Http)?;
         }
         self.http_task.await?.map_err(ServerError::Http)?;
         tracing::info!("drained");

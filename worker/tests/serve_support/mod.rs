@@ -12,6 +12,7 @@ use latentserve_proto::v1::{
     GenerateRequest, GenerateResponse, SamplingParams, StoppingCriteria, TokenIds, generate_request,
 };
 use latentserve_worker::cli::WeightDtype;
+use latentserve_worker::cli::parse::OptionalAddr;
 use latentserve_worker::cli::serve::{ServeArgs, Serving, start};
 use latentserve_worker::model::random::{RandomDtype, init_random};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -77,6 +78,8 @@ pub fn args(model: &str) -> ServeArgs {
         model_name: Some(model.to_owned()),
         grpc_addr: "127.0.0.1:0".parse().expect("address"),
         metrics_addr: "127.0.0.1:0".parse().expect("address"),
+        openai_addr: OptionalAddr(Some("127.0.0.1:0".parse().expect("address"))),
+        chat_template: None,
         max_batch_size: 64,
         max_tokens_per_step: 256,
         max_seq_len: None,

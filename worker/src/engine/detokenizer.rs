@@ -49,6 +49,20 @@ impl IncrementalDecoder {
         self.read_offset = ids.len();
         Ok(delta)
     }
+
+    /// The text still held back when the generation ends: what `ids` add past the last release,
+    /// even an incomplete character (as U+FFFD, as decoding all ids at once shows it), so that the
+    /// streamed pieces add up to the decoded output.
+    pub fn finish(&mut self, codec: &dyn TokenCodec, ids: &[u32]) -> Result<String, CodecError> {
+        let prefix_text = codec.decode(&ids[self.prefix_offset..self.read_offset], true)?;
+        let full_text = codec.decode(&ids[self.prefix_offset..], true)?;
+        self.prefix_offset = ids.len();
+        self.read_offset = ids.len();
+        Ok(match full_text.strip_prefix(prefix_text.as_str()) {
+            Some(rest) => rest.to_owned(),
+            None => full_text[common_prefix_len(&prefix_text, &full_text)..].to_owned(),
+        })
+    }
 }
 
 fn common_prefix_len(a: &str, b: &str) -> usize {

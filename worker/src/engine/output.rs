@@ -95,14 +95,27 @@ impl OutputProcessor {
         output
     }
 
-    /// Text held back for a possible stop string, released when the generation ends for any
-    /// other reason than a stop.
-    pub fn flush(&mut self, reason: FinishReason) -> String {
+    /// Text held back when the generation ends for any other reason than a stop: an incomplete
+    /// last character, and text held for a possible stop string. `tokens` are all the ids so far.
+    pub fn flush(
+        &mut self,
+        codec: &dyn TokenCodec,
+        tokens: &[u32],
+        reason: FinishReason,
+    ) -> String {
         if reason == FinishReason::Stop {
-            String::new()
-        } else {
-            self.stops.flush()
+            return String::new();
         }
+        let mut text = match self.decoder.finish(codec, tokens) {
+            // A stop string the tail completes still cuts the text there.
+            Ok(tail) => self.stops.push(&tail).text,
+            Err(error) => {
+                tracing::warn!(%error, "detokenizing the end failed; its text is dropped");
+                String::new()
+            }
+        };
+        text.push_str(&self.stops.flush());
+        text
     }
 }
 
@@ -134,7 +147,7 @@ mod tests {
             text.push_str(&step.text);
             finishes.push(step.finish);
             if let Some(reason) = step.finish {
-                text.push_str(&processor.flush(reason));
+                text.push_str(&processor.flush(&ByteCodec, &tokens, reason));
                 break;
             }
         }
@@ -143,6 +156,23 @@ mod tests {
 
     fn bytes(text: &str) -> Vec<u32> {
         text.bytes().map(u32::from).collect()
+    }
+
+    #[test]
+    fn an_incomplete_last_character_is_released_at_the_end_as_decoding_shows_it() {
+        // "é" is two bytes; the output ends after the first, then at EOS or the length limit.
+        let first_byte = u32::from("é".as_bytes()[0]);
+        let (text, _) = run(&request("p", 10), &[b'a'.into(), first_byte, EOS], 100);
+        assert_eq!(text, "a\u{FFFD}");
+        let (text, _) = run(&request("p", 2), &[b'a'.into(), first_byte], 100);
+        assert_eq!(text, "a\u{FFFD}");
+        // Whole characters are not repeated by the flush.
+        let (text, _) = run(
+            &request("p", 10),
+            &bytes("é!").into_iter().chain([EOS]).collect::<Vec<_>>(),
+            100,
+        );
+        assert_eq!(text, "é!");
     }
 
     #[test]

@@ -519,7 +519,7 @@ impl<E: ModelExecutor> Scheduler<E> {
             };
             match step.finish {
                 Some(reason) => {
-                    let tail = seq.output.flush(reason);
+                    let tail = seq.output.flush(self.codec.as_ref(), &seq.tokens, reason);
                     finished.push((chunk.seq, reason, output, tail));
                 }
                 None => self.outbox.push(&seq.sender, Ok(output)),

@@ -217,6 +217,49 @@ pub async fn http_get_at(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// POST of a JSON body: the status code and the body. HTTP/1.0, so that a streamed answer comes
+/// back close-delimited rather than chunked.
+pub async fn http_post_at(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the HTTP port accepts");
+    let request = format!(
+        "POST {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .expect("the answer ends within 120 s")
+    .expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status code");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_owned());
+    (status, body)
+}
+
+/// The `data:` payloads of a server-sent event stream, `[DONE]` included.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|event| event.trim().strip_prefix("data:"))
+        .map(|data| data.trim().to_owned())
+        .collect()
+}
+
+/// The demo model that ships in models/demo.
+pub fn demo_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/demo")
+}
+
 /// The value of an unlabelled (apart from `model`) metric.
 pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()

@@ -7,8 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use latentserve_proto::v1::{
-    ChatMessage, Conversation, DetokenizeRequest, GenerateRequest, TokenizeRequest,
-    generate_request,
+    ChatMessage, Conversation, DetokenizeRequest, TokenizeRequest, generate_request,
 };
 use serde_json::{Value, json};
 use serve_support::*;

@@ -1,5 +1,5 @@
 //! DeepSeek-V2/V3 (MLA + MoE) on the CPU: configuration, checkpoint loading, the forward pass over
-//! a paged latent cache, and the tokenizer.
+//! a paged latent cache, the tokenizer, and chat templates.
 
 pub mod cache;
 pub mod chat_template;
@@ -17,6 +17,7 @@ pub mod tokenizer;
 use std::path::PathBuf;
 
 pub use cache::{CacheLayout, LatentCache};
+pub use chat_template::{ChatMessage, ChatTemplate, ChatTemplateError};
 pub use config::ModelConfig;
 pub use deepseek::{DeepSeekModel, LogitsFor, SequenceChunk};
 pub use loader::{ExpertFilter, LoadOptions};

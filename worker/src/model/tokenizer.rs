@@ -58,16 +58,26 @@ pub fn special_ids(
 impl Tokenizer {
     /// Loads `tokenizer.json` of a model directory.
     pub fn load(dir: &Path, config: &ModelConfig) -> Result<Self, ModelError> {
-        let path = dir.join("tokenizer.json");
+        let mut tokenizer = Self::from_file(&dir.join("tokenizer.json"), Vec::new(), None)?;
+        (tokenizer.eos_ids, tokenizer.bos_id) = special_ids(dir, config)?;
+        Ok(tokenizer)
+    }
+
+    /// Loads a `tokenizer.json` with the special ids given, for a tokenizer that comes without
+    /// the rest of a model directory (e.g. a published tokenizer used in tests).
+    pub fn from_file(
+        path: &Path,
+        eos_ids: Vec<u32>,
+        bos_id: Option<u32>,
+    ) -> Result<Self, ModelError> {
         if !path.exists() {
             return Err(ModelError::Tokenizer(format!(
                 "{} not found",
                 path.display()
             )));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|err| ModelError::Tokenizer(format!("{}: {err}", path.display())))?;
-        let (eos_ids, bos_id) = special_ids(dir, config)?;
         Ok(Self {
             inner,
             eos_ids,
@@ -87,6 +97,11 @@ impl Tokenizer {
         self.inner
             .decode(ids, skip_special_tokens)
             .map_err(|err| ModelError::Tokenizer(format!("decoding failed: {err}")))
+    }
+
+    /// The token string of an id (e.g. `<s>` for a BOS id), as the vocabulary spells it.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     pub fn eos_ids(&self) -> &[u32] {

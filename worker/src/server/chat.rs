@@ -49,7 +49,7 @@ pub fn render_conversation(
     let text = template
         .render(messages, add_generation_prompt)
         .map_err(|error| match error {
-            ChatTemplateError::Raised(message) => Invalid(format!(
+            ChatTemplateError::Raised { message, .. } => Invalid(format!(
                 "{field}: the chat template refused the conversation: {message}"
             )),
             other => Invalid(format!("{field}: the chat template failed: {other}")),

@@ -306,9 +306,13 @@ pub struct ModelDeploymentStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
-    /// `host:port` of the client Service.
+    /// `host:port` of the client Service (gRPC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// Base URL of the OpenAI-compatible API through the client Service, as OpenAI clients take
+    /// it (`http://NAME.NAMESPACE.svc:8000/v1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openai_endpoint: Option<String>,
     /// Cache capacity as reported by a ready worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<Capacity>,

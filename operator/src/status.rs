@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{Capacity, ModelDeployment, ModelDeploymentStatus};
-use crate::resources::{DEFAULT_SERVICE_PORT, LABEL_GROUP, Owner};
+use crate::resources::{DEFAULT_SERVICE_PORT, HTTP_PORT, LABEL_GROUP, Owner};
 use crate::validate::InvalidSpec;
 
 pub const AVAILABLE: &str = "Available";
@@ -299,6 +299,7 @@ pub fn compute(
         selector: Some(owner.selector_string()),
         conditions,
         endpoint: Some(owner.endpoint(md.service().port.unwrap_or(DEFAULT_SERVICE_PORT))),
+        openai_endpoint: Some(format!("http://{}/v1", owner.endpoint(HTTP_PORT))),
         capacity,
     }
 }
@@ -364,6 +365,10 @@ mod tests {
         assert_eq!(status_of(&status, PROGRESSING), ("False", "Complete"));
         assert_eq!(status_of(&status, DEGRADED), ("False", "AsExpected"));
         assert_eq!(status.endpoint.as_deref(), Some("demo.models.svc:50051"));
+        assert_eq!(
+            status.openai_endpoint.as_deref(),
+            Some("http://demo.models.svc:8000/v1")
+        );
         assert_eq!(status.observed_generation, Some(3));
         assert_eq!(
             status.selector.as_deref(),

@@ -13,7 +13,7 @@ use crate::crd::{
     ServiceSpec, ServingSpec, WorkerResources,
 };
 use crate::discovery::Features;
-use crate::resources::Owner;
+use crate::resources::{HTTP_PORT, METRICS_PORT, Owner};
 use crate::worker_args::flag_of;
 
 /// The longest ModelDeployment name: `NAME-<group>` must leave room for the StatefulSet
@@ -233,6 +233,16 @@ pub fn validate<'a>(
     {
         return Err(invalid("spec.service.port", "must be between 1 and 65535"));
     }
+    // Not in the CRD's schema: the API server would refuse the Service's duplicate port at
+    // apply time; this names the field instead.
+    if let Some(port) = service.port
+        && [HTTP_PORT, METRICS_PORT].contains(&port)
+    {
+        return Err(invalid(
+            "spec.service.port",
+            format!("{port} is the client Service's http or metrics port"),
+        ));
+    }
     Ok(ValidatedSpec {
         md,
         owner: Owner::of(md),
@@ -354,6 +364,24 @@ mod tests {
         let err = validate(&md, &features_latest()).unwrap_err();
         assert_eq!(err.field, "spec.serving.extraArgs[1]");
         assert!(err.message.contains("--peers"), "{err}");
+    }
+
+    #[test]
+    fn the_grpc_service_port_must_not_take_another_client_port() {
+        let mut md = demo();
+        for (port, valid) in [(8000, false), (9090, false), (8443, true), (50051, true)] {
+            md.spec.service = Some(ServiceSpec {
+                port: Some(port),
+                ..ServiceSpec::default()
+            });
+            match validate(&md, &features_latest()) {
+                Ok(_) => assert!(valid, "{port} accepted"),
+                Err(err) => {
+                    assert!(!valid, "{port}: {err}");
+                    assert_eq!(err.field, "spec.service.port");
+                }
+            }
+        }
     }
 
     #[test]

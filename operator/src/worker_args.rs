@@ -11,6 +11,7 @@ pub const SERVE: &str = "serve";
 
 pub const MODEL: &str = "--model";
 pub const GRPC_ADDR: &str = "--grpc-addr";
+pub const OPENAI_ADDR: &str = "--openai-addr";
 pub const EXPERTS_ADDR: &str = "--experts-addr";
 pub const METRICS_ADDR: &str = "--metrics-addr";
 /// Never written by the operator (it conflicts with [`SHARD_RANK_FROM_POD_NAME`]), but reserved:
@@ -32,6 +33,7 @@ pub const DTYPE: &str = "--dtype";
 pub const RESERVED: &[&str] = &[
     MODEL,
     GRPC_ADDR,
+    OPENAI_ADDR,
     EXPERTS_ADDR,
     METRICS_ADDR,
     SHARD_RANK,
@@ -59,6 +61,8 @@ pub fn flag_of(arg: &str) -> &str {
 pub struct ServeArgs {
     pub model: String,
     pub grpc_addr: String,
+    /// The OpenAI-compatible HTTP API.
+    pub openai_addr: String,
     pub experts_addr: String,
     pub metrics_addr: String,
     /// The rank is the pod's StatefulSet ordinal: the worker reads it from `$POD_NAME`.
@@ -86,6 +90,7 @@ impl ServeArgs {
         };
         flag(MODEL, Some(self.model.clone()));
         flag(GRPC_ADDR, Some(self.grpc_addr.clone()));
+        flag(OPENAI_ADDR, Some(self.openai_addr.clone()));
         flag(EXPERTS_ADDR, Some(self.experts_addr.clone()));
         flag(METRICS_ADDR, Some(self.metrics_addr.clone()));
         flag(SHARD_RANK_FROM_POD_NAME, None);
@@ -123,9 +128,9 @@ mod tests {
     fn the_cel_rule_names_every_reserved_flag() {
         assert_eq!(
             extra_args_cel_rule(),
-            "self.all(a, !(a.split('=')[0] in ['--model', '--grpc-addr', '--experts-addr', \
-             '--metrics-addr', '--shard-rank', '--shard-rank-from-pod-name', '--shard-count', \
-             '--peers', '--drain-timeout']))"
+            "self.all(a, !(a.split('=')[0] in ['--model', '--grpc-addr', '--openai-addr', \
+             '--experts-addr', '--metrics-addr', '--shard-rank', '--shard-rank-from-pod-name', \
+             '--shard-count', '--peers', '--drain-timeout']))"
         );
     }
 

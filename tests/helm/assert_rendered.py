@@ -40,7 +40,7 @@ LEASE_RULES = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
 # Metric names the workers and the operator export (issue 7); the dashboard and the alerts may
 # use only these (histograms also as _bucket/_count/_sum).
 WORKER_METRICS = {
-    "requests_running", "requests_waiting", "kv_cache_usage_ratio", "kv_cache_blocks_total",
+    "requests_running", "requests_waiting", "kv_cache_usage_ratio", "kv_cache_blocks",
     "kv_cache_bytes_per_token", "prefix_cache_queries_total", "prefix_cache_hits_total",
     "preemptions_total", "prompt_tokens_total", "generation_tokens_total",
     "request_success_total", "time_to_first_token_seconds", "inter_token_latency_seconds",

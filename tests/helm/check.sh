@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Checks the Helm chart without a cluster: helm lint --strict, helm template for the default values
 # and each documented combination (tests/helm/values/*.yaml) with assertions on the rendered objects
-# (tests/helm/assert_rendered.py), invalid values rejected by values.schema.json, and the chart's
-# crds/ identical to the top-level crds/. Needs npm (for helm, see fetch-helm.sh) and python3 with
-# PyYAML. Takes ~5 s once helm is cached.
+# (tests/helm/assert_rendered.py), invalid values rejected by values.schema.json, the chart's
+# crds/ identical to the top-level crds/, and the YAML the docs show (check_docs_yaml.py). Needs
+# npm (for helm, see fetch-helm.sh) and python3 with PyYAML. Takes ~5 s once helm is cached.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -84,6 +84,9 @@ fi
 
 echo "--- examples and Dockerfiles"
 python3 tests/helm/check_files.py
+
+echo "--- the YAML in docs/ (the Gateway API Inference Extension setup against the operator's ports and labels)"
+python3 tests/helm/check_docs_yaml.py
 
 echo "--- the chart packages"
 "$HELM" package "$CHART" --destination "$work" >/dev/null

@@ -159,6 +159,10 @@ fn the_worker_parses_the_arguments_of_every_group() {
             .unwrap_or_else(|err| panic!("the worker refuses {argv:?}:\n{err}"));
         let one = |long: &str| values(&argv, long).map(|v| v.join(","));
         assert_eq!(one(worker_args::MODEL).as_deref(), Some("/model"));
+        assert_eq!(
+            one(worker_args::OPENAI_ADDR).as_deref(),
+            Some("0.0.0.0:8000")
+        );
         assert_eq!(one(worker_args::SHARD_COUNT).as_deref(), Some("3"));
         assert_eq!(
             values(&argv, worker_args::PEERS).unwrap(),

@@ -1,6 +1,7 @@
 //! Every Prometheus metric of the worker, named once. Names follow vLLM's so dashboards and the
-//! Gateway API Inference Extension carry over; all carry the prefix `latentserve_` and the label
-//! `model`. `docs/metrics.md` describes each one.
+//! Gateway API Inference Extension carry over, within Prometheus' naming conventions (checked by
+//! `promtool check metrics` in `worker/tests/metrics_lint.rs`); all carry the prefix
+//! `latentserve_` and the label `model`. `docs/metrics.md` describes each one.
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -30,7 +31,7 @@ pub struct Metrics {
     pub requests_running: IntGauge,
     pub requests_waiting: IntGauge,
     pub kv_cache_usage_ratio: Gauge,
-    pub kv_cache_blocks_total: IntGauge,
+    kv_cache_blocks: IntGauge,
     pub kv_cache_bytes_per_token: IntGauge,
     pub prefix_cache_queries_total: IntCounter,
     pub prefix_cache_hits_total: IntCounter,
@@ -52,6 +53,7 @@ pub struct Metrics {
     expert_rpc_seconds: HistogramVec,
     expert_rpc_errors_total: IntCounterVec,
     expert_shard_info: IntGaugeVec,
+    cache_config_info: IntGaugeVec,
 }
 
 impl Metrics {
@@ -123,10 +125,7 @@ impl Metrics {
                 "kv_cache_usage_ratio",
                 "Fraction of latent cache blocks referenced by requests (0 to 1).",
             )?,
-            kv_cache_blocks_total: int_gauge(
-                "kv_cache_blocks_total",
-                "Blocks in the latent cache pool.",
-            )?,
+            kv_cache_blocks: int_gauge("kv_cache_blocks", "Blocks in the latent cache pool.")?,
             kv_cache_bytes_per_token: int_gauge(
                 "kv_cache_bytes_per_token",
                 "Latent cache bytes per token over all layers.",
@@ -220,6 +219,12 @@ impl Metrics {
                 "Always 1: this worker's expert shard rank and the shard count of its group.",
                 &["rank", "count"],
             )?,
+            cache_config_info: int_gauge_vec(
+                "cache_config_info",
+                "Always 1: the latent cache's block size in tokens and its number of blocks \
+                 (vLLM's label names, which the Gateway API Inference Extension reads).",
+                &["block_size", "num_gpu_blocks"],
+            )?,
             registry,
         })
     }
@@ -256,6 +261,17 @@ impl Metrics {
             .inc();
     }
 
+    /// The shape of the latent cache pool: `block_size` tokens per block, `num_blocks` blocks.
+    /// Both as labels of `cache_config_info` (where a gateway's endpoint picker reads the block
+    /// size, as it does vLLM's) and the block count as a gauge for queries.
+    pub fn set_cache_config(&self, block_size: usize, num_blocks: usize) {
+        self.kv_cache_blocks.set(num_blocks as i64);
+        self.cache_config_info.reset();
+        self.cache_config_info
+            .with_label_values(&[&block_size.to_string(), &num_blocks.to_string()])
+            .set(1);
+    }
+
     pub fn set_expert_shard(&self, rank: usize, count: usize) {
         self.expert_shard_info
             .with_label_values(&[&rank.to_string(), &count.to_string()])
@@ -286,13 +302,14 @@ mod tests {
         metrics.record_expert_rpc("shard-1:50051", 0.003);
         metrics.record_expert_rpc_error("shard-1:50051", "Unavailable");
         metrics.set_expert_shard(0, 2);
+        metrics.set_cache_config(16, 512);
         metrics.time_to_first_token_seconds.observe(0.2);
         let text = metrics.render();
         for name in [
             "requests_running",
             "requests_waiting",
             "kv_cache_usage_ratio",
-            "kv_cache_blocks_total",
+            "kv_cache_blocks",
             "kv_cache_bytes_per_token",
             "prefix_cache_queries_total",
             "prefix_cache_hits_total",
@@ -314,6 +331,7 @@ mod tests {
             "expert_rpc_seconds",
             "expert_rpc_errors_total",
             "expert_shard_info",
+            "cache_config_info",
         ] {
             assert!(
                 text.contains(&format!("# TYPE latentserve_{name} ")),
@@ -336,5 +354,25 @@ mod tests {
         assert!(
             text.contains(r#"latentserve_expert_shard_info{count="2",rank="0",model="demo"} 1"#)
         );
+    }
+
+    #[test]
+    fn the_cache_config_is_one_info_series_and_the_block_gauge() {
+        let metrics = Metrics::new("demo").unwrap();
+        metrics.set_cache_config(16, 512);
+        // A second engine start in the same process (tests do this) replaces the series.
+        metrics.set_cache_config(16, 256);
+        let text = metrics.render();
+        let info: Vec<_> = text
+            .lines()
+            .filter(|l| l.starts_with("latentserve_cache_config_info{"))
+            .collect();
+        assert_eq!(
+            info,
+            [
+                r#"latentserve_cache_config_info{block_size="16",num_gpu_blocks="256",model="demo"} 1"#
+            ]
+        );
+        assert!(text.contains(r#"latentserve_kv_cache_blocks{model="demo"} 256"#));
     }
 }

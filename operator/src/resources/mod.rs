@@ -32,9 +32,12 @@ pub const LABEL_GROUP: &str = "latentserve.io/group";
 pub const APP_NAME: &str = "latentserve-worker";
 pub const MANAGED_BY: &str = "latentserve-operator";
 
-/// Worker container ports. Clients and probes use `grpc`; the expert exchange between the shards
-/// of a group has its own port so the NetworkPolicy can admit it from sibling pods only.
+/// Worker container ports. Clients and probes use `grpc`; OpenAI-compatible clients (and the
+/// Gateway API Inference Extension, which parses OpenAI requests) use `http`; the expert exchange
+/// between the shards of a group has its own port so the NetworkPolicy can admit it from sibling
+/// pods only.
 pub const GRPC_PORT: i32 = 50051;
+pub const HTTP_PORT: i32 = 8000;
 pub const EXPERTS_PORT: i32 = 50052;
 pub const METRICS_PORT: i32 = 9090;
 /// Client Service port when `spec.service.port` is unset.

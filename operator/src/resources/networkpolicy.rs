@@ -1,5 +1,5 @@
-//! Admits the expert exchange only from pods of the same ModelDeployment; the client gRPC and
-//! metrics ports stay open to the cluster.
+//! Admits the expert exchange only from pods of the same ModelDeployment; the client ports (gRPC,
+//! the OpenAI-compatible HTTP API) and the metrics port stay open to the cluster.
 
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
@@ -8,7 +8,7 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{EXPERTS_PORT, GRPC_PORT, METRICS_PORT, Owner, names};
+use super::{EXPERTS_PORT, GRPC_PORT, HTTP_PORT, METRICS_PORT, Owner, names};
 
 pub fn network_policy(owner: &Owner) -> NetworkPolicy {
     let workers = LabelSelector {
@@ -35,7 +35,7 @@ pub fn network_policy(owner: &Owner) -> NetworkPolicy {
                 },
                 NetworkPolicyIngressRule {
                     from: None,
-                    ports: Some(vec![tcp(GRPC_PORT), tcp(METRICS_PORT)]),
+                    ports: Some(vec![tcp(GRPC_PORT), tcp(HTTP_PORT), tcp(METRICS_PORT)]),
                 },
             ]),
             ..NetworkPolicySpec::default()
@@ -49,7 +49,7 @@ mod tests {
     use crate::test_support::demo;
 
     #[test]
-    fn experts_port_admits_only_sibling_pods() {
+    fn experts_port_admits_only_sibling_pods_and_client_ports_everyone() {
         let md = demo();
         let policy = network_policy(&Owner::of(&md));
         let ingress = policy.spec.unwrap().ingress.unwrap();
@@ -73,7 +73,10 @@ mod tests {
             .iter()
             .map(|p| p.port.clone())
             .collect();
-        assert!(!open.contains(&Some(IntOrString::Int(EXPERTS_PORT))));
+        assert_eq!(
+            open,
+            [GRPC_PORT, HTTP_PORT, METRICS_PORT].map(|p| Some(IntOrString::Int(p)))
+        );
         assert!(ingress[1].from.is_none());
     }
 }

@@ -4,7 +4,7 @@
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{DEFAULT_SERVICE_PORT, EXPERTS_PORT, GRPC_PORT, METRICS_PORT, Owner, names};
+use super::{DEFAULT_SERVICE_PORT, EXPERTS_PORT, GRPC_PORT, HTTP_PORT, METRICS_PORT, Owner, names};
 use crate::validate::ValidatedSpec;
 
 fn port(name: &str, port: i32, target: i32, app_protocol: Option<&str>) -> ServicePort {
@@ -62,6 +62,7 @@ pub fn client_service(spec: &ValidatedSpec<'_>) -> Service {
                     GRPC_PORT,
                     Some("kubernetes.io/h2c"),
                 ),
+                port("http", HTTP_PORT, HTTP_PORT, Some("http")),
                 port("metrics", METRICS_PORT, METRICS_PORT, Some("http")),
             ]),
             ..ServiceSpec::default()
@@ -108,5 +109,39 @@ mod tests {
         assert_eq!(grpc.target_port, Some(IntOrString::Int(GRPC_PORT)));
         assert_eq!(grpc.app_protocol.as_deref(), Some("kubernetes.io/h2c"));
         assert_eq!(spec.selector.unwrap()["app.kubernetes.io/instance"], "demo");
+    }
+
+    #[test]
+    fn client_service_serves_grpc_openai_http_and_metrics() {
+        let service = client_service(&validate(&demo(), &features_latest()).unwrap());
+        let ports: Vec<_> = service
+            .spec
+            .unwrap()
+            .ports
+            .unwrap()
+            .into_iter()
+            .map(|p| {
+                (
+                    p.name.unwrap(),
+                    p.port,
+                    p.target_port.unwrap(),
+                    p.app_protocol.unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("grpc", 50051, GRPC_PORT, "kubernetes.io/h2c"),
+                ("http", 8000, HTTP_PORT, "http"),
+                ("metrics", 9090, METRICS_PORT, "http"),
+            ]
+            .map(|(name, port, target, protocol)| (
+                name.to_owned(),
+                port,
+                IntOrString::Int(target),
+                protocol.to_owned()
+            ))
+        );
     }
 }

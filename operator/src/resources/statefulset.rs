@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{BuildContext, EXPERTS_PORT, GRPC_PORT, LABEL_GROUP, METRICS_PORT, names};
+use super::{BuildContext, EXPERTS_PORT, GRPC_PORT, HTTP_PORT, LABEL_GROUP, METRICS_PORT, names};
 use crate::crd::ModelSource;
 use crate::validate::ValidatedSpec;
 use crate::worker_args::ServeArgs;
@@ -144,6 +144,7 @@ pub fn serve_args(spec: &ValidatedSpec<'_>, group: i32) -> ServeArgs {
     ServeArgs {
         model: MODEL_MOUNT.to_owned(),
         grpc_addr: format!("0.0.0.0:{GRPC_PORT}"),
+        openai_addr: format!("0.0.0.0:{HTTP_PORT}"),
         experts_addr: format!("0.0.0.0:{EXPERTS_PORT}"),
         metrics_addr: format!("0.0.0.0:{METRICS_PORT}"),
         shard_count: spec.plan().expert_shards,
@@ -202,6 +203,7 @@ fn worker_container(spec: &ValidatedSpec<'_>, group: i32, ctx: &BuildContext) ->
         ]),
         ports: Some(vec![
             port("grpc", GRPC_PORT),
+            port("http", HTTP_PORT),
             port("experts", EXPERTS_PORT),
             port("metrics", METRICS_PORT),
         ]),
@@ -358,6 +360,8 @@ mod tests {
                 "/model",
                 "--grpc-addr",
                 "0.0.0.0:50051",
+                "--openai-addr",
+                "0.0.0.0:8000",
                 "--experts-addr",
                 "0.0.0.0:50052",
                 "--metrics-addr",
@@ -491,5 +495,36 @@ mod tests {
         );
         let template = sts.spec.unwrap().template.metadata.unwrap();
         assert_eq!(template.annotations.unwrap()["prometheus.io/port"], "9090");
+    }
+
+    #[test]
+    fn the_worker_names_each_port_it_listens_on() {
+        let worker = container(&build(&demo(), 0));
+        let ports: Vec<_> = worker
+            .ports
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.name.unwrap(), p.container_port))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("grpc", GRPC_PORT),
+                ("http", HTTP_PORT),
+                ("experts", EXPERTS_PORT),
+                ("metrics", METRICS_PORT)
+            ]
+            .map(|(name, port)| (name.to_owned(), port))
+        );
+        let args = worker.args.unwrap();
+        for (flag, port) in [
+            ("--grpc-addr", GRPC_PORT),
+            ("--openai-addr", HTTP_PORT),
+            ("--experts-addr", EXPERTS_PORT),
+            ("--metrics-addr", METRICS_PORT),
+        ] {
+            let at = args.iter().position(|a| a == flag).unwrap();
+            assert_eq!(args[at + 1], format!("0.0.0.0:{port}"), "{flag}");
+        }
     }
 }

@@ -127,9 +127,8 @@ impl Engine {
         metrics: Arc<Metrics>,
         max_queue: usize,
     ) -> Result<(Self, EngineHandle), EngineError> {
-        metrics
-            .kv_cache_blocks_total
-            .set(scheduler.blocks().num_blocks() as i64);
+        let blocks = scheduler.blocks();
+        metrics.set_cache_config(blocks.block_size(), blocks.num_blocks());
         let (commands, inbox) = mpsc::channel::<Command>();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -255,6 +254,10 @@ mod tests {
             counts.clone(),
         );
         let (engine, handle) = Engine::start(scheduler, counts, metrics.clone(), 8).unwrap();
+        // The pool's shape, where a gateway's endpoint picker reads the block size.
+        assert!(metrics.render().contains(
+            r#"latentserve_cache_config_info{block_size="4",num_gpu_blocks="32",model="test"} 1"#
+        ));
         let counted = "latentserve_request_success_total{finish_reason=\"length\",model=\"test\"} ";
         for done in 1..=20 {
             let request = GenerationRequest {

@@ -10,6 +10,8 @@ use crate::crd::Dtype;
 pub const SERVE: &str = "serve";
 
 pub const MODEL: &str = "--model";
+/// The name clients send as OpenAI's `model` and every metric's `model` label.
+pub const MODEL_NAME: &str = "--model-name";
 pub const GRPC_ADDR: &str = "--grpc-addr";
 pub const OPENAI_ADDR: &str = "--openai-addr";
 pub const EXPERTS_ADDR: &str = "--experts-addr";
@@ -60,6 +62,8 @@ pub fn flag_of(arg: &str) -> &str {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServeArgs {
     pub model: String,
+    /// `None` when `extra_args` names the model itself.
+    pub model_name: Option<String>,
     pub grpc_addr: String,
     /// The OpenAI-compatible HTTP API.
     pub openai_addr: String,
@@ -89,6 +93,9 @@ impl ServeArgs {
             args.extend(value);
         };
         flag(MODEL, Some(self.model.clone()));
+        if let Some(name) = &self.model_name {
+            flag(MODEL_NAME, Some(name.clone()));
+        }
         flag(GRPC_ADDR, Some(self.grpc_addr.clone()));
         flag(OPENAI_ADDR, Some(self.openai_addr.clone()));
         flag(EXPERTS_ADDR, Some(self.experts_addr.clone()));

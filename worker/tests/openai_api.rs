@@ -195,11 +195,17 @@ async fn a_conversation_gets_the_same_greedy_answer_through_grpc_and_openai_chat
         .into_inner();
     assert!(rendered.prompt_text.contains(QUESTION), "{rendered:?}");
 
-    // gRPC with the rendered token ids, and gRPC with the conversation itself.
-    let (by_ids, _) = generate(&mut client, greedy_request(&rendered.ids, 8))
+    // gRPC with the rendered token ids, and gRPC with the conversation itself, both ending at the
+    // model's EOS as the chat answer does.
+    let until_eos = |ids: &[u32]| {
+        let mut request = greedy_request(ids, 8);
+        request.stopping.as_mut().expect("stopping").ignore_eos = false;
+        request
+    };
+    let (by_ids, _) = generate(&mut client, until_eos(&rendered.ids))
         .await
         .expect("token-id prompt");
-    let mut by_chat = greedy_request(&[], 8);
+    let mut by_chat = until_eos(&[]);
     by_chat.prompt = Some(generate_request::Prompt::Chat(conversation));
     let (by_conversation, _) = generate(&mut client, by_chat).await.expect("chat prompt");
     assert_eq!(by_ids, by_conversation);

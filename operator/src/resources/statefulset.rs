@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::{BuildContext, EXPERTS_PORT, GRPC_PORT, HTTP_PORT, LABEL_GROUP, METRICS_PORT, names};
 use crate::crd::ModelSource;
 use crate::validate::ValidatedSpec;
-use crate::worker_args::ServeArgs;
+use crate::worker_args::{self, ServeArgs};
 
 /// Where the model is mounted in every worker.
 pub const MODEL_MOUNT: &str = "/model";
@@ -141,8 +141,15 @@ fn model_volume(source: &ModelSource) -> Volume {
 /// The worker's command line for serving group `group`.
 pub fn serve_args(spec: &ValidatedSpec<'_>, group: i32) -> ServeArgs {
     let serving = spec.serving();
+    // Served under the ModelDeployment's name (what OpenAI clients send as `model`, and the
+    // metrics' `model` label), unless extraArgs names it.
+    let named_by_user = serving
+        .extra_args
+        .iter()
+        .any(|arg| worker_args::flag_of(arg) == worker_args::MODEL_NAME);
     ServeArgs {
         model: MODEL_MOUNT.to_owned(),
+        model_name: (!named_by_user).then(|| spec.owner().name.clone()),
         grpc_addr: format!("0.0.0.0:{GRPC_PORT}"),
         openai_addr: format!("0.0.0.0:{HTTP_PORT}"),
         experts_addr: format!("0.0.0.0:{EXPERTS_PORT}"),
@@ -358,6 +365,8 @@ mod tests {
                 "serve",
                 "--model",
                 "/model",
+                "--model-name",
+                "demo",
                 "--grpc-addr",
                 "0.0.0.0:50051",
                 "--openai-addr",
@@ -397,6 +406,25 @@ mod tests {
                 .unwrap()
                 .field_path,
             "metadata.name"
+        );
+    }
+
+    #[test]
+    fn the_model_is_served_under_the_deployments_name_unless_extra_args_name_it() {
+        let mut md = demo();
+        let named = |md: &ModelDeployment| {
+            let args = container(&build(md, 0)).args.unwrap();
+            args.iter()
+                .filter(|arg| arg.starts_with("--model-name"))
+                .count()
+        };
+        assert_eq!(named(&md), 1);
+        md.spec.serving.as_mut().unwrap().extra_args = vec!["--model-name=deepseek-v3".into()];
+        assert_eq!(named(&md), 1, "the user's flag alone");
+        let args = container(&build(&md, 0)).args.unwrap();
+        assert_eq!(
+            args.last().map(String::as_str),
+            Some("--model-name=deepseek-v3")
         );
     }
 

@@ -5,7 +5,9 @@
 //! the node agent runs its pods as worker processes, Ready from the workers' real health ->
 //! the ModelDeployment turns Available with capacity figures read from a worker -> a gRPC
 //! client generates greedily through a pod address and gets the same tokens as a local
-//! `latentserve-worker generate` -> that pod's `/metrics` counts the request -> one worker is
+//! `latentserve-worker generate` -> that pod's `/metrics` counts the request -> the same
+//! question as an OpenAI chat on the pod's `http` port, to the model served under the
+//! ModelDeployment's name, gets the same answer -> one worker is
 //! killed: the ModelDeployment stops being Available, and is Available again once the agent has
 //! restarted it -> deleting the ModelDeployment removes every child (garbage collector) ->
 //! `helm uninstall` removes the release.
@@ -424,6 +426,13 @@ async fn scenario(started: &mut Started) -> anyhow::Result<()> {
         answer.trim() == ANSWER,
         "the pod answered {PROMPT:?} with {answer:?}, not {ANSWER:?}"
     );
+    // The same question through the pod's OpenAI port, as a chat, to the model served under the
+    // ModelDeployment's name.
+    let chat = openai_chat(target, MODEL, PROMPT).await?;
+    ensure!(
+        chat.trim() == ANSWER,
+        "the pod's OpenAI chat answered {PROMPT:?} with {chat:?}, not {ANSWER:?}"
+    );
 
     // A worker crashes: the watch sees the ModelDeployment lose Available, then get it back
     // once the agent has restarted the process and it is ready again.
@@ -683,6 +692,46 @@ async fn metrics_of(pod: &Pod) -> anyhow::Result<String> {
         .context("malformed HTTP response")?;
     ensure!(head.starts_with("HTTP/1.1 200"), "/metrics answered {head}");
     Ok(body.to_owned())
+}
+
+/// The assistant's answer to `question` from the pod's OpenAI-compatible port (`http`), greedy.
+async fn openai_chat(pod: &Pod, model: &str, question: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let address = pod_port(pod, "http")?;
+    let body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "temperature": 0,
+        "max_tokens": 8,
+    })
+    .to_string();
+    let mut stream = tokio::net::TcpStream::connect(&address)
+        .await
+        .with_context(|| format!("connecting to {address}"))?;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .context("/v1/chat/completions did not answer within 120 s")??;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    ensure!(
+        head.contains(" 200 "),
+        "/v1/chat/completions answered {head}: {body}"
+    );
+    let answer: serde_json::Value = serde_json::from_str(body).context("the answer is not JSON")?;
+    answer["choices"][0]["message"]["content"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("no message content in {answer}"))
 }
 
 /// The sum of every sample of a metric family (all label sets).

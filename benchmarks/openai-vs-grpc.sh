@@ -54,7 +54,7 @@ done
 python3 - "$results" <<'EOF'
 import json, statistics, sys
 runs = [json.loads(line) for line in open(sys.argv[1])]
-median = {api: statistics.median(r["output_tps"] for r in runs if r["api"] == api)
+median = {api: round(statistics.median(r["output_tps"] for r in runs if r["api"] == api), 1)
           for api in ("grpc", "openai")}
 print(json.dumps({"what": "median output t/s", **median,
                   "openai_over_grpc": round(median["openai"] / median["grpc"], 3)}))

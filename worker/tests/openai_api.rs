@@ -292,3 +292,27 @@ async fn bad_bodies_get_openai_errors_that_name_the_problem() {
     assert_eq!(status, 200);
     drain(serving).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_salt_keeps_one_tenants_prefixes_from_another() {
+    let serving = serve(&demo_args()).await;
+    let addr = serving.server.openai_addr.expect("OpenAI port");
+    let cached = |salt: Option<&'static str>| async move {
+        let mut body = json!({"prompt": QUESTION, "max_tokens": 1, "temperature": 0});
+        if let Some(salt) = salt {
+            body["cache_salt"] = salt.into();
+        }
+        let (status, answer) = http_post_at(addr, "/v1/completions", &body.to_string()).await;
+        assert_eq!(status, 200, "{answer}");
+        let answer: Value = serde_json::from_str(&answer).expect("JSON");
+        answer["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .expect("cached_tokens")
+    };
+    assert_eq!(cached(Some("tenant-a")).await, 0, "a first prompt finds nothing");
+    assert_eq!(cached(Some("tenant-b")).await, 0, "another salt finds nothing");
+    assert_eq!(cached(None).await, 0, "nor does the unsalted cache");
+    assert!(cached(Some("tenant-a")).await > 0, "the same salt finds its prefix");
+    assert!(cached(None).await > 0, "and so does the unsalted cache its own");
+    drain(serving).await;
+}

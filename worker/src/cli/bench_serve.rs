@@ -24,7 +24,8 @@ use tonic::transport::Channel;
 pub enum Api {
     /// `latentserve.v1.Inference/Generate`, streamed.
     Grpc,
-    /// `POST /v1/completions` with `stream: true` (server-sent events).
+    /// `POST /v1/completions` with `stream: true` (server-sent events) and `logprobs: 0`, so that
+    /// every token arrives in a chunk that says so.
     Openai,
 }
 
@@ -298,6 +299,10 @@ impl OpenAiClient {
             "ignore_eos": true,
             "stream": true,
             "stream_options": {"include_usage": true},
+            // The chosen token's logprob makes every engine output a chunk, with one entry per
+            // token: without it a token whose text is empty (a special token, part of a
+            // character) sends nothing, and TTFT and ITL could not be timed per token.
+            "logprobs": 0,
             "user": format!("bench-{index}"),
         });
         let request = hyper::Request::post(format!("{}/v1/completions", self.base))
@@ -358,14 +363,17 @@ impl OpenAiClient {
                         .as_u64()
                         .unwrap_or(0) as usize;
                 }
-                let has_text = chunk["choices"][0]["text"]
-                    .as_str()
-                    .is_some_and(|t| !t.is_empty());
-                if has_text {
-                    // A chunk is one engine step's tokens; the token count comes with the usage.
+                let tokens = chunk["choices"][0]["logprobs"]["tokens"]
+                    .as_array()
+                    .map_or(0, Vec::len);
+                if tokens > 0 {
                     match last {
                         None => timing.ttft = (now - start).as_secs_f64(),
-                        Some(previous) => timing.itl.push((now - previous).as_secs_f64()),
+                        Some(previous) => {
+                            // Several tokens in one chunk share the gap, as in the gRPC mode.
+                            let gap = (now - previous).as_secs_f64() / tokens as f64;
+                            timing.itl.extend(std::iter::repeat_n(gap, tokens));
+                        }
                     }
                     last = Some(now);
                 }
@@ -427,6 +435,7 @@ async fn run_one_grpc(
             ..StoppingCriteria::default()
         }),
         logprobs: 0,
+        cache_salt: String::new(),
     };
     let start = Instant::now();
     let mut stream = client

@@ -28,9 +28,30 @@ pub struct BlockTable {
     blocks: Vec<BlockId>,
     /// Prefix hashes of the leading full blocks that are registered in the prefix cache.
     hashes: Vec<u64>,
+    /// The parent hash of the first block: `None`, or the request's cache salt, so that requests
+    /// with different salts never share (or learn of) each other's cached prefixes.
+    root: Option<u64>,
+}
+
+/// The root hash of a cache salt, apart from every block hash (a salt is hashed with a tag that no
+/// block's token list can produce).
+pub fn salt_hash(salt: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    "latentserve cache salt".hash(&mut hasher);
+    salt.hash(&mut hasher);
+    hasher.finish()
 }
 
 impl BlockTable {
+    /// An empty table whose prefix is shared only with requests of the same `salt` (`None`: with
+    /// every unsalted request).
+    pub fn salted(salt: Option<&str>) -> Self {
+        Self {
+            root: salt.map(salt_hash),
+            ..Self::default()
+        }
+    }
+
     pub fn blocks(&self) -> &[BlockId] {
         &self.blocks
     }
@@ -127,17 +148,17 @@ impl BlockManager {
     /// Number of leading tokens of `tokens` whose blocks are in the prefix cache, without taking
     /// them. At least one token is always left to compute, because the model needs it to produce
     /// the next token's logits.
-    pub fn cached_prefix_len(&self, tokens: &[u32]) -> usize {
-        self.matching_prefix(tokens).len() * self.block_size
+    pub fn cached_prefix_len(&self, tokens: &[u32], salt: Option<&str>) -> usize {
+        self.matching_prefix(tokens, salt.map(salt_hash)).len() * self.block_size
     }
 
-    fn matching_prefix(&self, tokens: &[u32]) -> Vec<(BlockId, u64)> {
+    fn matching_prefix(&self, tokens: &[u32], root: Option<u64>) -> Vec<(BlockId, u64)> {
         let mut found = Vec::new();
         if !self.prefix_caching || tokens.is_empty() {
             return found;
         }
         let shareable = (tokens.len() - 1) / self.block_size;
-        let mut parent = None;
+        let mut parent = root;
         for chunk in tokens.chunks_exact(self.block_size).take(shareable) {
             let hash = block_hash(parent, chunk);
             let Some(&id) = self.by_hash.get(&hash) else {
@@ -161,7 +182,7 @@ impl BlockManager {
             table.is_empty(),
             "prefix can only start an empty block table"
         );
-        let found = self.matching_prefix(tokens);
+        let found = self.matching_prefix(tokens, table.root);
         for &(id, hash) in &found {
             self.take_ref(id);
             table.blocks.push(id);
@@ -230,7 +251,7 @@ impl BlockManager {
         let full = (num_computed.min(tokens.len()) / self.block_size).min(table.blocks.len());
         while table.hashes.len() < full {
             let index = table.hashes.len();
-            let parent = table.hashes.last().copied();
+            let parent = table.hashes.last().copied().or(table.root);
             let chunk = &tokens[index * self.block_size..(index + 1) * self.block_size];
             let hash = block_hash(parent, chunk);
             let id = table.blocks[index];
@@ -321,7 +342,7 @@ mod tests {
         let mut second_prompt = prompt[..8].to_vec();
         second_prompt.extend([7, 7, 7]);
         let mut second = BlockTable::default();
-        assert_eq!(manager.cached_prefix_len(&second_prompt), 8);
+        assert_eq!(manager.cached_prefix_len(&second_prompt, None), 8);
         assert_eq!(manager.acquire_prefix(&mut second, &second_prompt), 8);
         assert_eq!(second.blocks(), &first.blocks()[..2]);
         manager
@@ -339,7 +360,7 @@ mod tests {
         let mut table = BlockTable::default();
         manager.ensure_capacity(&mut table, 8).unwrap();
         manager.register_full_blocks(&mut table, &prompt, 8);
-        assert_eq!(manager.cached_prefix_len(&prompt), 4);
+        assert_eq!(manager.cached_prefix_len(&prompt, None), 4);
     }
 
     #[test]
@@ -350,8 +371,29 @@ mod tests {
         manager.ensure_capacity(&mut table, 5).unwrap();
         manager.register_full_blocks(&mut table, &prompt, 5);
         // Same second block, different first block: nothing is shared.
-        assert_eq!(manager.cached_prefix_len(&[9, 9, 3, 4, 5]), 0);
-        assert_eq!(manager.cached_prefix_len(&[1, 2, 3, 4, 6]), 4);
+        assert_eq!(manager.cached_prefix_len(&[9, 9, 3, 4, 5], None), 0);
+        assert_eq!(manager.cached_prefix_len(&[1, 2, 3, 4, 6], None), 4);
+    }
+
+    #[test]
+    fn a_cache_salt_keeps_prefixes_apart() {
+        let mut manager = BlockManager::new(16, 2, true);
+        let prompt = tokens(5, 1);
+        for salt in [None, Some("tenant-a")] {
+            let mut table = BlockTable::salted(salt);
+            manager.ensure_capacity(&mut table, 5).unwrap();
+            manager.register_full_blocks(&mut table, &prompt, 5);
+        }
+        assert_eq!(manager.cached_prefix_len(&prompt, None), 4);
+        assert_eq!(manager.cached_prefix_len(&prompt, Some("tenant-a")), 4);
+        assert_eq!(manager.cached_prefix_len(&prompt, Some("tenant-b")), 0);
+        let mut table = BlockTable::salted(Some("tenant-b"));
+        assert_eq!(manager.acquire_prefix(&mut table, &prompt), 0);
+        let mut table = BlockTable::salted(Some("tenant-a"));
+        assert_eq!(manager.acquire_prefix(&mut table, &prompt), 4);
+        // A freed table keeps its salt: a preempted request recomputes under it.
+        manager.free(&mut table);
+        assert_eq!(manager.acquire_prefix(&mut table, &prompt), 4);
     }
 
     #[test]
@@ -363,12 +405,12 @@ mod tests {
         manager.register_full_blocks(&mut table_a, &a, 4);
         manager.free(&mut table_a);
         assert_eq!(manager.num_available_blocks(), 4);
-        assert_eq!(manager.cached_prefix_len(&a), 4);
+        assert_eq!(manager.cached_prefix_len(&a, None), 4);
 
         // Taking two blocks uses the never-cached free ones first, then evicts the tail of `a`.
         let mut table_b = BlockTable::default();
         manager.ensure_capacity(&mut table_b, 6).unwrap();
-        assert_eq!(manager.cached_prefix_len(&a), 2);
+        assert_eq!(manager.cached_prefix_len(&a, None), 2);
         manager.free(&mut table_b);
 
         // A hit takes the block out of the eviction order.
@@ -377,7 +419,7 @@ mod tests {
         let mut table_d = BlockTable::default();
         manager.ensure_capacity(&mut table_d, 6).unwrap();
         assert!(manager.ensure_capacity(&mut table_d, 8).is_err());
-        assert_eq!(manager.cached_prefix_len(&a), 2);
+        assert_eq!(manager.cached_prefix_len(&a, None), 2);
     }
 
     #[test]
@@ -387,7 +429,7 @@ mod tests {
         let mut table = BlockTable::default();
         manager.ensure_capacity(&mut table, 5).unwrap();
         manager.register_full_blocks(&mut table, &prompt, 5);
-        assert_eq!(manager.cached_prefix_len(&prompt), 0);
+        assert_eq!(manager.cached_prefix_len(&prompt, None), 0);
         manager.free(&mut table);
         assert_eq!(manager.num_available_blocks(), 8);
     }
@@ -406,7 +448,7 @@ mod tests {
         manager.free(&mut second);
         manager.free(&mut first);
         assert_eq!(manager.num_available_blocks(), 8);
-        assert_eq!(manager.cached_prefix_len(&prompt), 2);
+        assert_eq!(manager.cached_prefix_len(&prompt, None), 2);
         let mut third = BlockTable::default();
         assert_eq!(manager.acquire_prefix(&mut third, &prompt), 2);
         assert_eq!(third.blocks()[0], first_block);

@@ -20,6 +20,8 @@ pub struct GenerationRequest {
     pub ignore_eos: bool,
     /// Alternatives to report per token (0 = no logprobs at all).
     pub logprobs: usize,
+    /// Shares cached prefixes only with requests of the same salt (`None`: every unsalted one).
+    pub cache_salt: Option<String>,
     /// Past this instant the request fails with [`GenerationError::DeadlineExceeded`].
     pub deadline: Option<Instant>,
     /// When the request reached the server (queue time counts from here).
@@ -39,6 +41,7 @@ impl GenerationRequest {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             logprobs: 0,
+            cache_salt: None,
             deadline: None,
             arrival: Instant::now(),
         }

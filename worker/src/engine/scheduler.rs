@@ -194,12 +194,13 @@ impl<E: ModelExecutor> Scheduler<E> {
         let tokens = request.prompt.clone();
         let sampler = Sampler::new(request.sampling.clone());
         let output = OutputProcessor::new(tokens.len(), request.stop.clone());
+        let table = BlockTable::salted(request.cache_salt.as_deref());
         self.waiting.push_back(Sequence {
             request,
             sender,
             tokens,
             num_computed: 0,
-            table: BlockTable::default(),
+            table,
             sampler,
             output,
             cached_prompt_tokens: None,

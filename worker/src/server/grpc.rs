@@ -25,8 +25,8 @@ use crate::model::chat_template::{ChatMessage, ChatTemplate};
 use crate::server::LoadedModel;
 use crate::server::chat::render_conversation;
 use crate::server::validate::{
-    Invalid, RequestLimits, check_logprobs, check_prompt, check_request_id, check_stop_strings,
-    max_new_tokens,
+    Invalid, RequestLimits, check_cache_salt, check_logprobs, check_prompt, check_request_id,
+    check_stop_strings, max_new_tokens,
 };
 
 /// The gRPC service; it answers UNAVAILABLE until the model is loaded.
@@ -120,6 +120,7 @@ pub fn validate_generate(
     .map_err(invalid)?;
     check_stop_strings(&stopping.stop, "stopping.stop").map_err(invalid)?;
     check_logprobs(request.logprobs, "logprobs").map_err(invalid)?;
+    let cache_salt = check_cache_salt(Some(request.cache_salt), "cache_salt").map_err(invalid)?;
     let sampling = request.sampling.unwrap_or_default();
     let params = SamplingParams {
         temperature: sampling.temperature.unwrap_or(1.0),
@@ -143,6 +144,7 @@ pub fn validate_generate(
         stop_token_ids: stopping.stop_token_ids,
         ignore_eos: stopping.ignore_eos,
         logprobs: request.logprobs as usize,
+        cache_salt,
         deadline,
         arrival,
     })

@@ -10,6 +10,9 @@ pub const MAX_LOGPROBS: u32 = 20;
 /// multiply the response size.
 pub const MAX_REQUEST_ID_BYTES: usize = 256;
 
+/// Longest `cache_salt`, in bytes: a tenant id or a random token fits; it is hashed once.
+pub const MAX_CACHE_SALT_BYTES: usize = 256;
+
 /// The limits a request is validated against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestLimits {
@@ -130,6 +133,18 @@ pub fn check_request_id(id: &str, field: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// A cache salt: `None` for an empty or absent one, at most [`MAX_CACHE_SALT_BYTES`].
+pub fn check_cache_salt(salt: Option<String>, field: &str) -> Result<Option<String>, Invalid> {
+    match salt {
+        Some(salt) if salt.len() > MAX_CACHE_SALT_BYTES => Err(Invalid(format!(
+            "{field} is {} bytes; at most {MAX_CACHE_SALT_BYTES} are allowed",
+            salt.len()
+        ))),
+        Some(salt) if !salt.is_empty() => Ok(Some(salt)),
+        _ => Ok(None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +217,20 @@ mod tests {
             "top_logprobs must be at most 20, got 21"
         );
         assert!(check_request_id(&"r".repeat(257), "user").is_err());
+        assert_eq!(
+            check_cache_salt(Some(String::new()), "cache_salt"),
+            Ok(None)
+        );
+        assert_eq!(
+            check_cache_salt(Some("t".into()), "cache_salt"),
+            Ok(Some("t".to_owned()))
+        );
+        assert!(
+            check_cache_salt(Some("s".repeat(257)), "cache_salt")
+                .unwrap_err()
+                .0
+                .starts_with("cache_salt is 257 bytes")
+        );
         assert!(check_request_id(&"r".repeat(256), "user").is_ok());
     }
 }

@@ -162,6 +162,7 @@ pub fn greedy_request(prompt: &[u32], max_tokens: u32) -> GenerateRequest {
             ..StoppingCriteria::default()
         }),
         logprobs: 0,
+        cache_salt: String::new(),
     }
 }
 

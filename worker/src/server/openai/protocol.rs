@@ -80,8 +80,10 @@ pub struct SamplingFields {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
-    /// An end-user id; logged as the request id.
+    /// An end-user id; checked, not used.
     pub user: Option<String>,
+    /// As in vLLM: cached prefixes are shared only with requests of the same salt.
+    pub cache_salt: Option<String>,
 }
 
 /// `POST /v1/completions`.

@@ -16,8 +16,8 @@ use crate::engine::sampler::SamplingParams;
 use crate::model::chat_template::{ChatMessage, ChatTemplate};
 use crate::server::chat::render_conversation;
 use crate::server::validate::{
-    Invalid, RequestLimits, check_logprobs, check_prompt, check_request_id, check_stop_strings,
-    max_new_tokens,
+    Invalid, RequestLimits, check_cache_salt, check_logprobs, check_prompt, check_request_id,
+    check_stop_strings, max_new_tokens,
 };
 
 /// Most choices one request may ask for (prompts x `n`): each is a sequence in the engine.
@@ -95,6 +95,7 @@ struct Shared {
     stop: Vec<String>,
     stop_token_ids: Vec<u32>,
     ignore_eos: bool,
+    cache_salt: Option<String>,
     n: usize,
     stream: bool,
     include_usage: bool,
@@ -145,11 +146,13 @@ fn shared(fields: SamplingFields, limits: &RequestLimits) -> Result<Shared, ApiE
     if let Some(user) = &fields.user {
         check_request_id(user, "user").map_err(invalid)?;
     }
+    let cache_salt = check_cache_salt(fields.cache_salt, "cache_salt").map_err(invalid)?;
     Ok(Shared {
         sampling,
         stop,
         stop_token_ids,
         ignore_eos: fields.ignore_eos,
+        cache_salt,
         n: n as usize,
         stream: fields.stream,
         include_usage: fields.stream_options.is_some_and(|o| o.include_usage),
@@ -190,6 +193,7 @@ fn expand(
                 stop_token_ids: shared.stop_token_ids.clone(),
                 ignore_eos: shared.ignore_eos,
                 logprobs: engine_logprobs,
+                cache_salt: shared.cache_salt.clone(),
                 deadline: None,
                 arrival: context.arrival,
             });

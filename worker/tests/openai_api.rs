@@ -309,10 +309,24 @@ async fn a_cache_salt_keeps_one_tenants_prefixes_from_another() {
             .as_u64()
             .expect("cached_tokens")
     };
-    assert_eq!(cached(Some("tenant-a")).await, 0, "a first prompt finds nothing");
-    assert_eq!(cached(Some("tenant-b")).await, 0, "another salt finds nothing");
+    assert_eq!(
+        cached(Some("tenant-a")).await,
+        0,
+        "a first prompt finds nothing"
+    );
+    assert_eq!(
+        cached(Some("tenant-b")).await,
+        0,
+        "another salt finds nothing"
+    );
     assert_eq!(cached(None).await, 0, "nor does the unsalted cache");
-    assert!(cached(Some("tenant-a")).await > 0, "the same salt finds its prefix");
-    assert!(cached(None).await > 0, "and so does the unsalted cache its own");
+    assert!(
+        cached(Some("tenant-a")).await > 0,
+        "the same salt finds its prefix"
+    );
+    assert!(
+        cached(None).await > 0,
+        "and so does the unsalted cache its own"
+    );
     drain(serving).await;
 }

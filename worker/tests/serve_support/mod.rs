@@ -207,6 +207,11 @@ pub async fn http_get_at(addr: SocketAddr, path: &str) -> (u16, String) {
     stream.write_all(request.as_bytes()).await.expect("write");
     let mut response = String::new();
     stream.read_to_string(&mut response).await.expect("read");
+    status_and_body(&response)
+}
+
+/// The status code and the body of a raw HTTP/1 response.
+fn status_and_body(response: &str) -> (u16, String) {
     let status = response
         .split_whitespace()
         .nth(1)
@@ -237,15 +242,7 @@ pub async fn http_post_at(addr: SocketAddr, path: &str, body: &str) -> (u16, Str
     .await
     .expect("the answer ends within 120 s")
     .expect("read");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .expect("status code");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, body)| body.to_owned());
-    (status, body)
+    status_and_body(&response)
 }
 
 /// The `data:` payloads of a server-sent event stream, `[DONE]` included.

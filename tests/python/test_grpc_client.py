@@ -76,6 +76,8 @@ def main():
             services = {s.name for r in replies for s in r.list_services_response.service}
             for expected in ["latentserve.v1.Inference", "grpc.health.v1.Health"]:
                 check(expected in services, f"reflection lists {sorted(services)}, not {expected}")
+            check("latentserve.v1.Experts" not in services,
+                  f"reflection lists the expert exchange to clients: {sorted(services)}")
 
             stub = pb2_grpc.InferenceStub(channel)
             info = stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=10)

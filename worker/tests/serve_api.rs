@@ -541,3 +541,23 @@ async fn a_python_grpcio_client_streams_calls_checks_health_and_lists_services()
     assert!(stdout.contains("all checks passed"), "{stdout}");
     drain(serving).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_alone_in_its_group_serves_no_expert_exchange() {
+    let serving = serve(&args("v3-tiny-f32")).await;
+    let channel = Channel::from_shared(format!("http://{}", serving.server.grpc_addr))
+        .expect("address")
+        .connect()
+        .await
+        .expect("connect");
+    let mut experts = latentserve_proto::v1::experts_client::ExpertsClient::new(channel);
+    let status = experts
+        .handshake(latentserve_proto::v1::HandshakeRequest {
+            rank: 1,
+            fingerprint: String::new(),
+        })
+        .await
+        .expect_err("no Experts service on a single worker's port");
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    drain(serving).await;
+}

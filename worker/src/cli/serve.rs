@@ -127,16 +127,14 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Serving> {
         metrics: args.metrics_addr,
         openai: args.openai_addr.0,
     };
-    let server = RunningServer::start(
-        &addrs,
-        metrics.clone(),
-        Some(ExpertsEndpoint {
-            service: shard.service.clone().into_server(),
-            addr: args.shard.experts_addr,
-        }),
-    )
-    .await
-    .context("starting the gRPC and HTTP servers")?;
+    // A worker alone in its group has no exchange to serve: nobody may call its experts.
+    let experts = (args.shard.shard_count > 1).then(|| ExpertsEndpoint {
+        service: shard.service.clone().into_server(),
+        addr: args.shard.experts_addr,
+    });
+    let server = RunningServer::start(&addrs, metrics.clone(), experts)
+        .await
+        .context("starting the gRPC and HTTP servers")?;
     // Peers are watched while the weights load, so the group is ready as soon as all are.
     shard.start_monitor();
     server.follow_peers(shard.peers_healthy());

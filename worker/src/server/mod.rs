@@ -46,6 +46,14 @@ pub struct LoadedModel {
 /// The health service name of the inference API.
 pub const INFERENCE_SERVICE_NAME: &str = "latentserve.v1.Inference";
 
+/// The services the gRPC port's reflection lists.
+const CLIENT_SERVICES: &[&str] = &[
+    INFERENCE_SERVICE_NAME,
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
 /// Errors starting the servers.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -147,11 +155,15 @@ impl RunningServer {
 
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::NotServing).await;
-        // grpcurl and most tools speak v1; older clients still ask v1alpha.
+        // grpcurl and most tools speak v1; older clients still ask v1alpha. Only the client
+        // services are listed: the expert exchange is for the group's shards, not for clients.
         let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(latentserve_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            CLIENT_SERVICES.iter().fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(latentserve_proto::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                |builder, name| builder.with_service_name(*name),
+            )
         };
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;

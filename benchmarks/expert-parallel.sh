@@ -41,11 +41,13 @@ wait_serving() { # grpc port, metrics port, log
 
 for n in $SHARDS; do
   base=$((52000 + n * 10))
-  peers=$(seq -s, -f "127.0.0.1:%g" $base $((base + n - 1)))
+  experts_base=$((53000 + n * 10))
+  peers=$(seq -s, -f "127.0.0.1:%g" $experts_base $((experts_base + n - 1)))
   pids=()
   for rank in $(seq 0 $((n - 1))); do
     args=(serve --model "$MODEL" --grpc-addr "127.0.0.1:$((base + rank))"
-          --metrics-addr "127.0.0.1:$((base + 5 + rank))" --openai-addr '' --shard-rank "$rank" --shard-count "$n"
+          --metrics-addr "127.0.0.1:$((base + 5 + rank))" --openai-addr '' --experts-addr "127.0.0.1:$((experts_base + rank))"
+          --shard-rank "$rank" --shard-count "$n"
           --kv-cache-memory 512Mi --expert-wire-dtype "$WIRE")
     [ "$n" -gt 1 ] && args+=(--peers "$peers")
     RUST_LOG=warn "$BIN" "${args[@]}" 2>"$work/rank-$n-$rank.log" &

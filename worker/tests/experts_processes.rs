@@ -33,6 +33,11 @@ fn reference_ids(name: &str, key: &str) -> Vec<u32> {
         .collect()
 }
 
+/// The ports of a group of `n` shards: each rank's gRPC port, then each rank's expert port.
+fn group_ports(n: usize) -> Vec<u16> {
+    free_ports(2 * n)
+}
+
 /// Free 127.0.0.1 ports (bound, noted, released).
 fn free_ports(n: usize) -> Vec<u16> {
     let listeners: Vec<_> = (0..n)
@@ -48,6 +53,7 @@ fn free_ports(n: usize) -> Vec<u16> {
 struct Worker {
     child: Child,
     port: u16,
+    experts_port: u16,
     log: PathBuf,
 }
 
@@ -59,9 +65,15 @@ impl Drop for Worker {
 }
 
 impl Worker {
+    /// Rank `rank` of the group whose [`group_ports`] are `ports`.
     fn start(model: &str, rank: usize, ports: &[u16], log_dir: &Path, extra: &[&str]) -> Worker {
-        let port = ports[rank];
-        let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let shards = ports.len() / 2;
+        let (grpc_ports, experts_ports) = ports.split_at(shards);
+        let port = grpc_ports[rank];
+        let peers: Vec<String> = experts_ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
         let log = log_dir.join(format!("rank-{rank}-{port}-{}.log", rand_suffix()));
         let mut command = Command::new(env!("CARGO_BIN_EXE_latentserve-worker"));
         command
@@ -73,23 +85,33 @@ impl Worker {
             .args(["--openai-addr", ""])
             .args(["--kv-cache-memory", "16Mi"])
             .args(["--shard-rank", &rank.to_string()])
-            .args(["--shard-count", &ports.len().to_string()])
+            .args([
+                "--experts-addr",
+                &format!("127.0.0.1:{}", experts_ports[rank]),
+            ])
+            .args(["--shard-count", &shards.to_string()])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
-        if ports.len() > 1 {
+        if shards > 1 {
             command.args(["--peers", &peers.join(",")]);
         }
         Worker {
             child: command.spawn().unwrap(),
             port,
+            experts_port: experts_ports[rank],
             log,
         }
     }
 
     fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Where its peers reach its experts.
+    fn experts_address(&self) -> String {
+        format!("127.0.0.1:{}", self.experts_port)
     }
 
     fn log_text(&self) -> String {
@@ -178,7 +200,7 @@ async fn one_two_and_four_processes_give_the_reference_tokens_from_every_rank() 
     let expected = reference_ids(model, "greedy_ids");
     let logs = tempfile::tempdir().unwrap();
     for n in [1usize, 2, 4] {
-        let ports = free_ports(n);
+        let ports = group_ports(n);
         let mut workers: Vec<Worker> = (0..n)
             .map(|rank| Worker::start(model, rank, &ports, logs.path(), &[]))
             .collect();
@@ -218,7 +240,7 @@ async fn a_killed_shard_fails_requests_clearly_and_the_group_recovers_when_it_re
     let prompt = reference_ids(model, "prompt_ids");
     let expected = reference_ids(model, "greedy_ids");
     let logs = tempfile::tempdir().unwrap();
-    let ports = free_ports(2);
+    let ports = group_ports(2);
     let rpc_timeout = ["--expert-rpc-timeout", "3s"];
     let mut first = Worker::start(model, 0, &ports, logs.path(), &rpc_timeout);
     let mut second = Worker::start(model, 1, &ports, logs.path(), &rpc_timeout);
@@ -253,7 +275,8 @@ async fn a_killed_shard_fails_requests_clearly_and_the_group_recovers_when_it_re
     let status = ended.expect_err("the stream cannot finish 120 tokens without shard 1");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(
-        status.message().contains("expert shard 1") && status.message().contains(&second.address()),
+        status.message().contains("expert shard 1")
+            && status.message().contains(&second.experts_address()),
         "{status:?}"
     );
     wait_health(&mut first, ServingStatus::NotServing).await;
@@ -284,7 +307,7 @@ async fn a_killed_shard_fails_requests_clearly_and_the_group_recovers_when_it_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_serving_another_model_is_refused() {
     let logs = tempfile::tempdir().unwrap();
-    let ports = free_ports(2);
+    let ports = group_ports(2);
     let mut first = Worker::start("v3-tiny-f32", 0, &ports, logs.path(), &[]);
     let _other = Worker::start("v3-neox-bf16-sharded", 1, &ports, logs.path(), &[]);
     // Rank 0 connects, sees the other fingerprint, says so, and stays NOT_SERVING.

@@ -39,15 +39,16 @@ pub struct ShardArgs {
     /// rank 3), as the operator's pods do: the pod spec is the same for every rank.
     #[arg(long)]
     pub shard_rank_from_pod_name: bool,
-    /// Serve the expert exchange on this address instead of the gRPC port, so that a
-    /// NetworkPolicy can admit it from the group's own pods only.
-    #[arg(long)]
-    pub experts_addr: Option<std::net::SocketAddr>,
+    /// Address of the expert exchange of a group of more than one shard: a port of its own,
+    /// never the client port, so that a NetworkPolicy can admit it from the group's pods only.
+    #[arg(long, default_value = "0.0.0.0:50052")]
+    pub experts_addr: std::net::SocketAddr,
     /// Shards (pods) per group; the routed experts are split across them.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub shard_count: u32,
-    /// gRPC addresses of the shards, HOST:PORT,...: all of them in rank order (this worker's own
-    /// entry is skipped) or the others in rank order. DNS names are re-resolved on reconnect.
+    /// Expert exchange addresses (`--experts-addr`) of the shards, HOST:PORT,...: all of them in
+    /// rank order (this worker's own entry is skipped) or the others in rank order. DNS names are
+    /// re-resolved on reconnect.
     #[arg(long, value_delimiter = ',')]
     pub peers: Vec<String>,
     /// JSON map from routed expert to the shards holding it ({"experts": [[0], [0, 1], ...]}),
@@ -68,7 +69,7 @@ impl Default for ShardArgs {
         Self {
             shard_rank: 0,
             shard_rank_from_pod_name: false,
-            experts_addr: None,
+            experts_addr: std::net::SocketAddr::from(([0, 0, 0, 0], 50052)),
             shard_count: 1,
             peers: Vec::new(),
             expert_placement: None,

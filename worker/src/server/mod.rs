@@ -102,9 +102,9 @@ pub struct ListenAddrs {
 /// Where a sharded worker serves the expert exchange (`latentserve.v1.Experts`).
 pub struct ExpertsEndpoint {
     pub service: ExpertsServer<ExpertsService>,
-    /// A port of its own, so that a NetworkPolicy can admit the exchange from sibling shards only
-    /// while clients reach the gRPC port; `None` serves it on the gRPC port.
-    pub addr: Option<SocketAddr>,
+    /// A port of its own, never the client port, so that a NetworkPolicy can admit the exchange
+    /// from sibling shards only while clients reach the gRPC port.
+    pub addr: SocketAddr,
 }
 
 impl RunningServer {
@@ -118,17 +118,6 @@ impl RunningServer {
         experts: Option<ExpertsEndpoint>,
     ) -> Result<Self, ServerError> {
         let (grpc_addr, metrics_addr) = (addrs.grpc, addrs.metrics);
-        let (experts_on_grpc_port, experts_own_port) = match experts {
-            Some(ExpertsEndpoint {
-                service,
-                addr: None,
-            }) => (Some(service), None),
-            Some(ExpertsEndpoint {
-                service,
-                addr: Some(addr),
-            }) => (None, Some((service, addr))),
-            None => (None, None),
-        };
         let grpc_listener =
             TcpListener::bind(grpc_addr)
                 .await
@@ -188,14 +177,13 @@ impl RunningServer {
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
                 .add_service(inference)
-                .add_optional_service(experts_on_grpc_port)
                 .serve_with_incoming_shutdown(
                     no_delay(grpc_listener),
                     wait_for(shutdown_rx.clone()),
                 ),
         );
-        let (experts_task, experts_addr) = match experts_own_port {
-            Some((service, addr)) => {
+        let (experts_task, experts_addr) = match experts {
+            Some(ExpertsEndpoint { service, addr }) => {
                 let listener =
                     TcpListener::bind(addr)
                         .await

@@ -89,7 +89,10 @@ pub fn args(model: &str) -> ServeArgs {
         max_queue: 256,
         drain_timeout: Duration::from_secs(30),
         dtype: WeightDtype::F32,
-        shard: latentserve_worker::cli::shard_args::ShardArgs::default(),
+        shard: latentserve_worker::cli::shard_args::ShardArgs {
+            experts_addr: "127.0.0.1:0".parse().expect("address"),
+            ..Default::default()
+        },
         device: Default::default(),
     }
 }

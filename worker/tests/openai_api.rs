@@ -330,3 +330,43 @@ async fn a_cache_salt_keeps_one_tenants_prefixes_from_another() {
     );
     drain(serving).await;
 }
+
+/// True when the server closes `stream` within `seconds` (a read ends or fails).
+async fn closed_within(stream: &mut tokio::net::TcpStream, seconds: u64) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(seconds), stream.read(&mut byte)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_are_closed_at_once_on_both_client_ports() {
+    let mut serve_args = demo_args();
+    serve_args.max_connections = 2;
+    let serving = serve(&serve_args).await;
+    let openai = serving.server.openai_addr.expect("OpenAI port");
+    for addr in [serving.server.grpc_addr, openai] {
+        let connect = || tokio::net::TcpStream::connect(addr);
+        let mut first = connect().await.expect("first connection");
+        let _second = connect().await.expect("second connection");
+        let mut third = connect().await.expect("the kernel accepts the third");
+        assert!(
+            closed_within(&mut third, 10).await,
+            "{addr}: the third stays open"
+        );
+        assert!(
+            !closed_within(&mut first, 1).await,
+            "{addr}: the first was closed"
+        );
+        // Closing one frees its slot for the next client.
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut fourth = connect().await.expect("fourth connection");
+        assert!(
+            !closed_within(&mut fourth, 1).await,
+            "{addr}: a freed slot is not reused"
+        );
+    }
+    drain(serving).await;
+}

@@ -26,6 +26,7 @@ use crate::model::chat_template::ChatTemplate;
 use crate::model::config::ModelType;
 use crate::model::loader::WeightStore;
 use crate::model::{DeepSeekModel, LatentCache, LoadOptions, ModelConfig, Tokenizer};
+use crate::server::connections::DEFAULT_MAX_CONNECTIONS;
 use crate::server::validate::RequestLimits;
 use crate::server::{ExpertsEndpoint, ListenAddrs, LoadedModel, RunningServer};
 
@@ -55,6 +56,9 @@ pub struct ServeArgs {
     /// /v1/models, /health); '' serves none.
     #[arg(long, default_value = "0.0.0.0:8000", value_parser = parse_optional_addr)]
     pub openai_addr: OptionalAddr,
+    /// Open connections each client port (gRPC, OpenAI) keeps; more are closed at once.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
     /// Jinja chat template for chat requests, replacing the model's own (tokenizer_config.json's
     /// chat_template or chat_template.jinja).
     #[arg(long)]
@@ -126,6 +130,7 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Serving> {
         grpc: args.grpc_addr,
         metrics: args.metrics_addr,
         openai: args.openai_addr.0,
+        max_connections: args.max_connections as usize,
     };
     // A worker alone in its group has no exchange to serve: nobody may call its experts.
     let experts = (args.shard.shard_count > 1).then(|| ExpertsEndpoint {

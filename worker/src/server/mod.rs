@@ -3,6 +3,7 @@
 //! SIGTERM drain.
 
 pub mod chat;
+pub mod connections;
 pub mod grpc;
 pub mod http;
 pub mod openai;
@@ -13,7 +14,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use axum::serve::ListenerExt;
 use latentserve_proto::v1::ModelInfo;
 use latentserve_proto::v1::experts_server::ExpertsServer;
 use latentserve_proto::v1::inference_server::InferenceServer;
@@ -30,6 +30,7 @@ use crate::experts::EXPERTS_SERVICE_NAME;
 use crate::experts::service::ExpertsService;
 use crate::metrics::Metrics;
 use crate::model::chat_template::ChatTemplate;
+use connections::CappedListener;
 use grpc::InferenceService;
 use validate::RequestLimits;
 
@@ -97,7 +98,16 @@ pub struct ListenAddrs {
     pub metrics: SocketAddr,
     /// The OpenAI-compatible HTTP API; `None` serves none.
     pub openai: Option<SocketAddr>,
+    /// Open connections each client port (gRPC, OpenAI) keeps; more are closed at once.
+    pub max_connections: usize,
 }
+
+/// Requests one HTTP/2 connection may have in flight on the gRPC port (hyper's default is
+/// unbounded); a client that needs more opens another connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Interval and timeout of the HTTP/2 pings that find dead gRPC clients and peers.
+pub const HTTP2_KEEPALIVE: (Duration, Duration) =
+    (Duration::from_secs(30), Duration::from_secs(20));
 
 /// Where a sharded worker serves the expert exchange (`latentserve.v1.Experts`).
 pub struct ExpertsEndpoint {
@@ -171,14 +181,20 @@ impl RunningServer {
         let wait_for = |mut receiver: watch::Receiver<bool>| async move {
             let _ = receiver.wait_for(|stop| *stop).await;
         };
-        let grpc_task = tokio::spawn(
+        let grpc_server = || {
             tonic::transport::Server::builder()
+                .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+                .http2_keepalive_interval(Some(HTTP2_KEEPALIVE.0))
+                .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE.1))
+        };
+        let grpc_task = tokio::spawn(
+            grpc_server()
                 .add_service(health_service)
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
                 .add_service(inference)
                 .serve_with_incoming_shutdown(
-                    no_delay(grpc_listener),
+                    CappedListener::new(grpc_listener, addrs.max_connections).into_incoming(),
                     wait_for(shutdown_rx.clone()),
                 ),
         );
@@ -194,7 +210,7 @@ impl RunningServer {
                         })?;
                 let addr = bound(&listener, "the experts port", addr)?;
                 let task = tokio::spawn(
-                    tonic::transport::Server::builder()
+                    grpc_server()
                         .add_service(service)
                         .serve_with_incoming_shutdown(
                             no_delay(listener),
@@ -217,13 +233,7 @@ impl RunningServer {
                         })?;
                 let addr = bound(&listener, "the OpenAI API port", addr)?;
                 let app = openai::router(loaded.clone(), ready.clone());
-                // Streamed tokens are small writes: without TCP_NODELAY each can wait for the
-                // client's delayed ACK (see no_delay below).
-                let listener = listener.tap_io(|tcp| {
-                    if let Err(error) = tcp.set_nodelay(true) {
-                        tracing::debug!(%error, "TCP_NODELAY not set");
-                    }
-                });
+                let listener = CappedListener::new(listener, addrs.max_connections);
                 let task = tokio::spawn(
                     axum::serve(listener, app)
                         .with_graceful_shutdown(wait_for(shutdown_rx.clone()))

@@ -80,6 +80,7 @@ pub fn args(model: &str) -> ServeArgs {
         metrics_addr: "127.0.0.1:0".parse().expect("address"),
         openai_addr: OptionalAddr(Some("127.0.0.1:0".parse().expect("address"))),
         chat_template: None,
+        max_connections: 1024,
         max_batch_size: 64,
         max_tokens_per_step: 256,
         max_seq_len: None,

@@ -228,10 +228,11 @@ pub struct ServingSpec {
     /// Weight dtype in memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<Dtype>,
-    /// Extra worker flags, appended after the ones the operator sets (which they must not repeat).
+    /// Extra worker flags, appended after the ones the operator sets. Reserved, and refused:
+    /// the addresses and shard flags, `--expert-placement`, and the flags of the fields above.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(length(min = 1, max = 1024)))]
-    #[x_kube(validation = Rule::new(crate::worker_args::extra_args_cel_rule()).message("extraArgs must not repeat a flag the operator sets"))]
+    #[x_kube(validation = Rule::new(crate::worker_args::extra_args_cel_rule()).message("extraArgs must not name a reserved flag: the addresses, the shard plan and the limits of spec.serving are the operator's"))]
     pub extra_args: Vec<String>,
 }
 

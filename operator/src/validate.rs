@@ -223,7 +223,10 @@ pub fn validate<'a>(
         if RESERVED_WORKER_FLAGS.contains(&flag) {
             return Err(invalid(
                 &format!("spec.serving.extraArgs[{i}]"),
-                format!("{flag} is set by the operator"),
+                format!(
+                    "{flag} is reserved: the operator sets it from the spec or the shard plan \
+                     (set spec.serving and the other spec fields instead)"
+                ),
             ));
         }
     }
@@ -364,6 +367,28 @@ mod tests {
         let err = validate(&md, &features_latest()).unwrap_err();
         assert_eq!(err.field, "spec.serving.extraArgs[1]");
         assert!(err.message.contains("--peers"), "{err}");
+    }
+
+    #[test]
+    fn extra_args_cannot_override_the_limits_and_the_placement() {
+        for arg in [
+            "--max-seq-len=1048576",
+            "--max-batch-size",
+            "--kv-cache-memory=1Ti",
+            "--no-prefix-caching",
+            "--dtype=f16",
+            "--expert-placement=/tmp/p.json",
+        ] {
+            let mut md = demo();
+            md.spec.serving.as_mut().unwrap().extra_args = vec![arg.into()];
+            let err = validate(&md, &features_latest()).unwrap_err();
+            assert_eq!(err.field, "spec.serving.extraArgs[0]", "{arg}");
+            assert!(err.message.contains("reserved"), "{err}");
+        }
+        let mut md = demo();
+        md.spec.serving.as_mut().unwrap().extra_args =
+            vec!["--model-name=chat".into(), "--max-queue=16".into()];
+        validate(&md, &features_latest()).unwrap();
     }
 
     #[test]

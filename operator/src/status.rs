@@ -221,10 +221,10 @@ pub fn compute(
             generation,
             now,
         ),
-        Outcome::Invalid(_) => condition(
+        Outcome::Invalid(err) => condition(
             PROGRESSING,
             false,
-            "InvalidSpec",
+            err.reason,
             "the spec is invalid: see Degraded".to_owned(),
             generation,
             now,
@@ -252,14 +252,9 @@ pub fn compute(
     };
 
     let degraded = match outcome {
-        Outcome::Invalid(err) => condition(
-            DEGRADED,
-            true,
-            "InvalidSpec",
-            err.to_string(),
-            generation,
-            now,
-        ),
+        Outcome::Invalid(err) => {
+            condition(DEGRADED, true, err.reason, err.to_string(), generation, now)
+        }
         Outcome::Failed(message) => condition(
             DEGRADED,
             true,
@@ -397,6 +392,7 @@ mod tests {
     fn invalid_specs_degrade_with_the_field_named() {
         let md = demo();
         let err = InvalidSpec {
+            reason: crate::validate::INVALID_SPEC,
             field: "spec.serving.kvCacheMemory".into(),
             message: "bad".into(),
         };

@@ -13,6 +13,7 @@ use crate::crd::{
     ServiceSpec, ServingSpec, WorkerResources,
 };
 use crate::discovery::Features;
+use crate::policy::{Policy, host_path_allowed, image_allowed};
 use crate::resources::{HTTP_PORT, METRICS_PORT, Owner};
 use crate::worker_args::flag_of;
 
@@ -25,14 +26,67 @@ pub const MAX_NAME_LEN: usize = 40;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
 pub struct InvalidSpec {
+    /// The reason of the Degraded condition and of the Event: [`INVALID_SPEC`], or what the
+    /// operator's policy refused.
+    pub reason: &'static str,
     pub field: String,
     pub message: String,
 }
 
+/// The reason of a spec that breaks the schema's rules.
+pub const INVALID_SPEC: &str = "InvalidSpec";
+/// The reason of a hostPath outside the operator's allowed prefixes.
+pub const HOST_PATH_NOT_ALLOWED: &str = "HostPathNotAllowed";
+/// The reason of a worker image outside the operator's allowed images.
+pub const IMAGE_NOT_ALLOWED: &str = "ImageNotAllowed";
+
 fn invalid(field: &str, message: impl Into<String>) -> InvalidSpec {
     InvalidSpec {
+        reason: INVALID_SPEC,
         field: field.to_owned(),
         message: message.into(),
+    }
+}
+
+/// The second check, after [`validate`]: the operator-wide allow-lists that the installer set
+/// (see [`Policy`]). A spec that passes the schema may still be refused here.
+pub fn check_allowed(spec: &ValidatedSpec<'_>, policy: &Policy) -> Result<(), InvalidSpec> {
+    if let ModelSource::HostPath(source) = &spec.spec().model
+        && !host_path_allowed(&source.path, &policy.allowed_host_path_prefixes)
+    {
+        return Err(InvalidSpec {
+            reason: HOST_PATH_NOT_ALLOWED,
+            field: "spec.model.hostPath.path".to_owned(),
+            message: format!(
+                "{:?} is not under a host path prefix the operator allows ({}); \
+                 use a PVC or an image, or ask the operator's installer",
+                source.path,
+                shown(&policy.allowed_host_path_prefixes)
+            ),
+        });
+    }
+    if let Some(image) = spec.spec().image.as_deref()
+        && !image_allowed(image, &policy.allowed_images)
+    {
+        return Err(InvalidSpec {
+            reason: IMAGE_NOT_ALLOWED,
+            field: "spec.image".to_owned(),
+            message: format!(
+                "{image:?} is not an image the operator allows ({}); \
+                 leave spec.image unset for the default worker image",
+                shown(&policy.allowed_images)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// An allow-list for a message.
+fn shown(list: &[String]) -> String {
+    if list.is_empty() {
+        "none".to_owned()
+    } else {
+        list.join(", ")
     }
 }
 
@@ -389,6 +443,36 @@ mod tests {
         md.spec.serving.as_mut().unwrap().extra_args =
             vec!["--model-name=chat".into(), "--max-queue=16".into()];
         validate(&md, &features_latest()).unwrap();
+    }
+
+    #[test]
+    fn host_paths_and_images_outside_the_allow_lists_are_refused() {
+        let policy = Policy::default();
+        let check = |md: &ModelDeployment| {
+            check_allowed(&validate(md, &features_latest()).unwrap(), &policy)
+        };
+        check(&demo()).unwrap();
+        let mut md = demo();
+        md.spec.model = ModelSource::HostPath(crate::crd::HostPathSource {
+            path: "/etc".into(),
+        });
+        let err = check(&md).unwrap_err();
+        assert_eq!(
+            (err.reason, err.field.as_str()),
+            (HOST_PATH_NOT_ALLOWED, "spec.model.hostPath.path")
+        );
+        assert!(err.message.contains("/srv/models/"), "{err}");
+
+        let mut md = demo();
+        md.spec.image = Some("evil.example/shell:1".into());
+        let err = check(&md).unwrap_err();
+        assert_eq!(
+            (err.reason, err.field.as_str()),
+            (IMAGE_NOT_ALLOWED, "spec.image")
+        );
+        assert!(err.message.contains("latentserve-worker"), "{err}");
+        md.spec.image = None;
+        check(&md).unwrap();
     }
 
     #[test]

@@ -52,6 +52,7 @@ fn worker_container(md: &ModelDeployment, group: i32) -> Container {
     let ctx = BuildContext {
         worker_image: "latentserve-worker:test".into(),
         features: features(),
+        policy: Default::default(),
     };
     let spec = validate(md, &ctx.features).expect("a valid spec");
     let sts = stateful_set(&spec, group, &ctx);

@@ -176,6 +176,8 @@ pub struct BuildContext {
     /// Worker image when the spec names none.
     pub worker_image: String,
     pub features: Features,
+    /// The installer's allow-lists and network rules.
+    pub policy: crate::policy::Policy,
 }
 
 /// Every child of a valid ModelDeployment, in apply order (Services and ConfigMap before the

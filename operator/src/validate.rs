@@ -14,7 +14,7 @@ use crate::crd::{
 };
 use crate::discovery::Features;
 use crate::policy::{Policy, host_path_allowed, image_allowed};
-use crate::resources::{HTTP_PORT, METRICS_PORT, Owner};
+use crate::resources::{HTTP_PORT, Owner};
 use crate::worker_args::flag_of;
 
 /// The longest ModelDeployment name: `NAME-<group>` must leave room for the StatefulSet
@@ -293,11 +293,11 @@ pub fn validate<'a>(
     // Not in the CRD's schema: the API server would refuse the Service's duplicate port at
     // apply time; this names the field instead.
     if let Some(port) = service.port
-        && [HTTP_PORT, METRICS_PORT].contains(&port)
+        && port == HTTP_PORT
     {
         return Err(invalid(
             "spec.service.port",
-            format!("{port} is the client Service's http or metrics port"),
+            format!("{port} is the client Service's http port"),
         ));
     }
     Ok(ValidatedSpec {
@@ -478,7 +478,7 @@ mod tests {
     #[test]
     fn the_grpc_service_port_must_not_take_another_client_port() {
         let mut md = demo();
-        for (port, valid) in [(8000, false), (9090, false), (8443, true), (50051, true)] {
+        for (port, valid) in [(8000, false), (9090, true), (8443, true), (50051, true)] {
             md.spec.service = Some(ServiceSpec {
                 port: Some(port),
                 ..ServiceSpec::default()

@@ -128,6 +128,7 @@ async fn create_applies_every_child_under_the_field_manager() {
             format!("{SERVICES}/demo-peers"),
             format!("{SERVICES}/demo"),
             format!("{NETWORK_POLICIES}/demo"),
+            format!("{NETWORK_POLICIES}/demo-0"),
             format!("{STATEFUL_SETS}/demo-0"),
             format!("{BUDGETS}/demo-0"),
         ]

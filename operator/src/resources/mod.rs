@@ -188,9 +188,13 @@ pub fn build_all(spec: &ValidatedSpec<'_>, ctx: &BuildContext) -> Vec<Desired> {
         Desired::ConfigMap(configmap::config_map(spec)),
         Desired::Service(service::peers_service(owner)),
         Desired::Service(service::client_service(spec)),
-        Desired::NetworkPolicy(networkpolicy::network_policy(owner)),
+        Desired::NetworkPolicy(networkpolicy::network_policy(spec, &ctx.policy)),
     ];
     for group in spec.plan().groups() {
+        // Before the pods: `NAME` alone closes the expert port.
+        desired.push(Desired::NetworkPolicy(
+            networkpolicy::experts_network_policy(owner, group),
+        ));
         desired.push(Desired::StatefulSet(statefulset::stateful_set(
             spec, group, ctx,
         )));
@@ -238,8 +242,10 @@ mod tests {
                 ("Service", "demo-peers"),
                 ("Service", "demo"),
                 ("NetworkPolicy", "demo"),
+                ("NetworkPolicy", "demo-0"),
                 ("StatefulSet", "demo-0"),
                 ("PodDisruptionBudget", "demo-0"),
+                ("NetworkPolicy", "demo-1"),
                 ("StatefulSet", "demo-1"),
                 ("PodDisruptionBudget", "demo-1"),
             ]

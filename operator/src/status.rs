@@ -139,7 +139,11 @@ pub enum Outcome {
     /// The spec cannot be built; nothing was applied.
     Invalid(InvalidSpec),
     /// An API call failed; the reconcile is retried.
-    Failed(String),
+    Failed {
+        /// The condition's reason (`ReconcileFailed`, `ResourceConflict`).
+        reason: &'static str,
+        message: String,
+    },
 }
 
 fn condition(
@@ -255,14 +259,9 @@ pub fn compute(
         Outcome::Invalid(err) => {
             condition(DEGRADED, true, err.reason, err.to_string(), generation, now)
         }
-        Outcome::Failed(message) => condition(
-            DEGRADED,
-            true,
-            "ReconcileFailed",
-            message.clone(),
-            generation,
-            now,
-        ),
+        Outcome::Failed { reason, message } => {
+            condition(DEGRADED, true, reason, message.clone(), generation, now)
+        }
         _ if !failing.is_empty() => condition(
             DEGRADED,
             true,

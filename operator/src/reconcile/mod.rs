@@ -212,7 +212,10 @@ async fn reconcile_valid(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
             Ok(groups) => (Outcome::Applied, groups),
             Err(err) => {
                 // The status tells users about the failure; the retry comes from the error policy.
-                let outcome = Outcome::Failed(err.to_string());
+                let outcome = Outcome::Failed {
+                    reason: err.reason(),
+                    message: err.to_string(),
+                };
                 if let Err(status_err) =
                     update_status::update_status(md, ctx, &existing, &outcome).await
                 {

@@ -472,3 +472,54 @@ async fn host_paths_and_images_outside_the_allow_lists_create_nothing() {
         assert!(note.contains(field), "{note}");
     }
 }
+
+#[tokio::test]
+async fn objects_of_our_names_that_we_do_not_control_are_left_alone() {
+    let md = demo();
+    let (fake, ctx) = setup(&md);
+    let theirs = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "demo", "namespace": "models", "labels": {"team": "billing"}},
+        "spec": {"ports": [{"port": 443}]},
+    });
+    fake.insert(SERVICES, theirs.clone());
+    let err = reconcile_once(&md, &ctx).await.unwrap_err();
+    assert_eq!(err.metric_label(), "conflict");
+    let requests = fake.take_requests();
+    let applies: Vec<_> = paths(&requests, "PATCH")
+        .into_iter()
+        .filter(|p| !p.ends_with("/status"))
+        .collect();
+    assert!(applies.is_empty(), "nothing is applied: {applies:?}");
+    let service = fake.get(SERVICES, "demo").unwrap();
+    assert_eq!(service["spec"], theirs["spec"]);
+    assert_eq!(service["metadata"]["labels"], theirs["metadata"]["labels"]);
+    assert!(fake.get(STATEFUL_SETS, "demo-0").is_none(), "no pods");
+    let condition = degraded(&fake);
+    assert_eq!(condition.reason, "ResourceConflict");
+    assert!(
+        condition.message.contains("Service demo"),
+        "{}",
+        condition.message
+    );
+    let event = requests
+        .iter()
+        .find(|r| r.is("POST", EVENTS) && r.body["reason"] == "ResourceConflict")
+        .expect("a ResourceConflict event");
+    assert!(
+        event.body["note"]
+            .as_str()
+            .unwrap()
+            .contains("Service demo")
+    );
+
+    // An owner reference without `controller: true` is not control either.
+    let mut shared = owned_child("Service", "v1", "demo", None);
+    shared["metadata"]["ownerReferences"][0]["controller"] = json!(false);
+    fake.insert(SERVICES, shared);
+    assert_eq!(
+        reconcile_once(&md, &ctx).await.unwrap_err().metric_label(),
+        "conflict"
+    );
+}

@@ -145,6 +145,15 @@ impl Owner {
     }
 
     /// Whether `meta` names this ModelDeployment among its owners.
+    /// Whether this ModelDeployment is the object's controller (the owner reference the
+    /// operator writes), not merely one of its owners.
+    pub fn controls(&self, meta: &ObjectMeta) -> bool {
+        meta.owner_references
+            .iter()
+            .flatten()
+            .any(|r| r.uid == self.reference.uid && r.controller == Some(true))
+    }
+
     pub fn owns(&self, meta: &ObjectMeta) -> bool {
         meta.owner_references
             .iter()

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Affinity, Toleration};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -228,10 +228,11 @@ pub struct ServingSpec {
     /// Weight dtype in memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<Dtype>,
-    /// Extra worker flags, appended after the ones the operator sets (which they must not repeat).
+    /// Extra worker flags, appended after the ones the operator sets. Reserved, and refused:
+    /// the addresses and shard flags, `--expert-placement`, and the flags of the fields above.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(length(min = 1, max = 1024)))]
-    #[x_kube(validation = Rule::new(crate::worker_args::extra_args_cel_rule()).message("extraArgs must not repeat a flag the operator sets"))]
+    #[x_kube(validation = Rule::new(crate::worker_args::extra_args_cel_rule()).message("extraArgs must not name a reserved flag: the addresses, the shard plan and the limits of spec.serving are the operator's"))]
     pub extra_args: Vec<String>,
 }
 
@@ -266,6 +267,10 @@ pub struct ServiceSpec {
     /// Annotations of the client Service (load balancer settings and the like).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// Namespaces whose pods may reach the client ports (gRPC 50051, HTTP 8000) through the
+    /// NetworkPolicy, besides the operator's own; unset: any source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_namespaces: Option<LabelSelector>,
 }
 
 /// Client Service types.

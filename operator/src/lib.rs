@@ -7,7 +7,7 @@
 //! [`reconcile::update_status`] (conditions computed by [`status`]). [`reconcile`] wires them
 //! into the controller. [`worker_args`] is the one place that spells the worker's flags,
 //! [`discovery`] adapts the builders to the cluster, [`leader`] elects one active process,
-//! [`metrics`] serves Prometheus and health endpoints, and [`capacity`] reads the cache figures
+//! [`policy`] holds the installer's allow-lists, [`metrics`] serves Prometheus and health endpoints, and [`capacity`] reads the cache figures
 //! from a worker.
 
 pub mod capacity;
@@ -15,6 +15,7 @@ pub mod crd;
 pub mod discovery;
 pub mod leader;
 pub mod metrics;
+pub mod policy;
 pub mod reconcile;
 pub mod resources;
 pub mod status;

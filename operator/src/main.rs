@@ -13,6 +13,7 @@ use latentserve_operator::crd;
 use latentserve_operator::discovery::Features;
 use latentserve_operator::leader::LeaseLock;
 use latentserve_operator::metrics::{self, Metrics};
+use latentserve_operator::policy::{self, Policy};
 use latentserve_operator::reconcile::{self, Context};
 use latentserve_operator::resources::BuildContext;
 
@@ -27,7 +28,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Runs the controller against the cluster of the kubeconfig (or the in-cluster account).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Prints the ModelDeployment CRD as YAML.
     Crd {
         /// Leave out the CEL `x-kubernetes-validations` rules, for clusters before 1.25, where
@@ -63,6 +64,23 @@ struct RunArgs {
     /// Name of the leader Lease.
     #[arg(long, default_value = "latentserve-operator")]
     leader_election_id: String,
+    /// Host directories that `spec.model.hostPath.path` may be (or be below), comma-separated;
+    /// `*` allows any path, an empty value none.
+    #[arg(long, env = "LATENTSERVE_ALLOWED_HOST_PATH_PREFIXES", value_delimiter = ',', default_value = policy::DEFAULT_HOST_PATH_PREFIX)]
+    allowed_host_path_prefixes: Vec<String>,
+    /// Images that `spec.image` may name, comma-separated: repositories (any tag or digest),
+    /// registry or path prefixes ending in `/`, or `*` for any. Default: the repository of
+    /// --worker-image.
+    #[arg(long, env = "LATENTSERVE_ALLOWED_IMAGES", value_delimiter = ',')]
+    allowed_images: Option<Vec<String>>,
+    /// Namespaces (labels, `key=value,...`) whose pods may reach the workers' metrics port;
+    /// empty: any source.
+    #[arg(
+        long,
+        env = "LATENTSERVE_METRICS_NAMESPACE_SELECTOR",
+        default_value = ""
+    )]
+    metrics_namespace_selector: String,
     /// Log line format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -92,6 +110,14 @@ fn identity() -> String {
     })
 }
 
+/// A list flag without its empty entries (`--allowed-images=` is the empty list).
+fn nonempty(list: Vec<String>) -> Vec<String> {
+    list.into_iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
     let client = Client::try_default()
@@ -113,6 +139,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ctx = Arc::new(Context::new(
         client.clone(),
         BuildContext {
+            policy: Policy {
+                allowed_host_path_prefixes: nonempty(args.allowed_host_path_prefixes),
+                allowed_images: nonempty(args.allowed_images.unwrap_or_else(|| {
+                    vec![policy::image_repository(&args.worker_image).to_owned()]
+                })),
+                metrics_namespace_selector: policy::parse_selector(
+                    &args.metrics_namespace_selector,
+                )
+                .map_err(anyhow::Error::msg)
+                .context("--metrics-namespace-selector")?,
+                operator_namespace: std::env::var("POD_NAMESPACE").ok(),
+            },
             worker_image: args.worker_image,
             features,
         },
@@ -174,6 +212,6 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()
             .context("cannot start the async runtime")?
-            .block_on(run(args)),
+            .block_on(run(*args)),
     }
 }

@@ -139,7 +139,11 @@ pub enum Outcome {
     /// The spec cannot be built; nothing was applied.
     Invalid(InvalidSpec),
     /// An API call failed; the reconcile is retried.
-    Failed(String),
+    Failed {
+        /// The condition's reason (`ReconcileFailed`, `ResourceConflict`).
+        reason: &'static str,
+        message: String,
+    },
 }
 
 fn condition(
@@ -221,10 +225,10 @@ pub fn compute(
             generation,
             now,
         ),
-        Outcome::Invalid(_) => condition(
+        Outcome::Invalid(err) => condition(
             PROGRESSING,
             false,
-            "InvalidSpec",
+            err.reason,
             "the spec is invalid: see Degraded".to_owned(),
             generation,
             now,
@@ -252,22 +256,12 @@ pub fn compute(
     };
 
     let degraded = match outcome {
-        Outcome::Invalid(err) => condition(
-            DEGRADED,
-            true,
-            "InvalidSpec",
-            err.to_string(),
-            generation,
-            now,
-        ),
-        Outcome::Failed(message) => condition(
-            DEGRADED,
-            true,
-            "ReconcileFailed",
-            message.clone(),
-            generation,
-            now,
-        ),
+        Outcome::Invalid(err) => {
+            condition(DEGRADED, true, err.reason, err.to_string(), generation, now)
+        }
+        Outcome::Failed { reason, message } => {
+            condition(DEGRADED, true, reason, message.clone(), generation, now)
+        }
         _ if !failing.is_empty() => condition(
             DEGRADED,
             true,
@@ -397,6 +391,7 @@ mod tests {
     fn invalid_specs_degrade_with_the_field_named() {
         let md = demo();
         let err = InvalidSpec {
+            reason: crate::validate::INVALID_SPEC,
             field: "spec.serving.kvCacheMemory".into(),
             message: "bad".into(),
         };

@@ -13,7 +13,8 @@ use crate::crd::{
     ServiceSpec, ServingSpec, WorkerResources,
 };
 use crate::discovery::Features;
-use crate::resources::{HTTP_PORT, METRICS_PORT, Owner};
+use crate::policy::{Policy, host_path_allowed, image_allowed};
+use crate::resources::{HTTP_PORT, Owner};
 use crate::worker_args::flag_of;
 
 /// The longest ModelDeployment name: `NAME-<group>` must leave room for the StatefulSet
@@ -25,14 +26,67 @@ pub const MAX_NAME_LEN: usize = 40;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
 pub struct InvalidSpec {
+    /// The reason of the Degraded condition and of the Event: [`INVALID_SPEC`], or what the
+    /// operator's policy refused.
+    pub reason: &'static str,
     pub field: String,
     pub message: String,
 }
 
+/// The reason of a spec that breaks the schema's rules.
+pub const INVALID_SPEC: &str = "InvalidSpec";
+/// The reason of a hostPath outside the operator's allowed prefixes.
+pub const HOST_PATH_NOT_ALLOWED: &str = "HostPathNotAllowed";
+/// The reason of a worker image outside the operator's allowed images.
+pub const IMAGE_NOT_ALLOWED: &str = "ImageNotAllowed";
+
 fn invalid(field: &str, message: impl Into<String>) -> InvalidSpec {
     InvalidSpec {
+        reason: INVALID_SPEC,
         field: field.to_owned(),
         message: message.into(),
+    }
+}
+
+/// The second check, after [`validate`]: the operator-wide allow-lists that the installer set
+/// (see [`Policy`]). A spec that passes the schema may still be refused here.
+pub fn check_allowed(spec: &ValidatedSpec<'_>, policy: &Policy) -> Result<(), InvalidSpec> {
+    if let ModelSource::HostPath(source) = &spec.spec().model
+        && !host_path_allowed(&source.path, &policy.allowed_host_path_prefixes)
+    {
+        return Err(InvalidSpec {
+            reason: HOST_PATH_NOT_ALLOWED,
+            field: "spec.model.hostPath.path".to_owned(),
+            message: format!(
+                "{:?} is not under a host path prefix the operator allows ({}); \
+                 use a PVC or an image, or ask the operator's installer",
+                source.path,
+                shown(&policy.allowed_host_path_prefixes)
+            ),
+        });
+    }
+    if let Some(image) = spec.spec().image.as_deref()
+        && !image_allowed(image, &policy.allowed_images)
+    {
+        return Err(InvalidSpec {
+            reason: IMAGE_NOT_ALLOWED,
+            field: "spec.image".to_owned(),
+            message: format!(
+                "{image:?} is not an image the operator allows ({}); \
+                 leave spec.image unset for the default worker image",
+                shown(&policy.allowed_images)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// An allow-list for a message.
+fn shown(list: &[String]) -> String {
+    if list.is_empty() {
+        "none".to_owned()
+    } else {
+        list.join(", ")
     }
 }
 
@@ -223,7 +277,10 @@ pub fn validate<'a>(
         if RESERVED_WORKER_FLAGS.contains(&flag) {
             return Err(invalid(
                 &format!("spec.serving.extraArgs[{i}]"),
-                format!("{flag} is set by the operator"),
+                format!(
+                    "{flag} is reserved: the operator sets it from the spec or the shard plan \
+                     (set spec.serving and the other spec fields instead)"
+                ),
             ));
         }
     }
@@ -236,11 +293,11 @@ pub fn validate<'a>(
     // Not in the CRD's schema: the API server would refuse the Service's duplicate port at
     // apply time; this names the field instead.
     if let Some(port) = service.port
-        && [HTTP_PORT, METRICS_PORT].contains(&port)
+        && port == HTTP_PORT
     {
         return Err(invalid(
             "spec.service.port",
-            format!("{port} is the client Service's http or metrics port"),
+            format!("{port} is the client Service's http port"),
         ));
     }
     Ok(ValidatedSpec {
@@ -367,9 +424,61 @@ mod tests {
     }
 
     #[test]
+    fn extra_args_cannot_override_the_limits_and_the_placement() {
+        for arg in [
+            "--max-seq-len=1048576",
+            "--max-batch-size",
+            "--kv-cache-memory=1Ti",
+            "--no-prefix-caching",
+            "--dtype=f16",
+            "--expert-placement=/tmp/p.json",
+        ] {
+            let mut md = demo();
+            md.spec.serving.as_mut().unwrap().extra_args = vec![arg.into()];
+            let err = validate(&md, &features_latest()).unwrap_err();
+            assert_eq!(err.field, "spec.serving.extraArgs[0]", "{arg}");
+            assert!(err.message.contains("reserved"), "{err}");
+        }
+        let mut md = demo();
+        md.spec.serving.as_mut().unwrap().extra_args =
+            vec!["--model-name=chat".into(), "--max-queue=16".into()];
+        validate(&md, &features_latest()).unwrap();
+    }
+
+    #[test]
+    fn host_paths_and_images_outside_the_allow_lists_are_refused() {
+        let policy = Policy::default();
+        let check = |md: &ModelDeployment| {
+            check_allowed(&validate(md, &features_latest()).unwrap(), &policy)
+        };
+        check(&demo()).unwrap();
+        let mut md = demo();
+        md.spec.model = ModelSource::HostPath(crate::crd::HostPathSource {
+            path: "/etc".into(),
+        });
+        let err = check(&md).unwrap_err();
+        assert_eq!(
+            (err.reason, err.field.as_str()),
+            (HOST_PATH_NOT_ALLOWED, "spec.model.hostPath.path")
+        );
+        assert!(err.message.contains("/srv/models/"), "{err}");
+
+        let mut md = demo();
+        md.spec.image = Some("evil.example/shell:1".into());
+        let err = check(&md).unwrap_err();
+        assert_eq!(
+            (err.reason, err.field.as_str()),
+            (IMAGE_NOT_ALLOWED, "spec.image")
+        );
+        assert!(err.message.contains("latentserve-worker"), "{err}");
+        md.spec.image = None;
+        check(&md).unwrap();
+    }
+
+    #[test]
     fn the_grpc_service_port_must_not_take_another_client_port() {
         let mut md = demo();
-        for (port, valid) in [(8000, false), (9090, false), (8443, true), (50051, true)] {
+        for (port, valid) in [(8000, false), (9090, true), (8443, true), (50051, true)] {
             md.spec.service = Some(ServiceSpec {
                 port: Some(port),
                 ..ServiceSpec::default()

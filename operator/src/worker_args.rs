@@ -28,10 +28,14 @@ pub const MAX_SEQ_LEN: &str = "--max-seq-len";
 pub const KV_CACHE_MEMORY: &str = "--kv-cache-memory";
 pub const NO_PREFIX_CACHING: &str = "--no-prefix-caching";
 pub const DTYPE: &str = "--dtype";
+/// Never written by the operator, but reserved: every rank must hold the experts the
+/// operator's shard plan gives it, so a placement file in `extraArgs` would break the group.
+pub const EXPERT_PLACEMENT: &str = "--expert-placement";
 
-/// Flags the operator sets on every worker itself; `serving.extraArgs` must not repeat them.
-/// The serving settings are not among them: their spec fields are the usual way to set them,
-/// and a repeated one is the worker's to reject.
+/// Flags `serving.extraArgs` must not name: the addresses and the shard plan the operator sets
+/// on every worker, and the limits it derives from `spec.serving` (an extra `--max-seq-len`
+/// would otherwise win over the spec, as the worker takes the last value). `--model-name` is
+/// not among them: the operator sets it only when `extraArgs` does not.
 pub const RESERVED: &[&str] = &[
     MODEL,
     GRPC_ADDR,
@@ -43,6 +47,12 @@ pub const RESERVED: &[&str] = &[
     SHARD_COUNT,
     PEERS,
     DRAIN_TIMEOUT,
+    EXPERT_PLACEMENT,
+    MAX_BATCH_SIZE,
+    MAX_SEQ_LEN,
+    KV_CACHE_MEMORY,
+    NO_PREFIX_CACHING,
+    DTYPE,
 ];
 
 /// The CEL rule on `serving.extraArgs` that keeps [`RESERVED`] flags out on clusters that
@@ -137,8 +147,40 @@ mod tests {
             extra_args_cel_rule(),
             "self.all(a, !(a.split('=')[0] in ['--model', '--grpc-addr', '--openai-addr', \
              '--experts-addr', '--metrics-addr', '--shard-rank', '--shard-rank-from-pod-name', \
-             '--shard-count', '--peers', '--drain-timeout']))"
+             '--shard-count', '--peers', '--drain-timeout', '--expert-placement', \
+             '--max-batch-size', '--max-seq-len', '--kv-cache-memory', '--no-prefix-caching', \
+             '--dtype']))"
         );
+    }
+
+    /// Every flag [`ServeArgs::render`] writes from the spec is reserved, but `--model-name`.
+    #[test]
+    fn every_flag_the_operator_renders_is_reserved() {
+        let args = ServeArgs {
+            model: "/model".into(),
+            model_name: Some("demo".into()),
+            grpc_addr: "0.0.0.0:50051".into(),
+            openai_addr: "0.0.0.0:8000".into(),
+            experts_addr: "0.0.0.0:50052".into(),
+            metrics_addr: "0.0.0.0:9090".into(),
+            shard_count: 2,
+            peers: vec!["a:1".into(), "b:1".into()],
+            drain_timeout_seconds: 30,
+            max_batch_size: Some(8),
+            max_seq_len: Some(512),
+            kv_cache_bytes: Some(1 << 20),
+            prefix_caching: Some(false),
+            dtype: Some(Dtype::F16),
+            extra_args: vec![],
+        };
+        for arg in args.render().iter().filter(|a| a.starts_with("--")) {
+            let flag = flag_of(arg);
+            assert!(
+                flag == MODEL_NAME || RESERVED.contains(&flag),
+                "{flag} is written by the operator but extraArgs may repeat it"
+            );
+        }
+        assert!(!RESERVED.contains(&MODEL_NAME));
     }
 
     #[test]

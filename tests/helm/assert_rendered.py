@@ -260,7 +260,9 @@ def scenario_default(docs):
         expect(deployment["spec"]["replicas"] == 1, "default replicas is not 1")
         args = args_of(docs)
         expect(args == ["run", "--metrics-addr=0.0.0.0:8080", "--log-format=json",
-                        "--worker-image=latentserve-worker:0.1.0"], f"default args {args}")
+                        "--worker-image=latentserve-worker:0.1.0",
+                        "--allowed-host-path-prefixes=/srv/models/",
+                        "--allowed-images=latentserve-worker"], f"default args {args}")
         container = operator_container(deployment)
         expect(container["image"] == "latentserve-operator:0.1.0", f"default image {container['image']}")
         expect("imagePullSecrets" not in deployment["spec"]["template"]["spec"], "pull secrets without values")
@@ -270,6 +272,14 @@ def scenario_default(docs):
             expect(any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in role["metadata"]["labels"]),
                    f"{name} is not aggregated into the built-in roles")
     one(docs, "Service", f"{RELEASE}-metrics")
+
+
+def scenario_policy(docs):
+    args = args_of(docs)
+    for wanted in ("--allowed-host-path-prefixes=/srv/models/,/data/weights/",
+                   "--allowed-images=latentserve-worker,registry.example/ml/",
+                   "--metrics-namespace-selector=kubernetes.io/metadata.name=monitoring,team=observability"):
+        expect(wanted in args, f"{wanted} missing from {args}")
 
 
 def scenario_watch_namespace(docs):
@@ -406,6 +416,7 @@ def scenario_customized(docs):
 SCENARIOS = {
     "default": scenario_default,
     "watch-namespace": scenario_watch_namespace,
+    "policy": scenario_policy,
     "high-availability": scenario_high_availability,
     "leader-election-single": scenario_leader_election_single,
     "monitoring": scenario_monitoring,

@@ -52,6 +52,7 @@ fn worker_container(md: &ModelDeployment, group: i32) -> Container {
     let ctx = BuildContext {
         worker_image: "latentserve-worker:test".into(),
         features: features(),
+        policy: Default::default(),
     };
     let spec = validate(md, &ctx.features).expect("a valid spec");
     let sts = stateful_set(&spec, group, &ctx);
@@ -216,6 +217,36 @@ fn every_reserved_flag_is_a_serve_flag_of_the_worker() {
         assert!(
             longs.iter().any(|l| l == flag),
             "{flag} is reserved but the worker's serve has no such flag"
+        );
+    }
+}
+
+/// `serve` flags that `serving.extraArgs` may set: tuning that changes no limit the spec sets
+/// and nothing the shards of a group must agree on beyond what one pod template gives them all.
+/// A new `serve` flag must be added here or to `worker_args::RESERVED`.
+const USER_FLAGS: &[&str] = &[
+    "--model-name",
+    "--chat-template",
+    "--max-tokens-per-step",
+    "--block-size",
+    "--max-queue",
+    "--expert-wire-dtype",
+    "--expert-rpc-timeout",
+    "--device",
+    "--help",
+];
+
+#[test]
+fn every_serve_flag_is_either_reserved_or_left_to_users() {
+    let cli = Cli::command();
+    let serve = cli.find_subcommand(worker_args::SERVE).unwrap();
+    for long in serve.get_arguments().filter_map(|a| a.get_long()) {
+        let flag = format!("--{long}");
+        let reserved = worker_args::RESERVED.contains(&flag.as_str());
+        let user = USER_FLAGS.contains(&flag.as_str());
+        assert!(
+            reserved != user,
+            "{flag}: reserved {reserved}, left to users {user}; classify it exactly once"
         );
     }
 }

@@ -1,6 +1,11 @@
 //! Server-side apply of every desired object, whole, under the one field manager, forced: the
 //! operator owns every field it writes. An apply that changes nothing changes no
 //! `resourceVersion`, so a steady state makes no writes.
+//!
+//! Force would take over any object of the same name, so nothing is applied while one of the
+//! names is taken by an object this ModelDeployment does not control (its owner reference with
+//! `controller: true` and this uid): that object is left untouched and the reconcile fails with
+//! [`Error::Conflict`], which the status and an Event name.
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
@@ -22,6 +27,7 @@ pub async fn apply(
     ctx: &Context,
     desired: &[Desired],
 ) -> Result<Vec<StatefulSet>, Error> {
+    refuse_adoption(owner, ctx, desired).await?;
     let mut groups = Vec::new();
     for object in desired {
         // `build_all` leaves out the kinds this cluster does not serve.
@@ -51,4 +57,34 @@ pub async fn apply(
         }
     }
     Ok(groups)
+}
+
+/// Fails with every desired name that an object not controlled by `owner` holds.
+async fn refuse_adoption(owner: &Owner, ctx: &Context, desired: &[Desired]) -> Result<(), Error> {
+    let mut taken = Vec::new();
+    for object in desired {
+        let Some(resource) = object.kind().api(&ctx.build.features) else {
+            continue;
+        };
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(ctx.client.clone(), &owner.namespace, &resource);
+        let existing = api
+            .get_opt(object.name())
+            .await
+            .map_err(|source| Error::Apply {
+                kind: object.kind(),
+                name: object.name().to_owned(),
+                source,
+            })?;
+        if let Some(existing) = existing
+            && !owner.controls(&existing.metadata)
+        {
+            taken.push(format!("{} {}", object.kind(), object.name()));
+        }
+    }
+    if taken.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Conflict { objects: taken })
+    }
 }

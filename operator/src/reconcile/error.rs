@@ -27,6 +27,13 @@ pub enum Error {
     },
     #[error("writing status: {0}")]
     Status(#[source] kube::Error),
+    /// Objects of the desired names exist and are not controlled by this ModelDeployment;
+    /// nothing was applied and they were left as they are.
+    #[error(
+        "not controlled by this ModelDeployment, left as they are, nothing applied: {}; rename the ModelDeployment or remove them",
+        objects.join(", ")
+    )]
+    Conflict { objects: Vec<String> },
     /// The object could not be read as a ModelDeployment; the text is the decoder's.
     #[error("the object does not match the CRD schema: {0}")]
     Malformed(String),
@@ -41,6 +48,15 @@ impl Error {
             Error::List { .. } => "list",
             Error::Status(_) => "status",
             Error::Malformed(_) => "malformed",
+            Error::Conflict { .. } => "conflict",
+        }
+    }
+
+    /// The reason of the Degraded condition and of the Event.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Conflict { .. } => "ResourceConflict",
+            _ => "ReconcileFailed",
         }
     }
 }

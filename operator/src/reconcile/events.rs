@@ -31,13 +31,13 @@ async fn publish(
     }
 }
 
-/// `ReconcileFailed`, with the error.
+/// `ReconcileFailed` (or `ResourceConflict`), with the error.
 pub async fn reconcile_failed(md: &ModelDeployment, ctx: &Context, err: &Error) {
     publish(
         md,
         ctx,
         EventType::Warning,
-        "ReconcileFailed",
+        err.reason(),
         "Reconcile",
         err.to_string(),
     )

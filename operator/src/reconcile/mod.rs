@@ -41,7 +41,7 @@ use crate::resources::{
     Owner,
 };
 use crate::status::Outcome;
-use crate::validate::{ValidatedSpec, validate};
+use crate::validate::{ValidatedSpec, check_allowed, validate};
 
 /// How long a healthy ModelDeployment waits before it is looked at again without any event.
 const RESYNC: Duration = Duration::from_secs(300);
@@ -203,14 +203,19 @@ async fn reconcile_valid(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
         return Ok(Action::await_change());
     }
     let existing = existing_groups(md, ctx).await?;
-    let (outcome, groups) = match validate(md, &ctx.build.features) {
+    let checked = validate(md, &ctx.build.features)
+        .and_then(|spec| check_allowed(&spec, &ctx.build.policy).map(|()| spec));
+    let (outcome, groups) = match checked {
         Err(invalid) => (Outcome::Invalid(invalid), existing),
         Ok(_) if md.spec.paused => (Outcome::Paused, existing),
         Ok(spec) => match apply_and_prune(&spec, ctx, &existing).await {
             Ok(groups) => (Outcome::Applied, groups),
             Err(err) => {
                 // The status tells users about the failure; the retry comes from the error policy.
-                let outcome = Outcome::Failed(err.to_string());
+                let outcome = Outcome::Failed {
+                    reason: err.reason(),
+                    message: err.to_string(),
+                };
                 if let Err(status_err) =
                     update_status::update_status(md, ctx, &existing, &outcome).await
                 {

@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use kube::core::DeserializeGuard;
 use kube::core::error_boundary::InvalidObject;
 use latentserve_proto::v1::ModelInfo;
@@ -128,6 +128,7 @@ async fn create_applies_every_child_under_the_field_manager() {
             format!("{SERVICES}/demo-peers"),
             format!("{SERVICES}/demo"),
             format!("{NETWORK_POLICIES}/demo"),
+            format!("{NETWORK_POLICIES}/demo-0"),
             format!("{STATEFUL_SETS}/demo-0"),
             format!("{BUDGETS}/demo-0"),
         ]
@@ -410,4 +411,115 @@ async fn a_malformed_object_fails_alone_and_waits_for_a_change() {
     let err = reconcile(guard.clone(), ctx.clone()).await.unwrap_err();
     assert_eq!(err.metric_label(), "malformed");
     assert_eq!(error_policy(guard, &err, ctx), Action::await_change());
+}
+
+/// The Degraded condition as the operator stored it.
+fn degraded(fake: &FakeApi) -> Condition {
+    stored(fake)
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn host_paths_and_images_outside_the_allow_lists_create_nothing() {
+    for (change, reason, field) in [
+        (
+            (|md: &mut ModelDeployment| {
+                md.spec.model = crate::crd::ModelSource::HostPath(crate::crd::HostPathSource {
+                    path: "/var/lib/kubelet".into(),
+                })
+            }) as fn(&mut ModelDeployment),
+            "HostPathNotAllowed",
+            "spec.model.hostPath.path",
+        ),
+        (
+            |md: &mut ModelDeployment| md.spec.image = Some("evil.example/shell:1".into()),
+            "ImageNotAllowed",
+            "spec.image",
+        ),
+    ] {
+        let mut md = demo();
+        change(&mut md);
+        let (fake, ctx) = setup(&md);
+        reconcile_once(&md, &ctx).await.unwrap();
+        let requests = fake.take_requests();
+        let writes: Vec<_> = requests
+            .iter()
+            .filter(|r| r.method != "GET" && !r.path.starts_with(EVENTS))
+            .map(|r| r.path.as_str())
+            .collect();
+        assert_eq!(
+            writes,
+            [format!("{MODEL_DEPLOYMENTS}/demo/status")],
+            "{reason}"
+        );
+        assert!(
+            fake.get(STATEFUL_SETS, "demo-0").is_none(),
+            "{reason}: no pods"
+        );
+        let condition = degraded(&fake);
+        assert_eq!(condition.reason, reason);
+        assert!(condition.message.contains(field), "{}", condition.message);
+        let event = requests
+            .iter()
+            .find(|r| r.is("POST", EVENTS) && r.body["reason"] == reason)
+            .unwrap_or_else(|| panic!("a {reason} event"));
+        let note = event.body["note"].as_str().unwrap();
+        assert!(note.contains(field), "{note}");
+    }
+}
+
+#[tokio::test]
+async fn objects_of_our_names_that_we_do_not_control_are_left_alone() {
+    let md = demo();
+    let (fake, ctx) = setup(&md);
+    let theirs = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "demo", "namespace": "models", "labels": {"team": "billing"}},
+        "spec": {"ports": [{"port": 443}]},
+    });
+    fake.insert(SERVICES, theirs.clone());
+    let err = reconcile_once(&md, &ctx).await.unwrap_err();
+    assert_eq!(err.metric_label(), "conflict");
+    let requests = fake.take_requests();
+    let applies: Vec<_> = paths(&requests, "PATCH")
+        .into_iter()
+        .filter(|p| !p.ends_with("/status"))
+        .collect();
+    assert!(applies.is_empty(), "nothing is applied: {applies:?}");
+    let service = fake.get(SERVICES, "demo").unwrap();
+    assert_eq!(service["spec"], theirs["spec"]);
+    assert_eq!(service["metadata"]["labels"], theirs["metadata"]["labels"]);
+    assert!(fake.get(STATEFUL_SETS, "demo-0").is_none(), "no pods");
+    let condition = degraded(&fake);
+    assert_eq!(condition.reason, "ResourceConflict");
+    assert!(
+        condition.message.contains("Service demo"),
+        "{}",
+        condition.message
+    );
+    let event = requests
+        .iter()
+        .find(|r| r.is("POST", EVENTS) && r.body["reason"] == "ResourceConflict")
+        .expect("a ResourceConflict event");
+    assert!(
+        event.body["note"]
+            .as_str()
+            .unwrap()
+            .contains("Service demo")
+    );
+
+    // An owner reference without `controller: true` is not control either.
+    let mut shared = owned_child("Service", "v1", "demo", None);
+    shared["metadata"]["ownerReferences"][0]["controller"] = json!(false);
+    fake.insert(SERVICES, shared);
+    assert_eq!(
+        reconcile_once(&md, &ctx).await.unwrap_err().metric_label(),
+        "conflict"
+    );
 }

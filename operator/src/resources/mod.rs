@@ -145,6 +145,15 @@ impl Owner {
     }
 
     /// Whether `meta` names this ModelDeployment among its owners.
+    /// Whether this ModelDeployment is the object's controller (the owner reference the
+    /// operator writes), not merely one of its owners.
+    pub fn controls(&self, meta: &ObjectMeta) -> bool {
+        meta.owner_references
+            .iter()
+            .flatten()
+            .any(|r| r.uid == self.reference.uid && r.controller == Some(true))
+    }
+
     pub fn owns(&self, meta: &ObjectMeta) -> bool {
         meta.owner_references
             .iter()
@@ -176,6 +185,8 @@ pub struct BuildContext {
     /// Worker image when the spec names none.
     pub worker_image: String,
     pub features: Features,
+    /// The installer's allow-lists and network rules.
+    pub policy: crate::policy::Policy,
 }
 
 /// Every child of a valid ModelDeployment, in apply order (Services and ConfigMap before the
@@ -186,9 +197,13 @@ pub fn build_all(spec: &ValidatedSpec<'_>, ctx: &BuildContext) -> Vec<Desired> {
         Desired::ConfigMap(configmap::config_map(spec)),
         Desired::Service(service::peers_service(owner)),
         Desired::Service(service::client_service(spec)),
-        Desired::NetworkPolicy(networkpolicy::network_policy(owner)),
+        Desired::NetworkPolicy(networkpolicy::network_policy(spec, &ctx.policy)),
     ];
     for group in spec.plan().groups() {
+        // Before the pods: `NAME` alone closes the expert port.
+        desired.push(Desired::NetworkPolicy(
+            networkpolicy::experts_network_policy(owner, group),
+        ));
         desired.push(Desired::StatefulSet(statefulset::stateful_set(
             spec, group, ctx,
         )));
@@ -236,8 +251,10 @@ mod tests {
                 ("Service", "demo-peers"),
                 ("Service", "demo"),
                 ("NetworkPolicy", "demo"),
+                ("NetworkPolicy", "demo-0"),
                 ("StatefulSet", "demo-0"),
                 ("PodDisruptionBudget", "demo-0"),
+                ("NetworkPolicy", "demo-1"),
                 ("StatefulSet", "demo-1"),
                 ("PodDisruptionBudget", "demo-1"),
             ]

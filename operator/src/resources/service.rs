@@ -4,7 +4,7 @@
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{DEFAULT_SERVICE_PORT, EXPERTS_PORT, GRPC_PORT, HTTP_PORT, METRICS_PORT, Owner, names};
+use super::{DEFAULT_SERVICE_PORT, EXPERTS_PORT, GRPC_PORT, HTTP_PORT, Owner, names};
 use crate::validate::ValidatedSpec;
 
 fn port(name: &str, port: i32, target: i32, app_protocol: Option<&str>) -> ServicePort {
@@ -62,8 +62,9 @@ pub fn client_service(spec: &ValidatedSpec<'_>) -> Service {
                     GRPC_PORT,
                     Some("kubernetes.io/h2c"),
                 ),
+                // No metrics port: Prometheus scrapes the pods, and a LoadBalancer Service
+                // would publish /metrics outside the cluster.
                 port("http", HTTP_PORT, HTTP_PORT, Some("http")),
-                port("metrics", METRICS_PORT, METRICS_PORT, Some("http")),
             ]),
             ..ServiceSpec::default()
         }),
@@ -75,6 +76,7 @@ pub fn client_service(spec: &ValidatedSpec<'_>) -> Service {
 mod tests {
     use super::*;
     use crate::crd::{ServiceSpec as ClientServiceSpec, ServiceType};
+    use crate::resources::METRICS_PORT;
     use crate::test_support::{demo, features_latest};
     use crate::validate::validate;
 
@@ -96,6 +98,7 @@ mod tests {
             port: Some(8443),
             type_: Some(ServiceType::LoadBalancer),
             annotations: [("lb.example/internal".to_owned(), "true".to_owned())].into(),
+            allowed_namespaces: None,
         });
         let service = client_service(&validate(&md, &features_latest()).unwrap());
         assert_eq!(
@@ -112,7 +115,7 @@ mod tests {
     }
 
     #[test]
-    fn client_service_serves_grpc_openai_http_and_metrics() {
+    fn client_service_serves_grpc_and_openai_http_but_not_metrics() {
         let service = client_service(&validate(&demo(), &features_latest()).unwrap());
         let ports: Vec<_> = service
             .spec
@@ -129,12 +132,12 @@ mod tests {
                 )
             })
             .collect();
+        assert!(ports.iter().all(|p| p.1 != METRICS_PORT));
         assert_eq!(
             ports,
             [
                 ("grpc", 50051, GRPC_PORT, "kubernetes.io/h2c"),
                 ("http", 8000, HTTP_PORT, "http"),
-                ("metrics", 9090, METRICS_PORT, "http"),
             ]
             .map(|(name, port, target, protocol)| (
                 name.to_owned(),

@@ -70,5 +70,6 @@ pub fn build_context() -> BuildContext {
     BuildContext {
         worker_image: "latentserve-worker:test".into(),
         features: features_latest(),
+        policy: crate::policy::Policy::default(),
     }
 }

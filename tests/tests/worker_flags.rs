@@ -230,6 +230,7 @@ const USER_FLAGS: &[&str] = &[
     "--max-tokens-per-step",
     "--block-size",
     "--max-queue",
+    "--max-connections",
     "--expert-wire-dtype",
     "--expert-rpc-timeout",
     "--device",

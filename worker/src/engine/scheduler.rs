@@ -262,9 +262,9 @@ impl<E: ModelExecutor> Scheduler<E> {
         if !plan.is_empty() {
             stats.batch_size = plan.chunks.len();
             stats.tokens = plan.tokens();
-            match self.execute(&plan) {
+            match self.execute(&plan.chunks) {
                 Ok(logits) => self.apply_outputs(&plan, &logits, &mut stats),
-                Err(error) => self.fail_planned(&plan, GenerationError::from_step(error)),
+                Err(error) => self.isolate_failure(plan, error, &mut stats),
             }
             stats.duration = Some(started.elapsed());
         }
@@ -438,10 +438,9 @@ impl<E: ModelExecutor> Scheduler<E> {
         self.waiting.push_front(seq);
     }
 
-    /// Runs the plan's chunks in one batched forward: the logits of each chunk's last token.
-    fn execute(&mut self, plan: &StepPlan) -> Result<Vec<f32>, StepError> {
-        let chunks: Vec<SequenceChunk<'_>> = plan
-            .chunks
+    /// Runs `planned` chunks in one batched forward: the logits of each chunk's last token.
+    fn execute(&mut self, planned: &[ScheduledChunk]) -> Result<Vec<f32>, StepError> {
+        let chunks: Vec<SequenceChunk<'_>> = planned
             .iter()
             .map(|chunk| {
                 let seq = &self.running[chunk.seq];
@@ -581,6 +580,50 @@ impl<E: ModelExecutor> Scheduler<E> {
     }
 
     /// A failed forward fails the requests of that batch only; the engine keeps serving.
+    /// A batch failed: which of its requests cannot run? Each chunk runs again alone (writing the
+    /// same cache slots with the same values, and sampling nothing yet); the chunks that fail alone
+    /// end their requests with their own error, the others go on as if the batch had run. A lost
+    /// expert shard fails every request at once: alone they would fail the same way.
+    fn isolate_failure(&mut self, plan: StepPlan, error: StepError, stats: &mut StepStats) {
+        if plan.chunks.len() == 1 || matches!(error, StepError::Unavailable(_)) {
+            self.fail_planned(&plan, GenerationError::from_step(error));
+            return;
+        }
+        tracing::warn!(%error, chunks = plan.chunks.len(), "batched step failed; running its requests one by one");
+        let mut survivors = StepPlan {
+            chunks: Vec::new(),
+            preempted: plan.preempted,
+        };
+        let mut logits = Vec::new();
+        let mut failed = Vec::new();
+        for chunk in plan.chunks {
+            match self.execute(std::slice::from_ref(&chunk)) {
+                Ok(row) => {
+                    logits.extend(row);
+                    survivors.chunks.push(chunk);
+                }
+                Err(error) => failed.push((chunk, error)),
+            }
+        }
+        // Remove the failed requests first (highest index first), then renumber the survivors'
+        // places in the running list before their outputs are applied.
+        failed.sort_unstable_by(|a, b| b.0.seq.cmp(&a.0.seq));
+        let removed: Vec<usize> = failed.iter().map(|(chunk, _)| chunk.seq).collect();
+        for (chunk, error) in failed {
+            let mut seq = self.running.remove(chunk.seq);
+            let error = GenerationError::from_step(error);
+            tracing::error!(request_id = %seq.request.request_id, %error, "request failed alone");
+            self.outbox.push(&seq.sender, Err(error));
+            self.release(&mut seq);
+        }
+        for chunk in &mut survivors.chunks {
+            chunk.seq -= removed.iter().filter(|&&index| index < chunk.seq).count();
+        }
+        if !survivors.is_empty() {
+            self.apply_outputs(&survivors, &logits, stats);
+        }
+    }
+
     fn fail_planned(&mut self, plan: &StepPlan, error: GenerationError) {
         tracing::error!(error = %error, "model step failed");
         let mut indices: Vec<usize> = plan.chunks.iter().map(|chunk| chunk.seq).collect();
@@ -616,6 +659,8 @@ mod tests {
         block_size: usize,
         /// Tokens to never produce, so tests control EOS themselves.
         banned: Vec<u32>,
+        /// A token the model cannot run: a batch with it in any chunk fails.
+        poison: Option<u32>,
     }
 
     impl PagedEchoModel {
@@ -624,6 +669,7 @@ mod tests {
                 slots: vec![None; num_blocks * block_size],
                 block_size,
                 banned: vec![EOS],
+                poison: None,
             }
         }
 
@@ -638,6 +684,13 @@ mod tests {
         }
 
         fn forward(&mut self, chunks: &[SequenceChunk<'_>]) -> Result<Vec<f32>, StepError> {
+            if let Some(poison) = self.poison
+                && chunks.iter().any(|chunk| chunk.tokens.contains(&poison))
+            {
+                return Err(StepError::Model(ModelError::Input(format!(
+                    "token {poison} cannot be run"
+                ))));
+            }
             let mut logits = Vec::with_capacity(chunks.len() * VOCAB);
             for chunk in chunks {
                 for (offset, &token) in chunk.tokens.iter().enumerate() {
@@ -816,6 +869,38 @@ mod tests {
         let report = run_to_end(&mut batched);
         assert_eq!(report.batch_size, 16);
         for (i, prompt) in prompts().iter().enumerate() {
+            let (tokens, _, finished) = collect(&mut receivers[i]);
+            assert_eq!(finished.reason, FinishReason::Length);
+            assert_eq!(tokens, alone(prompt, sampling_for(i), 12), "request {i}");
+        }
+        assert_eq!(batched.blocks().num_used_blocks(), 0);
+        assert_eq!(batched.counts.in_flight.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_request_the_model_cannot_run_fails_alone_and_its_batch_goes_on() {
+        let mut batched = scheduler(256, 4, 512, true);
+        batched.executor.poison = Some(u32::from(b'!'));
+        let prompts = prompts();
+        let mut receivers: Vec<_> = prompts[..4]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let prompt = if i == 2 { b"poisoned!".as_slice() } else { p };
+                submit(&mut batched, request(prompt, 12, sampling_for(i)))
+            })
+            .collect();
+        let report = run_to_end(&mut batched);
+        assert_eq!(report.batch_size, 4, "the four ran as one batch first");
+        for (i, prompt) in prompts[..4].iter().enumerate() {
+            if i == 2 {
+                let error = receivers[i].try_recv().expect("an outcome").unwrap_err();
+                assert!(
+                    error.to_string().contains("token 33 cannot be run"),
+                    "{error}"
+                );
+                continue;
+            }
             let (tokens, _, finished) = collect(&mut receivers[i]);
             assert_eq!(finished.reason, FinishReason::Length);
             assert_eq!(tokens, alone(prompt, sampling_for(i), 12), "request {i}");

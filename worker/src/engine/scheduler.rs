@@ -607,7 +607,7 @@ impl<E: ModelExecutor> Scheduler<E> {
         }
         // Remove the failed requests first (highest index first), then renumber the survivors'
         // places in the running list before their outputs are applied.
-        failed.sort_unstable_by(|a, b| b.0.seq.cmp(&a.0.seq));
+        failed.sort_unstable_by_key(|(chunk, _)| std::cmp::Reverse(chunk.seq));
         let removed: Vec<usize> = failed.iter().map(|(chunk, _)| chunk.seq).collect();
         for (chunk, error) in failed {
             let mut seq = self.running.remove(chunk.seq);

@@ -79,6 +79,15 @@ fn paths<'a>(requests: &'a [Recorded], method: &str) -> Vec<&'a str> {
         .collect()
 }
 
+/// The paths of every request that writes, Events aside.
+fn writes_of(requests: &[Recorded]) -> Vec<&str> {
+    requests
+        .iter()
+        .filter(|r| r.method != "GET" && !r.path.starts_with(EVENTS))
+        .map(|r| r.path.as_str())
+        .collect()
+}
+
 fn args_of(sts: &Value) -> Vec<String> {
     serde_json::from_value(sts["spec"]["template"]["spec"]["containers"][0]["args"].clone())
         .unwrap()
@@ -299,11 +308,7 @@ async fn paused_and_invalid_specs_write_only_the_status() {
     let (fake, ctx) = setup(&md);
     reconcile_once(&md, &ctx).await.unwrap();
     let requests = fake.take_requests();
-    let writes: Vec<_> = requests
-        .iter()
-        .filter(|r| r.method != "GET" && !r.path.starts_with(EVENTS))
-        .map(|r| r.path.as_str())
-        .collect();
+    let writes = writes_of(&requests);
     assert_eq!(writes, [format!("{MODEL_DEPLOYMENTS}/demo/status")]);
 
     md.spec.paused = false;
@@ -311,11 +316,7 @@ async fn paused_and_invalid_specs_write_only_the_status() {
     reconcile_once(&md, &ctx).await.unwrap();
     let requests = fake.take_requests();
     assert!(paths(&requests, "DELETE").is_empty());
-    let writes: Vec<_> = requests
-        .iter()
-        .filter(|r| r.method != "GET" && !r.path.starts_with(EVENTS))
-        .map(|r| r.path.as_str())
-        .collect();
+    let writes = writes_of(&requests);
     assert_eq!(writes, [format!("{MODEL_DEPLOYMENTS}/demo/status")]);
     let degraded = stored(&fake)
         .status
@@ -447,11 +448,7 @@ async fn host_paths_and_images_outside_the_allow_lists_create_nothing() {
         let (fake, ctx) = setup(&md);
         reconcile_once(&md, &ctx).await.unwrap();
         let requests = fake.take_requests();
-        let writes: Vec<_> = requests
-            .iter()
-            .filter(|r| r.method != "GET" && !r.path.starts_with(EVENTS))
-            .map(|r| r.path.as_str())
-            .collect();
+        let writes = writes_of(&requests);
         assert_eq!(
             writes,
             [format!("{MODEL_DEPLOYMENTS}/demo/status")],

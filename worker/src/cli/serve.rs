@@ -56,7 +56,7 @@ pub struct ServeArgs {
     /// /v1/models, /health); '' serves none.
     #[arg(long, default_value = "0.0.0.0:8000", value_parser = parse_optional_addr)]
     pub openai_addr: OptionalAddr,
-    /// Open connections each client port (gRPC, OpenAI) keeps; more are closed at once.
+    /// Open connections each port (gRPC, OpenAI, expert exchange) keeps; more are closed at once.
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
     /// Jinja chat template for chat requests, replacing the model's own (tokenizer_config.json's

@@ -27,7 +27,7 @@ pub fn render_conversation(
 ) -> Result<ChatPrompt, Invalid> {
     let Some(template) = template else {
         return Err(Invalid(format!(
-            "{field}: the model `{model}` has no chat template (no chat_template in tokenizer_config.json, no chat_template.jinja): start the worker with --chat-template FILE, or send a text prompt"
+            "{field}: the model `{model}` has no chat template (no chat_template in tokenizer_config.json, no chat_template.jinja): start the worker with --chat-template FILE, or send a plain prompt (gRPC `text`, OpenAI `/v1/completions`)"
         )));
     };
     if messages.is_empty() {

@@ -146,3 +146,24 @@ impl axum::serve::Listener for CappedListener {
         self.listener.local_addr()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// tonic sets TCP_NODELAY only on listeners it binds; without it a small response (an expert
+    /// partial sum, a streamed token) can wait ~40 ms for the peer's delayed ACK.
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut capped = CappedListener::new(listener, 4);
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = tokio::time::timeout(Duration::from_secs(10), capped.accept_counted())
+            .await
+            .expect("the connection is accepted");
+        assert!(accepted.stream.nodelay().unwrap());
+    }
+}

@@ -20,7 +20,6 @@ use latentserve_proto::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -98,7 +97,7 @@ pub struct ListenAddrs {
     pub metrics: SocketAddr,
     /// The OpenAI-compatible HTTP API; `None` serves none.
     pub openai: Option<SocketAddr>,
-    /// Open connections each client port (gRPC, OpenAI) keeps; more are closed at once.
+    /// Open connections each port (gRPC, OpenAI, expert exchange) keeps; more are closed at once.
     pub max_connections: usize,
 }
 
@@ -213,7 +212,7 @@ impl RunningServer {
                     grpc_server()
                         .add_service(service)
                         .serve_with_incoming_shutdown(
-                            no_delay(listener),
+                            CappedListener::new(listener, addrs.max_connections).into_incoming(),
                             wait_for(shutdown_rx.clone()),
                         ),
                 );
@@ -366,32 +365,4 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
     health
         .set_service_status(EXPERTS_SERVICE_NAME, status)
         .await;
-}
-
-/// Accepted connections of a listener we bound ourselves, with Nagle's algorithm off. tonic sets
-/// TCP_NODELAY only on listeners it binds; without it a small response (an expert partial sum, a
-/// streamed token) can wait ~40 ms for the peer's delayed ACK, once per MoE layer per step.
-fn no_delay(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
-}
-
-#[cfg(test)]
-mod tests {
-    use tokio_stream::StreamExt;
-
-    use super::*;
-
-    #[tokio::test]
-    async fn accepted_connections_have_nagle_off() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut incoming = no_delay(listener);
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let accepted = tokio::time::timeout(Duration::from_secs(10), incoming.next())
-            .await
-            .expect("the connection is accepted")
-            .expect("the listener yields it")
-            .unwrap();
-        assert!(accepted.nodelay().unwrap());
-    }
 }

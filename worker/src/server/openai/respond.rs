@@ -83,16 +83,16 @@ fn token_text(codec: &dyn TokenCodec, id: u32) -> String {
     codec.decode(&[id], false).unwrap_or_default()
 }
 
-/// The legacy `logprobs` of completions for the tokens of `output`; `offset` is the text length
-/// (in characters) before them and moves past them.
+/// The legacy `logprobs` of completions for `entries`; `offset` is the text length (in
+/// characters) before their tokens and moves past them.
 pub fn completion_logprobs(
-    output: &GenerationOutput,
+    entries: &[request::TokenLogprob],
     top: usize,
     codec: &dyn TokenCodec,
     offset: &mut usize,
 ) -> CompletionLogprobs {
     let mut logprobs = CompletionLogprobs::default();
-    for entry in &output.logprobs {
+    for entry in entries {
         let text = token_text(codec, entry.token);
         logprobs.text_offset.push(*offset);
         *offset += text.chars().count();
@@ -109,14 +109,13 @@ pub fn completion_logprobs(
     logprobs
 }
 
-/// The chat `logprobs` for the tokens of `output`.
+/// The chat `logprobs` for `entries`.
 pub fn chat_logprobs(
-    output: &GenerationOutput,
+    entries: &[request::TokenLogprob],
     top: usize,
     codec: &dyn TokenCodec,
 ) -> ChatLogprobs {
-    let content = output
-        .logprobs
+    let content = entries
         .iter()
         .map(|entry| {
             let token = token_text(codec, entry.token);
@@ -160,13 +159,6 @@ impl ChoiceResult {
             self.finish_reason = Some(finished.reason);
         }
     }
-
-    fn as_output(&self) -> GenerationOutput {
-        GenerationOutput {
-            logprobs: self.logprobs.clone(),
-            ..GenerationOutput::default()
-        }
-    }
 }
 
 /// The whole answer of `/v1/completions`.
@@ -188,7 +180,7 @@ pub fn completion_response(
                 LogprobsFormat::Completion { top } => {
                     let mut offset = prefix.as_ref().map_or(0, |p| p.chars().count());
                     Some(completion_logprobs(
-                        &choice.as_output(),
+                        &choice.logprobs,
                         top,
                         codec,
                         &mut offset,
@@ -228,9 +220,7 @@ pub fn chat_response(
         .map(|(index, choice)| ChatChoice {
             index,
             logprobs: match format {
-                LogprobsFormat::Chat { top } => {
-                    Some(chat_logprobs(&choice.as_output(), top, codec))
-                }
+                LogprobsFormat::Chat { top } => Some(chat_logprobs(&choice.logprobs, top, codec)),
                 _ => None,
             },
             finish_reason: choice.finish_reason.map(finish_reason),
@@ -344,14 +334,14 @@ impl StreamWriter {
     pub fn output(
         &mut self,
         index: usize,
-        output: GenerationOutput,
+        mut output: GenerationOutput,
         codec: &dyn TokenCodec,
     ) -> Vec<String> {
         let finished = output.finished.as_ref().map(|f| f.reason);
         if let Some(done) = &output.finished {
             self.usage.record(index, done.usage);
         }
-        let mut text = output.text.clone();
+        let mut text = std::mem::take(&mut output.text);
         if !self.chat && !self.started[index] {
             self.started[index] = true;
             if let Some(prefix) = self.echo.get(index / self.n).cloned().flatten() {
@@ -365,7 +355,7 @@ impl StreamWriter {
         let mut chunks = Vec::with_capacity(2);
         if self.chat {
             let logprobs = match self.format {
-                LogprobsFormat::Chat { top } => Some(chat_logprobs(&output, top, codec)),
+                LogprobsFormat::Chat { top } => Some(chat_logprobs(&output.logprobs, top, codec)),
                 _ => None,
             };
             let delta = Delta {
@@ -384,7 +374,7 @@ impl StreamWriter {
         } else {
             let logprobs = match self.format {
                 LogprobsFormat::Completion { top } => Some(completion_logprobs(
-                    &output,
+                    &output.logprobs,
                     top,
                     codec,
                     &mut self.offsets[index],

@@ -388,15 +388,6 @@ pub fn chat_completion(
     context: &Context<'_>,
 ) -> Result<Plan, ApiError> {
     check_model(&request.model, context.model)?;
-    let Some(template) = context.chat_template else {
-        return Err(ApiError::invalid(
-            "messages",
-            format!(
-                "the model `{}` has no chat template (no chat_template in tokenizer_config.json, no chat_template.jinja): start the worker with --chat-template FILE, or use /v1/completions",
-                context.model
-            ),
-        ));
-    };
     let tools_why = "tool calling is not served yet";
     refuse_set("tools", &request.tools, tools_why)?;
     refuse_set("functions", &request.functions, tools_why)?;
@@ -448,7 +439,7 @@ pub fn chat_completion(
         .map(|(index, message)| chat_message(index, message))
         .collect::<Result<Vec<_>, _>>()?;
     let prompt = render_conversation(
-        Some(template),
+        context.chat_template,
         context.model,
         &messages,
         request.add_generation_prompt.unwrap_or(true),

@@ -97,6 +97,10 @@ pub struct ModelDeploymentSpec {
     /// The client Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceSpec>,
+    /// The request router in front of the workers (on by default: one router pod). The client
+    /// Service selects the router pods while it runs, the workers when `router.replicas` is 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<RouterSpec>,
     /// While true the operator leaves the children as they are (no applies, no deletions) and
     /// only reports status.
     #[serde(default)]
@@ -291,6 +295,71 @@ impl ServiceType {
     }
 }
 
+/// The router Deployment `NAME-router`: per-request balancing over the ready worker pods.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterSpec {
+    /// Router pods; 0 turns the router off and the client Service selects the workers.
+    #[serde(default = "default_router_replicas")]
+    #[schemars(range(min = 0, max = 64))]
+    pub replicas: i32,
+    /// CPU and memory of each router pod; the operator's defaults when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<RouterResources>,
+    /// How the router picks a worker for each request.
+    #[serde(default)]
+    pub policy: RoutingPolicy,
+}
+
+impl Default for RouterSpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_router_replicas(),
+            resources: None,
+            policy: RoutingPolicy::default(),
+        }
+    }
+}
+
+fn default_router_replicas() -> i32 {
+    1
+}
+
+/// Resources of each router pod: `cpu` and `memory` only (the router holds no model).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterResources {
+    /// Requests, as in a container's `resources.requests`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requests: BTreeMap<String, Quantity>,
+    /// Limits, as in a container's `resources.limits`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, Quantity>,
+}
+
+/// The router's choice of worker per request.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RoutingPolicy {
+    /// Requests that share a prompt prefix go where it is cached, spilling over under load.
+    #[default]
+    PrefixAware,
+    /// The worker with the least outstanding work.
+    LeastLoaded,
+    /// Each ready worker in turn.
+    RoundRobin,
+}
+
+impl RoutingPolicy {
+    /// The value of the router's `--policy` flag.
+    pub fn flag_value(self) -> &'static str {
+        match self {
+            RoutingPolicy::PrefixAware => "prefix-aware",
+            RoutingPolicy::LeastLoaded => "least-loaded",
+            RoutingPolicy::RoundRobin => "round-robin",
+        }
+    }
+}
+
 /// What the operator observed; written only through the status subresource.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -321,6 +390,19 @@ pub struct ModelDeploymentStatus {
     /// Cache capacity as reported by a ready worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<Capacity>,
+    /// The router Deployment; absent while the router is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<RouterStatus>,
+}
+
+/// The router pods as the operator observed them.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterStatus {
+    /// Router pods asked for (`spec.router.replicas`).
+    pub replicas: i32,
+    /// Router pods that are ready (serving, not draining).
+    pub ready_replicas: i32,
 }
 
 /// MLA-aware capacity figures of one worker, from its `GetModelInfo`.
@@ -350,6 +432,11 @@ impl ModelDeployment {
 
     pub fn service(&self) -> ServiceSpec {
         self.spec.service.clone().unwrap_or_default()
+    }
+
+    /// `spec.router` with its defaults: one router pod when the field is left out.
+    pub fn router(&self) -> RouterSpec {
+        self.spec.router.clone().unwrap_or_default()
     }
 }
 
@@ -483,6 +570,14 @@ mod tests {
             spec["serving"]["properties"]["dtype"]["enum"],
             serde_json::json!(["f32", "f16"])
         );
+        let router = &spec["router"]["properties"];
+        assert_eq!(router["replicas"]["minimum"], 0.0);
+        assert_eq!(router["replicas"]["default"], 1);
+        assert_eq!(
+            router["policy"]["enum"],
+            serde_json::json!(["PrefixAware", "LeastLoaded", "RoundRobin"])
+        );
+        assert_eq!(router["policy"]["default"], "PrefixAware");
     }
 
     #[test]
@@ -507,6 +602,16 @@ mod tests {
         assert_eq!(md.spec.replicas, 1);
         assert_eq!(md.spec.expert_shards, 1);
         assert!(!md.spec.paused);
+        assert_eq!(md.spec.router, None);
+        assert_eq!(
+            md.router(),
+            RouterSpec {
+                replicas: 1,
+                resources: None,
+                policy: RoutingPolicy::PrefixAware
+            },
+            "a router runs unless turned off"
+        );
         assert_eq!(md.resources().gpu_resource_name(), "nvidia.com/gpu");
         assert_eq!(
             md.spec.model,

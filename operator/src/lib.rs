@@ -5,7 +5,8 @@
 //! [`resources`] (pure builders of the typed desired objects) -> [`reconcile::apply`]
 //! (server-side apply) -> [`reconcile::prune`] (delete what is owned and no longer desired) ->
 //! [`reconcile::update_status`] (conditions computed by [`status`]). [`reconcile`] wires them
-//! into the controller. [`worker_args`] is the one place that spells the worker's flags,
+//! into the controller. [`worker_args`] and [`router_args`] are the one places that spell the
+//! worker's and the router's flags,
 //! [`discovery`] adapts the builders to the cluster, [`leader`] elects one active process,
 //! [`policy`] holds the installer's allow-lists, [`metrics`] serves Prometheus and health endpoints, and [`capacity`] reads the cache figures
 //! from a worker.
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod policy;
 pub mod reconcile;
 pub mod resources;
+pub mod router_args;
 pub mod status;
 pub mod validate;
 pub mod worker_args;

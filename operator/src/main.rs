@@ -52,6 +52,9 @@ struct RunArgs {
     /// Worker image for ModelDeployments that do not name one.
     #[arg(long, env = "LATENTSERVE_WORKER_IMAGE", default_value = concat!("latentserve-worker:", env!("CARGO_PKG_VERSION")))]
     worker_image: String,
+    /// Image of the request router pods (one Deployment per ModelDeployment, `spec.router`).
+    #[arg(long, env = "LATENTSERVE_ROUTER_IMAGE", default_value = concat!("latentserve-router:", env!("CARGO_PKG_VERSION")))]
+    router_image: String,
     /// Address of the HTTP server for /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -152,6 +155,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 operator_namespace: std::env::var("POD_NAMESPACE").ok(),
             },
             worker_image: args.worker_image,
+            router_image: args.router_image,
             features,
         },
         metrics.clone(),

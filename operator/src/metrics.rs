@@ -212,6 +212,7 @@ mod tests {
         let status = compute(
             &demo(),
             &[],
+            &crate::status::RouterObservation::default(),
             &Outcome::Applied,
             None,
             &Time(Timestamp::UNIX_EPOCH),

@@ -4,17 +4,19 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::crd::{Capacity, ModelDeployment, ModelDeploymentStatus};
+use crate::crd::{Capacity, ModelDeployment, ModelDeploymentStatus, RouterStatus};
 use crate::resources::{DEFAULT_SERVICE_PORT, HTTP_PORT, LABEL_GROUP, Owner};
 use crate::validate::InvalidSpec;
 
 pub const AVAILABLE: &str = "Available";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+/// Set while the router is on (`spec.router.replicas` > 0).
+pub const ROUTER_READY: &str = "RouterReady";
 
 /// Container waiting reasons that will not fix themselves.
 const STUCK_REASONS: &[&str] = &[
@@ -86,6 +88,50 @@ pub fn observe_groups(stateful_sets: &[StatefulSet], pods: &[Pod]) -> Vec<GroupO
         }
     }
     groups.into_values().collect()
+}
+
+/// What the router looks like, through its Deployment and its pods.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RouterObservation {
+    /// Router pods that are ready (and not terminating).
+    pub ready_pods: i32,
+    /// The Deployment controller has rolled the current template out to every pod, and no old
+    /// pod is left.
+    pub rolled_out: bool,
+    /// Router pods that are failing rather than starting, with the reason.
+    pub failing: Vec<String>,
+}
+
+/// The router as seen through its Deployment (`None` before it exists) and its pods.
+pub fn observe_router(deployment: Option<&Deployment>, pods: &[Pod]) -> RouterObservation {
+    let rolled_out = deployment.is_some_and(|deployment| {
+        let wanted = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(1);
+        deployment.status.as_ref().is_some_and(|status| {
+            status.observed_generation >= deployment.metadata.generation
+                && status.updated_replicas.unwrap_or(0) >= wanted
+                && status.replicas.unwrap_or(0) == wanted
+        })
+    });
+    let mut observation = RouterObservation {
+        rolled_out,
+        ..RouterObservation::default()
+    };
+    for pod in pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        if pod_ready(pod) {
+            observation.ready_pods += 1;
+        } else if let Some(reason) = failing_reason(pod) {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            observation.failing.push(format!("{name}: {reason}"));
+        }
+    }
+    observation
 }
 
 fn group_of(labels: &Option<BTreeMap<String, String>>) -> Option<i32> {
@@ -164,10 +210,12 @@ fn condition(
     }
 }
 
-/// The status that the observations call for.
+/// The status that the observations call for. `router` is what was seen of the router; it
+/// counts only while `spec.router.replicas` > 0.
 pub fn compute(
     md: &ModelDeployment,
     groups: &[GroupObservation],
+    router: &RouterObservation,
     outcome: &Outcome,
     capacity: Option<Capacity>,
     now: &Time,
@@ -176,16 +224,23 @@ pub fn compute(
     let generation = md.metadata.generation;
     let desired = md.spec.replicas;
     let shards = md.spec.expert_shards;
+    let routers = md.router().replicas.max(0);
+    let router = (routers > 0).then_some(router);
     let current: Vec<_> = groups.iter().filter(|g| g.group < desired).collect();
     let ready = current.iter().filter(|g| g.ready(shards)).count() as i32;
     let failing: Vec<String> = groups
         .iter()
         .flat_map(|g| g.failing.iter().cloned())
         .collect();
+    let router_settled =
+        router.is_none_or(|r| r.rolled_out && r.ready_pods >= routers && r.failing.is_empty());
     let settled = current.len() as i32 == desired
         && groups.len() as i32 == desired
         && ready == desired
-        && current.iter().all(|g| g.rolled_out);
+        && current.iter().all(|g| g.rolled_out)
+        && router_settled;
+    let routers_ready =
+        |r: &RouterObservation| format!("{}/{routers} router pods ready", r.ready_pods);
 
     let available = if desired == 0 {
         condition(
@@ -196,12 +251,27 @@ pub fn compute(
             generation,
             now,
         )
+    } else if ready > 0
+        && let Some(r) = router.filter(|r| r.ready_pods == 0)
+    {
+        condition(
+            AVAILABLE,
+            false,
+            "NoRouterReady",
+            format!(
+                "{ready}/{desired} serving groups ready, but {}: the client Service has no endpoint",
+                routers_ready(r)
+            ),
+            generation,
+            now,
+        )
     } else if ready > 0 {
+        let through = router.map_or(String::new(), |r| format!(", {}", routers_ready(r)));
         condition(
             AVAILABLE,
             true,
             "GroupsReady",
-            format!("{ready}/{desired} serving groups have all {shards} shards ready"),
+            format!("{ready}/{desired} serving groups have all {shards} shards ready{through}"),
             generation,
             now,
         )
@@ -244,12 +314,18 @@ pub fn compute(
         _ => condition(
             PROGRESSING,
             true,
-            if current.iter().any(|g| !g.rolled_out) {
+            if current.iter().any(|g| !g.rolled_out) || router.is_some_and(|r| !r.rolled_out) {
                 "RollingOut"
             } else {
                 "WaitingForShards"
             },
-            format!("{ready}/{desired} serving groups ready"),
+            match router {
+                Some(r) => format!(
+                    "{ready}/{desired} serving groups ready, {}",
+                    routers_ready(r)
+                ),
+                None => format!("{ready}/{desired} serving groups ready"),
+            },
             generation,
             now,
         ),
@@ -270,6 +346,14 @@ pub fn compute(
             generation,
             now,
         ),
+        _ if router.is_some_and(|r| !r.failing.is_empty()) => condition(
+            DEGRADED,
+            true,
+            "RouterFailing",
+            router.map(|r| r.failing.join("; ")).unwrap_or_default(),
+            generation,
+            now,
+        ),
         _ => condition(
             DEGRADED,
             false,
@@ -280,9 +364,41 @@ pub fn compute(
         ),
     };
 
+    let router_ready = router.map(|r| {
+        if r.ready_pods > 0 {
+            condition(
+                ROUTER_READY,
+                true,
+                "RouterPodsReady",
+                routers_ready(r),
+                generation,
+                now,
+            )
+        } else if !r.failing.is_empty() {
+            condition(
+                ROUTER_READY,
+                false,
+                "RouterFailing",
+                r.failing.join("; "),
+                generation,
+                now,
+            )
+        } else {
+            condition(
+                ROUTER_READY,
+                false,
+                "NoRouterReady",
+                routers_ready(r),
+                generation,
+                now,
+            )
+        }
+    });
+
     let previous = md.status.as_ref();
     let conditions = [available, progressing, degraded]
         .into_iter()
+        .chain(router_ready)
         .map(|c| keep_transition_time(c, previous.map(|p| p.conditions.as_slice()).unwrap_or(&[])))
         .collect();
 
@@ -295,6 +411,10 @@ pub fn compute(
         endpoint: Some(owner.endpoint(md.service().port.unwrap_or(DEFAULT_SERVICE_PORT))),
         openai_endpoint: Some(format!("http://{}/v1", owner.endpoint(HTTP_PORT))),
         capacity,
+        router: router.map(|r| RouterStatus {
+            replicas: routers,
+            ready_replicas: r.ready_pods,
+        }),
     }
 }
 
@@ -338,6 +458,15 @@ mod tests {
         }
     }
 
+    /// One router pod, ready and up to date.
+    fn serving_router() -> RouterObservation {
+        RouterObservation {
+            ready_pods: 1,
+            rolled_out: true,
+            failing: vec![],
+        }
+    }
+
     fn status_of<'a>(status: &'a ModelDeploymentStatus, type_: &str) -> (&'a str, &'a str) {
         let c = find(status, type_).unwrap();
         (c.status.as_str(), c.reason.as_str())
@@ -346,14 +475,28 @@ mod tests {
     #[test]
     fn a_group_is_ready_only_when_all_shards_are() {
         let md = demo();
-        let status = compute(&md, &[group(0, 1)], &Outcome::Applied, None, &at(1));
+        let status = compute(
+            &md,
+            &[group(0, 1)],
+            &serving_router(),
+            &Outcome::Applied,
+            None,
+            &at(1),
+        );
         assert_eq!(status.ready_replicas, 0);
         assert_eq!(status_of(&status, AVAILABLE), ("False", "NoGroupReady"));
         assert_eq!(
             status_of(&status, PROGRESSING),
             ("True", "WaitingForShards")
         );
-        let status = compute(&md, &[group(0, 2)], &Outcome::Applied, None, &at(1));
+        let status = compute(
+            &md,
+            &[group(0, 2)],
+            &serving_router(),
+            &Outcome::Applied,
+            None,
+            &at(1),
+        );
         assert_eq!(status.ready_replicas, 1);
         assert_eq!(status_of(&status, AVAILABLE), ("True", "GroupsReady"));
         assert_eq!(status_of(&status, PROGRESSING), ("False", "Complete"));
@@ -375,11 +518,32 @@ mod tests {
     #[test]
     fn transition_times_move_only_when_the_status_changes() {
         let mut md = demo();
-        let first = compute(&md, &[group(0, 2)], &Outcome::Applied, None, &at(100));
+        let first = compute(
+            &md,
+            &[group(0, 2)],
+            &serving_router(),
+            &Outcome::Applied,
+            None,
+            &at(100),
+        );
         md.status = Some(first.clone());
-        let same = compute(&md, &[group(0, 2)], &Outcome::Applied, None, &at(200));
+        let same = compute(
+            &md,
+            &[group(0, 2)],
+            &serving_router(),
+            &Outcome::Applied,
+            None,
+            &at(200),
+        );
         assert_eq!(same, first, "a repeated observation changes nothing");
-        let lost = compute(&md, &[group(0, 1)], &Outcome::Applied, None, &at(300));
+        let lost = compute(
+            &md,
+            &[group(0, 1)],
+            &serving_router(),
+            &Outcome::Applied,
+            None,
+            &at(300),
+        );
         assert_eq!(
             find(&lost, AVAILABLE).unwrap().last_transition_time,
             at(300)
@@ -395,7 +559,14 @@ mod tests {
             field: "spec.serving.kvCacheMemory".into(),
             message: "bad".into(),
         };
-        let status = compute(&md, &[], &Outcome::Invalid(err), None, &at(1));
+        let status = compute(
+            &md,
+            &[],
+            &serving_router(),
+            &Outcome::Invalid(err),
+            None,
+            &at(1),
+        );
         let degraded = find(&status, DEGRADED).unwrap();
         assert_eq!(
             (degraded.status.as_str(), degraded.reason.as_str()),
@@ -408,11 +579,18 @@ mod tests {
     #[test]
     fn paused_and_scaled_to_zero_say_so() {
         let mut md = demo();
-        let status = compute(&md, &[group(0, 2)], &Outcome::Paused, None, &at(1));
+        let status = compute(
+            &md,
+            &[group(0, 2)],
+            &serving_router(),
+            &Outcome::Paused,
+            None,
+            &at(1),
+        );
         assert_eq!(status_of(&status, PROGRESSING), ("False", "Paused"));
         assert_eq!(status_of(&status, AVAILABLE), ("True", "GroupsReady"));
         md.spec.replicas = 0;
-        let status = compute(&md, &[], &Outcome::Applied, None, &at(1));
+        let status = compute(&md, &[], &serving_router(), &Outcome::Applied, None, &at(1));
         assert_eq!(status_of(&status, AVAILABLE), ("False", "ScaledToZero"));
     }
 
@@ -422,6 +600,7 @@ mod tests {
         let status = compute(
             &md,
             &[group(0, 2), group(1, 2)],
+            &serving_router(),
             &Outcome::Applied,
             None,
             &at(1),
@@ -429,6 +608,118 @@ mod tests {
         assert_eq!(status.ready_replicas, 1);
         assert_eq!(status.replicas, 2);
         assert_eq!(status_of(&status, PROGRESSING).0, "True");
+    }
+
+    #[test]
+    fn available_needs_a_ready_router_while_it_is_on() {
+        let mut md = demo();
+        let starting = RouterObservation::default();
+        let status = compute(
+            &md,
+            &[group(0, 2)],
+            &starting,
+            &Outcome::Applied,
+            None,
+            &at(1),
+        );
+        assert_eq!(status_of(&status, AVAILABLE), ("False", "NoRouterReady"));
+        assert_eq!(status_of(&status, ROUTER_READY), ("False", "NoRouterReady"));
+        assert_eq!(status_of(&status, PROGRESSING), ("True", "RollingOut"));
+        assert_eq!(
+            status.router,
+            Some(RouterStatus {
+                replicas: 1,
+                ready_replicas: 0
+            })
+        );
+
+        let status = compute(
+            &md,
+            &[group(0, 2)],
+            &serving_router(),
+            &Outcome::Applied,
+            None,
+            &at(1),
+        );
+        assert_eq!(status_of(&status, AVAILABLE), ("True", "GroupsReady"));
+        assert!(
+            find(&status, AVAILABLE)
+                .unwrap()
+                .message
+                .contains("1/1 router pods ready")
+        );
+        assert_eq!(
+            status_of(&status, ROUTER_READY),
+            ("True", "RouterPodsReady")
+        );
+        assert_eq!(status_of(&status, PROGRESSING), ("False", "Complete"));
+
+        let crashing = RouterObservation {
+            failing: vec!["demo-router-abc: CrashLoopBackOff".into()],
+            ..RouterObservation::default()
+        };
+        let status = compute(
+            &md,
+            &[group(0, 2)],
+            &crashing,
+            &Outcome::Applied,
+            None,
+            &at(1),
+        );
+        assert_eq!(status_of(&status, DEGRADED), ("True", "RouterFailing"));
+        assert_eq!(status_of(&status, ROUTER_READY), ("False", "RouterFailing"));
+
+        // Off: the workers serve the clients, and the router is not mentioned.
+        md.spec.router = Some(crate::crd::RouterSpec {
+            replicas: 0,
+            ..crate::crd::RouterSpec::default()
+        });
+        let status = compute(
+            &md,
+            &[group(0, 2)],
+            &starting,
+            &Outcome::Applied,
+            None,
+            &at(1),
+        );
+        assert_eq!(status_of(&status, AVAILABLE), ("True", "GroupsReady"));
+        assert_eq!(status_of(&status, PROGRESSING), ("False", "Complete"));
+        assert!(find(&status, ROUTER_READY).is_none());
+        assert_eq!(status.router, None);
+    }
+
+    #[test]
+    fn the_router_is_observed_through_its_deployment_and_pods() {
+        use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
+        let deployment = |updated: i32, replicas: i32| Deployment {
+            metadata: ObjectMeta {
+                generation: Some(4),
+                ..ObjectMeta::default()
+            },
+            spec: Some(DeploymentSpec {
+                replicas: Some(2),
+                ..DeploymentSpec::default()
+            }),
+            status: Some(DeploymentStatus {
+                observed_generation: Some(4),
+                updated_replicas: Some(updated),
+                replicas: Some(replicas),
+                ..DeploymentStatus::default()
+            }),
+        };
+        let pods = [
+            pod("demo-router-a", 0, true, None),
+            pod("demo-router-b", 0, false, Some("ImagePullBackOff")),
+        ];
+        let seen = observe_router(Some(&deployment(2, 2)), &pods);
+        assert_eq!(seen.ready_pods, 1);
+        assert!(seen.rolled_out);
+        assert_eq!(seen.failing, ["demo-router-b: ImagePullBackOff"]);
+        assert!(
+            !observe_router(Some(&deployment(2, 3)), &pods).rolled_out,
+            "an old pod is still there"
+        );
+        assert!(!observe_router(None, &[]).rolled_out);
     }
 
     fn sts(group: i32, rolled_out: bool) -> StatefulSet {
@@ -500,7 +791,14 @@ mod tests {
         assert_eq!(groups[1].failing, ["demo-1-0: CrashLoopBackOff"]);
         let mut md = demo();
         md.spec.replicas = 2;
-        let status = compute(&md, &groups, &Outcome::Applied, None, &at(1));
+        let status = compute(
+            &md,
+            &groups,
+            &serving_router(),
+            &Outcome::Applied,
+            None,
+            &at(1),
+        );
         assert_eq!(status_of(&status, DEGRADED), ("True", "ShardsFailing"));
         assert_eq!(status_of(&status, PROGRESSING), ("True", "RollingOut"));
     }

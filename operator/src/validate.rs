@@ -4,13 +4,14 @@
 //! the first bad field or a [`ValidatedSpec`], the only input the builders take, holding every
 //! parsed quantity so that nothing parses the spec a second time.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use crate::crd::{
     MAX_TOTAL_PODS, ModelDeployment, ModelDeploymentSpec, ModelSource, RESERVED_WORKER_FLAGS,
-    ServiceSpec, ServingSpec, WorkerResources,
+    RouterSpec, ServiceSpec, ServingSpec, WorkerResources,
 };
 use crate::discovery::Features;
 use crate::policy::{Policy, host_path_allowed, image_allowed};
@@ -32,6 +33,11 @@ pub struct InvalidSpec {
     pub field: String,
     pub message: String,
 }
+
+/// The most router pods one ModelDeployment may ask for.
+pub const MAX_ROUTER_REPLICAS: i32 = 64;
+/// The resources a router pod may ask for: it holds no model and needs no accelerator.
+pub const ROUTER_RESOURCE_NAMES: &[&str] = &["cpu", "memory"];
 
 /// The reason of a spec that breaks the schema's rules.
 pub const INVALID_SPEC: &str = "InvalidSpec";
@@ -120,6 +126,7 @@ pub struct ValidatedSpec<'a> {
     kv_cache_bytes: Option<u64>,
     resources: WorkerResources,
     service: ServiceSpec,
+    router: RouterSpec,
 }
 
 impl<'a> ValidatedSpec<'a> {
@@ -157,6 +164,16 @@ impl<'a> ValidatedSpec<'a> {
 
     pub fn service(&self) -> &ServiceSpec {
         &self.service
+    }
+
+    /// `spec.router` with its defaults.
+    pub fn router(&self) -> &RouterSpec {
+        &self.router
+    }
+
+    /// Whether the router runs: the client Service then selects the router pods.
+    pub fn router_enabled(&self) -> bool {
+        self.router.replicas > 0
     }
 }
 
@@ -243,19 +260,7 @@ pub fn validate<'a>(
             ));
         }
     }
-    for (which, map) in [
-        ("requests", &resources.requests),
-        ("limits", &resources.limits),
-    ] {
-        for (resource, quantity) in map {
-            if parse_quantity(quantity).is_none() {
-                return Err(invalid(
-                    &format!("spec.resources.{which}.{resource}"),
-                    format!("{:?} is not a quantity", quantity.0),
-                ));
-            }
-        }
-    }
+    check_quantities("spec.resources", &resources.requests, &resources.limits)?;
     let serving = md.serving();
     if let Some(n) = serving.max_batch_size
         && n < 1
@@ -300,6 +305,34 @@ pub fn validate<'a>(
             format!("{port} is the client Service's http port"),
         ));
     }
+    let router = md.router();
+    if !(0..=MAX_ROUTER_REPLICAS).contains(&router.replicas) {
+        return Err(invalid(
+            "spec.router.replicas",
+            format!("must be between 0 and {MAX_ROUTER_REPLICAS}"),
+        ));
+    }
+    if let Some(resources) = &router.resources {
+        for (which, map) in [
+            ("requests", &resources.requests),
+            ("limits", &resources.limits),
+        ] {
+            if let Some(resource) = map
+                .keys()
+                .find(|name| !ROUTER_RESOURCE_NAMES.contains(&name.as_str()))
+            {
+                return Err(invalid(
+                    &format!("spec.router.resources.{which}.{resource}"),
+                    "a router pod asks only for cpu and memory",
+                ));
+            }
+        }
+        check_quantities(
+            "spec.router.resources",
+            &resources.requests,
+            &resources.limits,
+        )?;
+    }
     Ok(ValidatedSpec {
         md,
         owner: Owner::of(md),
@@ -311,7 +344,40 @@ pub fn validate<'a>(
         kv_cache_bytes,
         resources,
         service,
+        router,
     })
+}
+
+/// Every request and limit under `field` parses as a quantity, and no limit is below its request.
+fn check_quantities(
+    field: &str,
+    requests: &BTreeMap<String, Quantity>,
+    limits: &BTreeMap<String, Quantity>,
+) -> Result<(), InvalidSpec> {
+    for (which, map) in [("requests", requests), ("limits", limits)] {
+        for (resource, quantity) in map {
+            if parse_quantity(quantity).is_none() {
+                return Err(invalid(
+                    &format!("{field}.{which}.{resource}"),
+                    format!("{:?} is not a quantity", quantity.0),
+                ));
+            }
+        }
+    }
+    for (resource, limit) in limits {
+        if let Some(request) = requests.get(resource)
+            && parse_quantity(limit) < parse_quantity(request)
+        {
+            return Err(invalid(
+                &format!("{field}.limits.{resource}"),
+                format!(
+                    "{:?} is below the request {:?}; the API server refuses such a pod",
+                    limit.0, request.0
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `serving.kvCacheMemory` in bytes, for the worker's `--kv-cache-memory`.
@@ -491,6 +557,69 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_router_is_on_by_default_and_its_fields_are_checked() {
+        let md = demo();
+        let spec = validate(&md, &features_latest()).unwrap();
+        assert!(spec.router_enabled());
+        assert_eq!(spec.router().replicas, 1);
+
+        let with_router = |router: RouterSpec| {
+            let mut md = demo();
+            md.spec.router = Some(router);
+            md
+        };
+        let off = with_router(RouterSpec {
+            replicas: 0,
+            ..RouterSpec::default()
+        });
+        assert!(!validate(&off, &features_latest()).unwrap().router_enabled());
+        let too_many = with_router(RouterSpec {
+            replicas: MAX_ROUTER_REPLICAS + 1,
+            ..RouterSpec::default()
+        });
+        assert_eq!(field_of(&too_many), "spec.router.replicas");
+
+        let resources = |requests: &[(&str, &str)], limits: &[(&str, &str)]| {
+            let map = |pairs: &[(&str, &str)]| {
+                pairs
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), Quantity((*v).to_owned())))
+                    .collect()
+            };
+            with_router(RouterSpec {
+                resources: Some(crate::crd::RouterResources {
+                    requests: map(requests),
+                    limits: map(limits),
+                }),
+                ..RouterSpec::default()
+            })
+        };
+        validate(
+            &resources(
+                &[("cpu", "500m"), ("memory", "256Mi")],
+                &[("memory", "1Gi")],
+            ),
+            &features_latest(),
+        )
+        .unwrap();
+        assert_eq!(
+            field_of(&resources(&[("nvidia.com/gpu", "1")], &[])),
+            "spec.router.resources.requests.nvidia.com/gpu"
+        );
+        assert_eq!(
+            field_of(&resources(&[("cpu", "lots")], &[])),
+            "spec.router.resources.requests.cpu"
+        );
+        let err = validate(
+            &resources(&[("memory", "2Gi")], &[("memory", "1Gi")]),
+            &features_latest(),
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "spec.router.resources.limits.memory");
+        assert!(err.message.contains("below the request"), "{err}");
     }
 
     #[test]

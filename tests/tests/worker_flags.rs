@@ -39,6 +39,7 @@ fn deployment(expert_shards: i32, serving: Option<ServingSpec>) -> ModelDeployme
             priority_class_name: None,
             service_account_name: None,
             service: None,
+            router: None,
             paused: false,
         },
     );
@@ -51,6 +52,7 @@ fn deployment(expert_shards: i32, serving: Option<ServingSpec>) -> ModelDeployme
 fn worker_container(md: &ModelDeployment, group: i32) -> Container {
     let ctx = BuildContext {
         worker_image: "latentserve-worker:test".into(),
+        router_image: "latentserve-router:test".into(),
         features: features(),
         policy: Default::default(),
     };

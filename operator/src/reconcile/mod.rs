@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::api::{Api, ListParams};
 use kube::core::DeserializeGuard;
@@ -113,6 +113,8 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     };
     Controller::new(deployments, watcher::Config::default().any_semantic())
         .owns(api::<StatefulSet>(&client, &namespace), ours.clone())
+        // The router's rollout and readiness feed the status.
+        .owns(api::<Deployment>(&client, &namespace), ours.clone())
         .owns(api::<Service>(&client, &namespace), ours.clone())
         .owns(api::<ConfigMap>(&client, &namespace), ours.clone())
         .watches(api::<Pod>(&client, &namespace), ours, |pod: Pod| {

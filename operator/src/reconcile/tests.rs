@@ -24,6 +24,10 @@ const CONFIG_MAPS: &str = "/api/v1/namespaces/models/configmaps";
 const NETWORK_POLICIES: &str = "/apis/networking.k8s.io/v1/namespaces/models/networkpolicies";
 const BUDGETS: &str = "/apis/policy/v1/namespaces/models/poddisruptionbudgets";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/models/events";
+const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/models/deployments";
+const SERVICE_ACCOUNTS: &str = "/api/v1/namespaces/models/serviceaccounts";
+const ROLES: &str = "/apis/rbac.authorization.k8s.io/v1/namespaces/models/roles";
+const ROLE_BINDINGS: &str = "/apis/rbac.authorization.k8s.io/v1/namespaces/models/rolebindings";
 
 /// No worker answers: these tests have no ready pods to ask.
 struct NoWorkers;
@@ -135,6 +139,12 @@ async fn create_applies_every_child_under_the_field_manager() {
         [
             format!("{CONFIG_MAPS}/demo-config"),
             format!("{SERVICES}/demo-peers"),
+            format!("{SERVICES}/demo-workers"),
+            format!("{SERVICE_ACCOUNTS}/demo-router"),
+            format!("{ROLES}/demo-router"),
+            format!("{ROLE_BINDINGS}/demo-router"),
+            format!("{NETWORK_POLICIES}/demo-router"),
+            format!("{DEPLOYMENTS}/demo-router"),
             format!("{SERVICES}/demo"),
             format!("{NETWORK_POLICIES}/demo"),
             format!("{NETWORK_POLICIES}/demo-0"),
@@ -287,10 +297,18 @@ async fn the_status_is_applied_with_conditions_and_not_rewritten_when_unchanged(
             // The StatefulSet reports no rolled-out pods yet.
             ("Progressing", "True", "RollingOut"),
             ("Degraded", "False", "AsExpected"),
+            ("RouterReady", "False", "NoRouterReady"),
         ]
     );
     assert_eq!(status.observed_generation, Some(3));
     assert_eq!(status.endpoint.as_deref(), Some("demo.models.svc:50051"));
+    assert_eq!(
+        status.router,
+        Some(crate::crd::RouterStatus {
+            replicas: 1,
+            ready_replicas: 0
+        })
+    );
 
     // The same observations again: the status is current, so nothing is written.
     reconcile_once(&stored(&fake), &ctx).await.unwrap();
@@ -519,4 +537,75 @@ async fn objects_of_our_names_that_we_do_not_control_are_left_alone() {
         reconcile_once(&md, &ctx).await.unwrap_err().metric_label(),
         "conflict"
     );
+}
+
+#[tokio::test]
+async fn turning_the_router_off_deletes_its_objects_and_points_the_service_at_the_workers() {
+    let md = demo();
+    let (fake, ctx) = setup(&md);
+    reconcile_once(&md, &ctx).await.unwrap();
+    let service = fake.get(SERVICES, "demo").unwrap();
+    assert_eq!(
+        service["spec"]["selector"]["app.kubernetes.io/component"],
+        "router"
+    );
+    let role = fake.get(ROLES, "demo-router").unwrap();
+    assert_eq!(role["rules"][0]["resources"], json!(["endpointslices"]));
+    fake.take_requests();
+
+    let mut off = stored(&fake);
+    off.spec.router = Some(crate::crd::RouterSpec {
+        replicas: 0,
+        ..crate::crd::RouterSpec::default()
+    });
+    off.metadata.generation = Some(4);
+    reconcile_once(&off, &ctx).await.unwrap();
+    let requests = fake.take_requests();
+    let mut deleted = paths(&requests, "DELETE");
+    deleted.sort_unstable();
+    let mut expected = vec![
+        format!("{DEPLOYMENTS}/demo-router"),
+        format!("{NETWORK_POLICIES}/demo-router"),
+        format!("{ROLES}/demo-router"),
+        format!("{ROLE_BINDINGS}/demo-router"),
+        format!("{SERVICE_ACCOUNTS}/demo-router"),
+        format!("{SERVICES}/demo-workers"),
+    ];
+    expected.sort_unstable();
+    assert_eq!(deleted, expected);
+    let service = fake.get(SERVICES, "demo").unwrap();
+    assert_eq!(
+        service["spec"]["selector"]["app.kubernetes.io/component"],
+        "worker"
+    );
+    let status = stored(&fake).status.unwrap();
+    assert_eq!(status.router, None);
+    assert!(status.conditions.iter().all(|c| c.type_ != "RouterReady"));
+}
+
+#[tokio::test]
+async fn a_service_account_of_the_routers_name_that_we_do_not_control_stops_the_apply() {
+    let md = demo();
+    let (fake, ctx) = setup(&md);
+    fake.insert(
+        SERVICE_ACCOUNTS,
+        json!({
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "demo-router", "namespace": "models"},
+        }),
+    );
+    let err = reconcile_once(&md, &ctx).await.unwrap_err();
+    assert_eq!(err.metric_label(), "conflict");
+    assert!(
+        err.to_string().contains("ServiceAccount demo-router"),
+        "{err}"
+    );
+    let requests = fake.take_requests();
+    let applies: Vec<_> = paths(&requests, "PATCH")
+        .into_iter()
+        .filter(|p| !p.ends_with("/status"))
+        .collect();
+    assert!(applies.is_empty(), "nothing is applied: {applies:?}");
+    assert!(fake.get(ROLE_BINDINGS, "demo-router").is_none());
 }

@@ -1,8 +1,8 @@
-//! The last stage: observe the pods, ask a ready worker for the capacity figures, compute the
+//! The last stage: observe the pods and the router, ask a ready worker for the capacity figures, compute the
 //! status ([`crate::status`], pure) and write it with server-side apply when it differs from
 //! the stored one, announcing the condition changes as Events.
 
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -14,8 +14,8 @@ use tracing::instrument;
 use super::{Context, Error, apply::params, events, key};
 use crate::capacity::capacity_from;
 use crate::crd::{Capacity, ModelDeployment};
-use crate::resources::{GRPC_PORT, Owner};
-use crate::status::{self, GroupObservation, Outcome};
+use crate::resources::{GRPC_PORT, Owner, names, selector_string};
+use crate::status::{self, GroupObservation, Outcome, RouterObservation};
 
 /// Observes pods, computes the status and writes it when it differs from the stored one.
 #[instrument(skip_all)]
@@ -36,10 +36,11 @@ pub async fn update_status(
         })?
         .items;
     let groups = status::observe_groups(stateful_sets, &pods);
+    let router = observe_router(md, ctx, &owner).await?;
     let capacity = capacity(md, ctx, &groups, &pods).await;
     let now =
         Time(Timestamp::from_second(Timestamp::now().as_second()).expect("the clock is in range"));
-    let new = status::compute(md, &groups, outcome, capacity, &now);
+    let new = status::compute(md, &groups, &router, outcome, capacity, &now);
     ctx.metrics.set_conditions(&key(md), Some(&new));
     if md.status.as_ref() == Some(&new) {
         return Ok(());
@@ -55,6 +56,36 @@ pub async fn update_status(
         .await
         .map_err(Error::Status)?;
     Ok(())
+}
+
+/// The router Deployment and its pods, while the router is on (nothing to look at otherwise).
+async fn observe_router(
+    md: &ModelDeployment,
+    ctx: &Context,
+    owner: &Owner,
+) -> Result<RouterObservation, Error> {
+    if md.router().replicas <= 0 {
+        return Ok(RouterObservation::default());
+    }
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let deployment = deployments
+        .get_opt(&names::router(&owner.name))
+        .await
+        .map_err(|source| Error::List {
+            what: "Deployments",
+            source,
+        })?
+        .filter(|d| owner.owns(&d.metadata));
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let pods = pods
+        .list(&ListParams::default().labels(&selector_string(&owner.router_selector())))
+        .await
+        .map_err(|source| Error::List {
+            what: "Pods",
+            source,
+        })?
+        .items;
+    Ok(status::observe_router(deployment.as_ref(), &pods))
 }
 
 /// Capacity figures: kept while the generation is unchanged, otherwise asked from a ready pod.

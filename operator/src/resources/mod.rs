@@ -5,6 +5,7 @@ pub mod configmap;
 pub mod networkpolicy;
 pub mod owned;
 pub mod pdb;
+pub mod router;
 pub mod service;
 pub mod statefulset;
 
@@ -30,6 +31,8 @@ pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const LABEL_GROUP: &str = "latentserve.io/group";
 
 pub const APP_NAME: &str = "latentserve-worker";
+/// The component label of the router's objects and pods.
+pub const COMPONENT_ROUTER: &str = "router";
 pub const MANAGED_BY: &str = "latentserve-operator";
 
 /// Worker container ports. Clients and probes use `grpc`; OpenAI-compatible clients (and the
@@ -67,6 +70,16 @@ pub mod names {
 
     pub fn network_policy(name: &str) -> String {
         name.to_owned()
+    }
+
+    /// The router's Deployment, ServiceAccount, Role, RoleBinding and NetworkPolicy.
+    pub fn router(name: &str) -> String {
+        format!("{name}-router")
+    }
+
+    /// The headless Service over the worker pods that the router discovers them through.
+    pub fn workers_service(name: &str) -> String {
+        format!("{name}-workers")
     }
 }
 
@@ -106,6 +119,15 @@ impl Owner {
             (LABEL_NAME.to_owned(), APP_NAME.to_owned()),
             (LABEL_INSTANCE.to_owned(), self.name.clone()),
             (LABEL_COMPONENT.to_owned(), "worker".to_owned()),
+        ])
+    }
+
+    /// Labels that select every router pod of this ModelDeployment.
+    pub fn router_selector(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (LABEL_NAME.to_owned(), APP_NAME.to_owned()),
+            (LABEL_INSTANCE.to_owned(), self.name.clone()),
+            (LABEL_COMPONENT.to_owned(), COMPONENT_ROUTER.to_owned()),
         ])
     }
 
@@ -184,21 +206,43 @@ pub fn selector_string(labels: &BTreeMap<String, String>) -> String {
 pub struct BuildContext {
     /// Worker image when the spec names none.
     pub worker_image: String,
+    /// Image of the router pods.
+    pub router_image: String,
     pub features: Features,
     /// The installer's allow-lists and network rules.
     pub policy: crate::policy::Policy,
 }
 
+/// Whether the workers serve the OpenAI-compatible HTTP API (their `--openai-addr`), so whether
+/// the client Service and the router have an `http` port.
+pub fn serves_openai(spec: &ValidatedSpec<'_>) -> bool {
+    !statefulset::serve_args(spec, 0).openai_addr.is_empty()
+}
+
 /// Every child of a valid ModelDeployment, in apply order (Services and ConfigMap before the
-/// StatefulSets whose pods use them), leaving out kinds this cluster does not serve.
+/// StatefulSets whose pods use them; the router's account and rights before its pods; its
+/// NetworkPolicy before the client Service sends clients to it), leaving out kinds this
+/// cluster does not serve.
 pub fn build_all(spec: &ValidatedSpec<'_>, ctx: &BuildContext) -> Vec<Desired> {
     let owner = spec.owner();
     let mut desired = vec![
         Desired::ConfigMap(configmap::config_map(spec)),
         Desired::Service(service::peers_service(owner)),
+    ];
+    if spec.router_enabled() {
+        desired.extend([
+            Desired::Service(service::workers_service(spec)),
+            Desired::ServiceAccount(router::service_account(owner)),
+            Desired::Role(router::role(owner)),
+            Desired::RoleBinding(router::role_binding(owner)),
+            Desired::NetworkPolicy(networkpolicy::router_network_policy(spec, &ctx.policy)),
+            Desired::Deployment(router::deployment(spec, ctx)),
+        ]);
+    }
+    desired.extend([
         Desired::Service(service::client_service(spec)),
         Desired::NetworkPolicy(networkpolicy::network_policy(spec, &ctx.policy)),
-    ];
+    ]);
     for group in spec.plan().groups() {
         // Before the pods: `NAME` alone closes the expert port.
         desired.push(Desired::NetworkPolicy(
@@ -232,6 +276,8 @@ mod tests {
         assert_eq!(names::peers_service("demo"), "demo-peers");
         assert_eq!(names::client_service("demo"), "demo");
         assert_eq!(names::config_map("demo"), "demo-config");
+        assert_eq!(names::router("demo"), "demo-router");
+        assert_eq!(names::workers_service("demo"), "demo-workers");
     }
 
     #[test]
@@ -249,6 +295,12 @@ mod tests {
             [
                 ("ConfigMap", "demo-config"),
                 ("Service", "demo-peers"),
+                ("Service", "demo-workers"),
+                ("ServiceAccount", "demo-router"),
+                ("Role", "demo-router"),
+                ("RoleBinding", "demo-router"),
+                ("NetworkPolicy", "demo-router"),
+                ("Deployment", "demo-router"),
                 ("Service", "demo"),
                 ("NetworkPolicy", "demo"),
                 ("NetworkPolicy", "demo-0"),
@@ -302,9 +354,39 @@ mod tests {
                 OwnedKind::ConfigMap,
                 OwnedKind::Service,
                 OwnedKind::Service,
+                OwnedKind::ServiceAccount,
+                OwnedKind::Role,
+                OwnedKind::RoleBinding,
+                OwnedKind::Deployment,
+                OwnedKind::Service,
                 OwnedKind::StatefulSet
             ]
         );
+    }
+
+    #[test]
+    fn a_router_turned_off_builds_none_of_its_objects() {
+        let mut md = demo();
+        md.spec.router = Some(crate::crd::RouterSpec {
+            replicas: 0,
+            ..crate::crd::RouterSpec::default()
+        });
+        let desired = build(&md, &build_context());
+        let names: Vec<_> = desired.iter().map(|d| (d.kind(), d.name())).collect();
+        assert!(
+            names
+                .iter()
+                .all(|(_, name)| !name.ends_with("-router") && !name.ends_with("-workers")),
+            "{names:?}"
+        );
+        assert!(names.contains(&(OwnedKind::Service, "demo")));
+        assert!(desired.iter().all(|d| !matches!(
+            d.kind(),
+            OwnedKind::Deployment
+                | OwnedKind::ServiceAccount
+                | OwnedKind::Role
+                | OwnedKind::RoleBinding
+        )));
     }
 
     #[test]

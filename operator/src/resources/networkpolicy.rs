@@ -1,8 +1,11 @@
-//! Who reaches the worker pods. `NAME` covers every worker: the client ports (gRPC, the
-//! OpenAI-compatible HTTP API) from `spec.service.allowedNamespaces` (any source when unset) and
-//! the operator's namespace, the metrics port from the operator's `--metrics-namespace-selector`
-//! (any source when unset), and nothing else. `NAME-g`, one per serving group, admits the expert
-//! exchange to the pods of group g from the pods of group g only (policies add up).
+//! Who reaches the worker and router pods. `NAME` covers every worker: the client ports (gRPC,
+//! the OpenAI-compatible HTTP API) from the router pods while the router runs, otherwise from
+//! `spec.service.allowedNamespaces` (any source when unset), and from the operator's namespace
+//! either way; the metrics port from the operator's `--metrics-namespace-selector` (any source
+//! when unset); nothing else. `NAME-router` covers the router pods: their client ports as the
+//! workers' are without a router, their metrics port as the workers'. `NAME-g`, one per serving
+//! group, admits the expert exchange to the pods of group g from the pods of group g only
+//! (policies add up).
 //!
 //! This is admission by labels: a pod in the namespace that copies a group's labels still gets
 //! in. The credential that tells shards apart is the worker's own (mutual TLS on the expert port).
@@ -16,7 +19,9 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{EXPERTS_PORT, GRPC_PORT, HTTP_PORT, LABEL_GROUP, METRICS_PORT, Owner, names};
+use super::{
+    COMPONENT_ROUTER, EXPERTS_PORT, GRPC_PORT, HTTP_PORT, LABEL_GROUP, METRICS_PORT, Owner, names,
+};
 use crate::policy::Policy;
 use crate::validate::ValidatedSpec;
 
@@ -45,38 +50,86 @@ fn match_labels(labels: BTreeMap<String, String>) -> LabelSelector {
     }
 }
 
-/// `NAME`: the client and metrics ports of every worker.
-pub fn network_policy(spec: &ValidatedSpec<'_>, policy: &Policy) -> NetworkPolicy {
-    let owner = spec.owner();
-    let clients = spec.service().allowed_namespaces.clone().map(|selector| {
-        let mut from = vec![namespaces(selector)];
-        if let Some(operator) = &policy.operator_namespace {
-            from.push(namespaces(match_labels(BTreeMap::from([(
-                NAMESPACE_NAME_LABEL.to_owned(),
-                operator.clone(),
-            )]))));
-        }
-        from
-    });
+/// The operator's own namespace, by its name label.
+fn operator_namespace(policy: &Policy) -> Option<NetworkPolicyPeer> {
+    policy.operator_namespace.as_ref().map(|operator| {
+        namespaces(match_labels(BTreeMap::from([(
+            NAMESPACE_NAME_LABEL.to_owned(),
+            operator.clone(),
+        )])))
+    })
+}
+
+/// The client ports (gRPC, OpenAI HTTP) from `sources` (`None`: any source), and the metrics
+/// port from the scrapers the operator's policy names.
+fn client_and_metrics_rules(
+    sources: Option<Vec<NetworkPolicyPeer>>,
+    policy: &Policy,
+) -> Vec<NetworkPolicyIngressRule> {
     let scrapers = policy
         .metrics_namespace_selector
         .clone()
         .map(|labels| vec![namespaces(match_labels(labels))]);
+    vec![
+        NetworkPolicyIngressRule {
+            from: sources,
+            ports: Some(vec![tcp(GRPC_PORT), tcp(HTTP_PORT)]),
+        },
+        NetworkPolicyIngressRule {
+            from: scrapers,
+            ports: Some(vec![tcp(METRICS_PORT)]),
+        },
+    ]
+}
+
+/// `NAME`: the client and metrics ports of every worker. With the router on, clients reach the
+/// workers only through it; the operator's namespace stays admitted either way (it reads the
+/// capacity over gRPC).
+pub fn network_policy(spec: &ValidatedSpec<'_>, policy: &Policy) -> NetworkPolicy {
+    let owner = spec.owner();
+    let clients = if spec.router_enabled() {
+        let routers = NetworkPolicyPeer {
+            pod_selector: Some(match_labels(owner.router_selector())),
+            ..NetworkPolicyPeer::default()
+        };
+        Some(
+            std::iter::once(routers)
+                .chain(operator_namespace(policy))
+                .collect(),
+        )
+    } else {
+        spec.service().allowed_namespaces.clone().map(|selector| {
+            std::iter::once(namespaces(selector))
+                .chain(operator_namespace(policy))
+                .collect()
+        })
+    };
     NetworkPolicy {
         metadata: owner.meta(names::network_policy(&owner.name), owner.labels("worker")),
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(match_labels(owner.pod_selector())),
             policy_types: Some(vec!["Ingress".to_owned()]),
-            ingress: Some(vec![
-                NetworkPolicyIngressRule {
-                    from: clients,
-                    ports: Some(vec![tcp(GRPC_PORT), tcp(HTTP_PORT)]),
-                },
-                NetworkPolicyIngressRule {
-                    from: scrapers,
-                    ports: Some(vec![tcp(METRICS_PORT)]),
-                },
-            ]),
+            ingress: Some(client_and_metrics_rules(clients, policy)),
+            ..NetworkPolicySpec::default()
+        }),
+    }
+}
+
+/// `NAME-router`: the router pods' client ports from `spec.service.allowedNamespaces` (any
+/// source when unset), their metrics port as the workers'.
+pub fn router_network_policy(spec: &ValidatedSpec<'_>, policy: &Policy) -> NetworkPolicy {
+    let owner = spec.owner();
+    let clients = spec
+        .service()
+        .allowed_namespaces
+        .clone()
+        .map(|selector| vec![namespaces(selector)]);
+    NetworkPolicy {
+        metadata: owner.meta(names::router(&owner.name), owner.labels(COMPONENT_ROUTER)),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(match_labels(owner.router_selector())),
+            policy_types: Some(vec!["Ingress".to_owned()]),
+            ingress: Some(client_and_metrics_rules(clients, policy)),
             ..NetworkPolicySpec::default()
         }),
     }
@@ -123,9 +176,17 @@ mod tests {
             .collect()
     }
 
+    fn without_router(mut md: crate::crd::ModelDeployment) -> crate::crd::ModelDeployment {
+        md.spec.router = Some(crate::crd::RouterSpec {
+            replicas: 0,
+            ..crate::crd::RouterSpec::default()
+        });
+        md
+    }
+
     #[test]
     fn by_default_clients_and_scrapers_come_from_anywhere_and_experts_from_nowhere() {
-        let md = demo();
+        let md = without_router(demo());
         let spec = validate(&md, &features_latest()).unwrap();
         let policy = network_policy(&spec, &Policy::default());
         let ingress = policy.spec.unwrap().ingress.unwrap();
@@ -142,7 +203,7 @@ mod tests {
 
     #[test]
     fn client_and_metrics_ports_follow_their_namespace_selectors() {
-        let mut md = demo();
+        let mut md = without_router(demo());
         let tenants = match_labels(BTreeMap::from([("team".into(), "chat".into())]));
         md.spec.service = Some(ServiceSpec {
             allowed_namespaces: Some(tenants.clone()),
@@ -176,6 +237,72 @@ mod tests {
         assert_eq!(
             ingress[1].from.as_ref().unwrap()[0].namespace_selector,
             Some(match_labels(monitoring))
+        );
+    }
+
+    #[test]
+    fn with_the_router_on_workers_admit_clients_only_through_it() {
+        let mut md = demo();
+        let tenants = match_labels(BTreeMap::from([("team".into(), "chat".into())]));
+        md.spec.service = Some(ServiceSpec {
+            allowed_namespaces: Some(tenants.clone()),
+            ..ServiceSpec::default()
+        });
+        let spec = validate(&md, &features_latest()).unwrap();
+        let settings = Policy {
+            operator_namespace: Some("latentserve-system".into()),
+            ..Policy::default()
+        };
+        let owner = Owner::of(&md);
+
+        let workers = network_policy(&spec, &settings).spec.unwrap();
+        let ingress = workers.ingress.unwrap();
+        assert_eq!(ports(&ingress[0]), [GRPC_PORT, HTTP_PORT]);
+        let from = ingress[0].from.as_ref().unwrap();
+        assert_eq!(
+            from[0].pod_selector.as_ref().unwrap().match_labels.as_ref(),
+            Some(&owner.router_selector())
+        );
+        assert!(
+            from[0].namespace_selector.is_none(),
+            "the router's namespace only"
+        );
+        assert_eq!(
+            from[1]
+                .namespace_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap()[NAMESPACE_NAME_LABEL],
+            "latentserve-system"
+        );
+        assert_eq!(
+            from.len(),
+            2,
+            "the tenants reach the router, not the workers"
+        );
+        assert_eq!(ports(&ingress[1]), [METRICS_PORT]);
+
+        let router = router_network_policy(&spec, &settings);
+        assert_eq!(router.metadata.name.as_deref(), Some("demo-router"));
+        let router = router.spec.unwrap();
+        assert_eq!(
+            router.pod_selector.unwrap().match_labels.unwrap(),
+            owner.router_selector()
+        );
+        let ingress = router.ingress.unwrap();
+        assert_eq!(ports(&ingress[0]), [GRPC_PORT, HTTP_PORT]);
+        assert_eq!(
+            ingress[0].from.as_ref().unwrap()[0]
+                .namespace_selector
+                .as_ref(),
+            Some(&tenants)
+        );
+        assert_eq!(ports(&ingress[1]), [METRICS_PORT]);
+        assert!(
+            ingress[1].from.is_none(),
+            "scrapers from anywhere by default"
         );
     }
 

@@ -5,10 +5,11 @@
 
 use std::fmt;
 
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use kube::core::{ApiResource, GroupVersionKind};
@@ -23,16 +24,24 @@ pub enum OwnedKind {
     NetworkPolicy,
     StatefulSet,
     PodDisruptionBudget,
+    ServiceAccount,
+    Role,
+    RoleBinding,
+    Deployment,
 }
 
 impl OwnedKind {
     /// Every kind the operator may create, so every kind prune looks at.
-    pub const ALL: [OwnedKind; 5] = [
+    pub const ALL: [OwnedKind; 9] = [
         OwnedKind::ConfigMap,
         OwnedKind::Service,
         OwnedKind::NetworkPolicy,
         OwnedKind::StatefulSet,
         OwnedKind::PodDisruptionBudget,
+        OwnedKind::ServiceAccount,
+        OwnedKind::Role,
+        OwnedKind::RoleBinding,
+        OwnedKind::Deployment,
     ];
 
     /// The API this cluster serves the kind under; `None` where it serves none (no
@@ -43,6 +52,10 @@ impl OwnedKind {
             OwnedKind::ConfigMap => Some(ApiResource::erase::<ConfigMap>(&())),
             OwnedKind::Service => Some(ApiResource::erase::<Service>(&())),
             OwnedKind::StatefulSet => Some(ApiResource::erase::<StatefulSet>(&())),
+            OwnedKind::ServiceAccount => Some(ApiResource::erase::<ServiceAccount>(&())),
+            OwnedKind::Role => Some(ApiResource::erase::<Role>(&())),
+            OwnedKind::RoleBinding => Some(ApiResource::erase::<RoleBinding>(&())),
+            OwnedKind::Deployment => Some(ApiResource::erase::<Deployment>(&())),
             OwnedKind::NetworkPolicy => features
                 .network_policies
                 .then(|| ApiResource::erase::<NetworkPolicy>(&())),
@@ -64,6 +77,10 @@ impl OwnedKind {
             OwnedKind::NetworkPolicy => "NetworkPolicy",
             OwnedKind::StatefulSet => "StatefulSet",
             OwnedKind::PodDisruptionBudget => "PodDisruptionBudget",
+            OwnedKind::ServiceAccount => "ServiceAccount",
+            OwnedKind::Role => "Role",
+            OwnedKind::RoleBinding => "RoleBinding",
+            OwnedKind::Deployment => "Deployment",
         }
     }
 }
@@ -77,6 +94,10 @@ impl OwnedKind {
             OwnedKind::NetworkPolicy => "NetworkPolicies",
             OwnedKind::StatefulSet => "StatefulSets",
             OwnedKind::PodDisruptionBudget => "PodDisruptionBudgets",
+            OwnedKind::ServiceAccount => "ServiceAccounts",
+            OwnedKind::Role => "Roles",
+            OwnedKind::RoleBinding => "RoleBindings",
+            OwnedKind::Deployment => "Deployments",
         }
     }
 }
@@ -89,16 +110,16 @@ impl fmt::Display for OwnedKind {
 
 /// One child to apply, whole.
 #[derive(Debug, Clone, PartialEq)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "a reconcile builds a handful of these once; boxing would buy nothing"
-)]
 pub enum Desired {
     ConfigMap(ConfigMap),
     Service(Service),
     NetworkPolicy(NetworkPolicy),
     StatefulSet(StatefulSet),
     PodDisruptionBudget(PodDisruptionBudget),
+    ServiceAccount(ServiceAccount),
+    Role(Role),
+    RoleBinding(RoleBinding),
+    Deployment(Deployment),
 }
 
 impl Desired {
@@ -109,6 +130,10 @@ impl Desired {
             Desired::NetworkPolicy(_) => OwnedKind::NetworkPolicy,
             Desired::StatefulSet(_) => OwnedKind::StatefulSet,
             Desired::PodDisruptionBudget(_) => OwnedKind::PodDisruptionBudget,
+            Desired::ServiceAccount(_) => OwnedKind::ServiceAccount,
+            Desired::Role(_) => OwnedKind::Role,
+            Desired::RoleBinding(_) => OwnedKind::RoleBinding,
+            Desired::Deployment(_) => OwnedKind::Deployment,
         }
     }
 
@@ -119,6 +144,10 @@ impl Desired {
             Desired::NetworkPolicy(o) => o.meta(),
             Desired::StatefulSet(o) => o.meta(),
             Desired::PodDisruptionBudget(o) => o.meta(),
+            Desired::ServiceAccount(o) => o.meta(),
+            Desired::Role(o) => o.meta(),
+            Desired::RoleBinding(o) => o.meta(),
+            Desired::Deployment(o) => o.meta(),
         }
     }
 
@@ -134,6 +163,10 @@ impl Desired {
             Desired::NetworkPolicy(o) => serde_json::to_value(o),
             Desired::StatefulSet(o) => serde_json::to_value(o),
             Desired::PodDisruptionBudget(o) => serde_json::to_value(o),
+            Desired::ServiceAccount(o) => serde_json::to_value(o),
+            Desired::Role(o) => serde_json::to_value(o),
+            Desired::RoleBinding(o) => serde_json::to_value(o),
+            Desired::Deployment(o) => serde_json::to_value(o),
         }
         .expect("Kubernetes objects serialize to JSON");
         body["apiVersion"] = serde_json::Value::String(api.api_version.clone());

@@ -36,6 +36,7 @@ pub fn demo() -> ModelDeployment {
             priority_class_name: None,
             service_account_name: None,
             service: None,
+            router: None,
             paused: false,
         },
     );
@@ -69,6 +70,7 @@ pub fn features_latest() -> Features {
 pub fn build_context() -> BuildContext {
     BuildContext {
         worker_image: "latentserve-worker:test".into(),
+        router_image: "latentserve-router:test".into(),
         features: features_latest(),
         policy: crate::policy::Policy::default(),
     }

@@ -261,6 +261,7 @@ def scenario_default(docs):
         args = args_of(docs)
         expect(args == ["run", "--metrics-addr=0.0.0.0:8080", "--log-format=json",
                         "--worker-image=latentserve-worker:0.1.0",
+                        "--router-image=latentserve-router:0.1.0",
                         "--allowed-host-path-prefixes=/srv/models/",
                         "--allowed-images=latentserve-worker"], f"default args {args}")
         container = operator_container(deployment)
@@ -393,7 +394,8 @@ def scenario_customized(docs):
     expect(not objects_of(docs, "ServiceAccount"), "a ServiceAccount is created although serviceAccount.create is false")
     args = container["args"]
     for arg in ("--log-format=text", "--example-flag=1", "--metrics-addr=0.0.0.0:9090",
-                "--worker-image=registry.example/latentserve/latentserve-worker-cuda:0.1.0-rc1"):
+                "--worker-image=registry.example/latentserve/latentserve-worker-cuda:0.1.0-rc1",
+                "--router-image=registry.example/latentserve/latentserve-router:0.1.0-rc1"):
         expect(arg in args, f"{arg} missing from {args}")
     expect(args[-1] == "--example-flag=1", "extraArgs do not come last (so they can override)")
     env = {e["name"]: e for e in container["env"]}

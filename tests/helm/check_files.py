@@ -108,6 +108,7 @@ def main():
     check_examples()
     check_dockerfile("operator.Dockerfile", "latentserve-operator")
     check_dockerfile("worker.Dockerfile", "latentserve-worker")
+    check_dockerfile("router.Dockerfile", "latentserve-router")
     check_dockerfile("worker-cuda.Dockerfile", "latentserve-worker", features="cuda",
                      build_base="rust:${RUST_VERSION}", run_base="nvidia/cuda:${CUDA_VERSION}-runtime")
     if failures:

@@ -55,6 +55,10 @@ app.kubernetes.io/part-of: latentserve
 {{- printf "%s:%s" .Values.workerImage.repository (default .Chart.AppVersion .Values.workerImage.tag) }}
 {{- end }}
 
+{{- define "latentserve.routerImage" -}}
+{{- printf "%s:%s" .Values.routerImage.repository (default .Chart.AppVersion .Values.routerImage.tag) }}
+{{- end }}
+
 {{/* "true" when the operator runs with --leader-election: always with more than one replica. */}}
 {{- define "latentserve.leaderElection" -}}
 {{- if or .Values.leaderElection.enabled (gt (int .Values.replicaCount) 1) }}true{{ end }}

@@ -9,13 +9,15 @@
 //!
 //! This module holds the pure translation from a Pod to a process (command line, environment
 //! with downward-API fields, hostPath and emptyDir volumes, bind addresses, peer names) and the
-//! readiness check to run against it; [`runtime`] is the loop that talks to the API server and
+//! readiness check to run against it; [`credentials`] is what a pod that uses a ServiceAccount
+//! gets to talk to the API server with; [`runtime`] is the loop that talks to the API server and
 //! supervises the processes.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
+pub mod credentials;
 pub mod runtime;
 
 use k8s_openapi::api::core::v1::{Container, EnvVarSource, Pod, Probe};
@@ -885,6 +887,82 @@ mod tests {
         assert_eq!(env["NODE"], "test-node");
         assert_eq!(env["WHO"], "models/demo-0-1 $(POD_NAME) $(UNDEFINED)");
         assert_eq!(env["RUST_LOG"], "info");
+    }
+
+    /// The router pod of the operator's own Deployment for `demo` in `models`.
+    fn router_pod() -> Pod {
+        use latentserve_operator::crd::ModelDeployment;
+        use latentserve_operator::discovery::{Features, KubeVersion};
+        use latentserve_operator::resources::{BuildContext, router};
+        let md: ModelDeployment = serde_json::from_value(json!({
+            "apiVersion": "latentserve.io/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "demo", "namespace": "models", "uid": "u-md"},
+            "spec": {"model": {"hostPath": {"path": "/srv/models/latentserve-demo"}}},
+        }))
+        .unwrap();
+        let ctx = BuildContext {
+            worker_image: "latentserve-worker:test".into(),
+            router_image: "latentserve-router:test".into(),
+            features: Features::from_discovery(KubeVersion::new(1, 20), &[]),
+            policy: Default::default(),
+        };
+        let spec = latentserve_operator::validate::validate(&md, &ctx.features).unwrap();
+        let template = router::deployment(&spec, &ctx).spec.unwrap().template;
+        Pod {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("demo-router-5f7c9-x2x4q".into()),
+                namespace: Some("models".into()),
+                uid: Some("u-router".into()),
+                ..template.metadata.unwrap()
+            },
+            spec: template.spec,
+            status: None,
+        }
+    }
+
+    #[test]
+    fn the_operators_router_pod_runs_the_router_binary_on_its_own_address() {
+        let mut binaries = binaries();
+        binaries.insert(
+            "latentserve-router".to_owned(),
+            PathBuf::from("/work/target/debug/latentserve-router"),
+        );
+        let placement = Placement {
+            node_name: "test-node",
+            host_ip: Ipv4Addr::LOCALHOST,
+            scratch_root: Path::new("/tmp/agent"),
+            binaries: &binaries,
+            host_paths: &BTreeMap::new(),
+        };
+        let pod = router_pod();
+        let spec = process_for_pod(&pod, &placement, &mut AddressBook::default()).unwrap();
+        assert_eq!(
+            spec.program,
+            PathBuf::from("/work/target/debug/latentserve-router")
+        );
+        let me = spec.pod_ip;
+        assert_eq!(flag(&spec.args, "--grpc-addr"), format!("{me}:50051"));
+        assert_eq!(flag(&spec.args, "--openai-addr"), format!("{me}:8000"));
+        assert_eq!(flag(&spec.args, "--metrics-addr"), format!("{me}:9090"));
+        assert_eq!(flag(&spec.args, "--endpoints-service"), "demo-workers");
+        let env: BTreeMap<&str, &str> = spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(env["POD_NAMESPACE"], "models");
+        assert_eq!(
+            readiness_check(&pod, me).unwrap(),
+            Some(ReadinessCheck::Http {
+                address: format!("{me}:9090"),
+                path: "/readyz".to_owned()
+            })
+        );
+        assert_eq!(
+            credentials::service_account_of(&pod).as_deref(),
+            Some("demo-router"),
+            "the router gets its account's token"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The node agent's I/O: a Node in the API server, Pending pods bound to it, each pod's
-//! container run as a local process, and the pod's status (its 127.0.0.x address, phase,
-//! restarts, readiness from the worker's real health endpoint) written back as a kubelet would.
+//! container run as a local process (with its ServiceAccount's token, see [`super::credentials`]),
+//! and the pod's status (its 127.0.0.x address, phase, restarts, readiness from the process's
+//! real health endpoint) written back as a kubelet would.
 //!
 //! The agent polls (every `poll_interval`) instead of watching: a test has a handful of pods,
 //! and a poll loop has no reconnect logic to get wrong. Every wait is bounded.
@@ -12,7 +13,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod};
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
@@ -22,6 +24,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use super::credentials::{self, ClusterAccess};
 use super::{
     AddressBook, Placement, ProcessSpec, ReadinessCheck, process_for_pod, readiness_check,
 };
@@ -50,6 +53,9 @@ pub struct AgentConfig {
     pub restart_delay: Duration,
     /// Time a stopping process gets between SIGTERM and SIGKILL (the pod's grace period, capped).
     pub max_grace: Duration,
+    /// How pods reach the API server. When set, a pod that uses a ServiceAccount gets a token
+    /// of it bound to the pod, in `$KUBECONFIG`; when unset, pods get no credential.
+    pub cluster: Option<ClusterAccess>,
 }
 
 impl AgentConfig {
@@ -64,6 +70,7 @@ impl AgentConfig {
             poll_interval: Duration::from_millis(200),
             restart_delay: Duration::from_secs(1),
             max_grace: Duration::from_secs(10),
+            cluster: None,
         }
     }
 }
@@ -340,7 +347,9 @@ impl Agent {
                 if self.reported_errors.contains(&uid) {
                     return Ok(());
                 }
-                match self.start(pod, &key, &uid, 0) {
+                // Not reported as the pod's failure: the next round asks again.
+                let credential = self.credential(pod).await?;
+                match self.start(pod, &key, &uid, 0, credential) {
                     Ok(process) => {
                         self.running.insert(key.clone(), process);
                         self.report(&key).await?;
@@ -368,8 +377,9 @@ impl Agent {
             }
             // restartPolicy Always (StatefulSet pods): start again, count the restart.
             let restarts = self.running.get(&key).map_or(0, |p| p.state.restarts + 1);
+            let credential = self.credential(pod).await?;
             self.running.remove(&key);
-            let process = self.start(pod, &key, &uid, restarts)?;
+            let process = self.start(pod, &key, &uid, restarts, credential)?;
             self.running.insert(key.clone(), process);
             self.report(&key).await?;
             return Ok(());
@@ -386,12 +396,59 @@ impl Agent {
         Ok(())
     }
 
+    /// The pod's API credential as a kubelet would mount it: a token of its ServiceAccount,
+    /// bound to the pod, written into a kubeconfig; `KUBECONFIG=<path>` for its environment.
+    /// `None` when the agent has no cluster access to give or the pod opts out.
+    async fn credential(&self, pod: &Pod) -> anyhow::Result<Option<(String, String)>> {
+        let (Some(cluster), Some(account)) =
+            (&self.config.cluster, credentials::service_account_of(pod))
+        else {
+            return Ok(None);
+        };
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+        let name = pod.metadata.name.as_deref().unwrap_or_default();
+        let accounts: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        let issued: TokenRequest = accounts
+            .create_subresource(
+                "token",
+                &account,
+                &PostParams::default(),
+                &credentials::token_request(pod),
+            )
+            .await
+            .with_context(|| {
+                format!("requesting a token of ServiceAccount {namespace}/{account} for pod {name}")
+            })?;
+        let token = issued
+            .status
+            .map(|s| s.token)
+            .filter(|t| !t.is_empty())
+            .with_context(|| {
+                format!("the API server issued no token for pod {namespace}/{name}")
+            })?;
+        let dir = self
+            .config
+            .scratch_root
+            .join(namespace)
+            .join(name)
+            .join("serviceaccount");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("kubeconfig");
+        std::fs::write(&path, cluster.kubeconfig(&token, namespace))
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(Some((
+            credentials::KUBECONFIG_ENV.to_owned(),
+            path.display().to_string(),
+        )))
+    }
+
     fn start(
         &mut self,
         pod: &Pod,
         key: &PodKey,
         uid: &str,
         restarts: i32,
+        credential: Option<(String, String)>,
     ) -> anyhow::Result<Process> {
         let placement = Placement {
             node_name: &self.config.node_name,
@@ -420,6 +477,7 @@ impl Agent {
             .env_clear()
             .envs(self.config.base_env.iter().cloned())
             .envs(spec.env.iter().cloned())
+            .envs(credential)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

@@ -53,7 +53,9 @@ pub fn workers_service(spec: &ValidatedSpec<'_>) -> Service {
         metadata: owner.meta(names::workers_service(&owner.name), owner.labels("workers")),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".to_owned()),
-            publish_not_ready_addresses: Some(false),
+            // Unset is false. An explicit false is not stored (omitempty), so every apply
+            // would find it missing and write the Service again.
+            publish_not_ready_addresses: None,
             selector: Some(owner.pod_selector()),
             ports: Some(client_ports(spec, GRPC_PORT)),
             ..ServiceSpec::default()
@@ -175,7 +177,7 @@ mod tests {
         assert_eq!(service.metadata.name.as_deref(), Some("demo-workers"));
         let spec = service.spec.unwrap();
         assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
-        assert_eq!(spec.publish_not_ready_addresses, Some(false));
+        assert_ne!(spec.publish_not_ready_addresses, Some(true));
         assert_eq!(spec.selector.unwrap(), Owner::of(&md).pod_selector());
         let ports: Vec<_> = spec
             .ports

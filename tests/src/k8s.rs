@@ -25,7 +25,8 @@ pub const DEFAULT_KUBECONFIG: &str = "/tmp/latentserve-k8s/kubeconfig";
 pub const OPERATOR_NAMESPACE: &str = "latentserve-system";
 const FIELD_MANAGER: &str = "latentserve-tests";
 
-fn kubeconfig_path() -> PathBuf {
+/// The test control plane's admin kubeconfig (`$LATENTSERVE_TEST_KUBECONFIG`, or the default).
+pub fn kubeconfig_path() -> PathBuf {
     std::env::var_os(KUBECONFIG_ENV)
         .map_or_else(|| PathBuf::from(DEFAULT_KUBECONFIG), PathBuf::from)
 }
@@ -273,6 +274,7 @@ impl OperatorProcess {
             .args(["run", "--namespace", options.namespace])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .args(["--worker-image", "latentserve-worker:test"])
+            .args(["--router-image", "latentserve-router:test"])
             .args(["--leader-election-namespace", OPERATOR_NAMESPACE])
             .env("KUBECONFIG", options.kubeconfig)
             .env("POD_NAME", options.identity)

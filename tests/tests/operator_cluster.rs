@@ -8,11 +8,13 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Client, ResourceExt};
 use latentserve_e2e::k8s::{
@@ -121,21 +123,51 @@ async fn make_pods_ready(setup: &Setup, sts: &str, shards: i32) {
             pods.get(&name).await.ok()
         })
         .await;
-        let status = json!({"status": {
-            "phase": "Running",
-            "conditions": [
-                {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
-                {"type": "ContainersReady", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}
-            ],
-            "containerStatuses": [{
-                "name": "worker", "ready": true, "restartCount": 0, "image": "latentserve-worker:test",
-                "imageID": "", "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
-            }]
-        }});
-        pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-            .await
-            .expect("pod status patches");
+        pods.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(&ready_status("worker")),
+        )
+        .await
+        .expect("pod status patches");
     }
+}
+
+/// A running, Ready pod's status, as a kubelet reports it.
+fn ready_status(container: &str) -> Value {
+    json!({"status": {
+        "phase": "Running",
+        "conditions": [
+            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            {"type": "ContainersReady", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+        ],
+        "containerStatuses": [{
+            "name": container, "ready": true, "restartCount": 0, "image": "test",
+            "imageID": "", "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
+        }]
+    }})
+}
+
+/// Sets the router pod of ModelDeployment `name` (made by the real Deployment and ReplicaSet
+/// controllers) Running and Ready, as a kubelet would.
+async fn make_router_ready(setup: &Setup, name: &str) {
+    let pods = setup.api::<Pod>();
+    let selector = format!("app.kubernetes.io/instance={name},app.kubernetes.io/component=router");
+    let pod = wait_for(&format!("the router pod of {name}"), SHORT, || async {
+        let list = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .ok()?;
+        list.items.into_iter().next()
+    })
+    .await;
+    pods.patch_status(
+        &pod.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&ready_status("router")),
+    )
+    .await
+    .expect("router pod status patches");
 }
 
 fn condition(md: &ModelDeployment, type_: &str) -> Option<(String, String)> {
@@ -292,7 +324,8 @@ async fn a_model_deployment_becomes_wired_workers_scales_updates_pauses_and_is_c
     // The real StatefulSet controller creates the pods; readiness makes the group available.
     let pods = setup.api::<Pod>();
     wait_for("pods demo-0-0 and demo-0-1", SHORT, || async {
-        let list = pods.list(&ListParams::default()).await.ok()?;
+        let workers = ListParams::default().labels("app.kubernetes.io/component=worker");
+        let list = pods.list(&workers).await.ok()?;
         (list.items.len() == 2).then_some(())
     })
     .await;
@@ -304,6 +337,13 @@ async fn a_model_deployment_becomes_wired_workers_scales_updates_pauses_and_is_c
     .await;
     assert_eq!(available, ("False".into(), "NoGroupReady".into()));
     make_pods_ready(&setup, "demo-0", 2).await;
+    // The clients reach the workers through the router: no router pod ready, no availability.
+    wait_for("Available=False/NoRouterReady", SHORT, || async {
+        let md = setup.get("demo").await;
+        (condition(&md, "Available")? == ("False".into(), "NoRouterReady".into())).then_some(())
+    })
+    .await;
+    make_router_ready(&setup, "demo").await;
     let md = wait_for("Available", SHORT, || async {
         let md = setup.get("demo").await;
         (condition(&md, "Available")?.0 == "True").then_some(md)
@@ -462,6 +502,248 @@ async fn a_model_deployment_becomes_wired_workers_scales_updates_pauses_and_is_c
     setup.cleanup().await;
 }
 
+/// A client that acts as ServiceAccount `account` of the setup's namespace, with a token from
+/// the TokenRequest API.
+async fn client_as(setup: &Setup, account: &str) -> Client {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use latentserve_e2e::node_agent::credentials::ClusterAccess;
+    let accounts = setup.api::<ServiceAccount>();
+    let issued: TokenRequest = accounts
+        .create_subresource(
+            "token",
+            account,
+            &PostParams::default(),
+            &TokenRequest::default(),
+        )
+        .await
+        .expect("a token of the account");
+    let token = issued.status.expect("an issued token").token;
+    let admin = latentserve_e2e::k8s::kubeconfig_path();
+    let access = ClusterAccess::from_kubeconfig(
+        &std::fs::read_to_string(&admin).unwrap(),
+        admin.parent().unwrap(),
+    )
+    .unwrap();
+    let kubeconfig = Kubeconfig::from_yaml(&access.kubeconfig(&token, &setup.namespace)).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
+}
+
+/// EndpointSlices as this server serves them (`discovery.k8s.io/v1beta1` on 1.20).
+async fn endpoint_slices(setup: &Setup) -> ApiResource {
+    kube::discovery::group(&setup.admin, "discovery.k8s.io")
+        .await
+        .unwrap()
+        .recommended_kind("EndpointSlice")
+        .expect("the server serves EndpointSlices")
+        .0
+}
+
+fn forbidden<T: std::fmt::Debug>(result: kube::Result<T>) -> bool {
+    matches!(&result, Err(kube::Error::Api(s)) if s.code == 403)
+}
+
+#[tokio::test]
+async fn the_router_fronts_the_workers_with_its_own_narrow_role_and_goes_when_turned_off() {
+    let Some(setup) = Setup::new("op-router").await else {
+        return;
+    };
+    let mut operator = setup.operator("op-router", None);
+    let mut spec = demo_spec(2);
+    spec["service"] = json!({"allowedNamespaces": {"matchLabels": {"team": "chat"}}});
+    setup.apply("demo", spec.clone()).await;
+    let uid = setup.get("demo").await.uid().unwrap();
+    let owned_by_demo = |meta: &kube::api::ObjectMeta| {
+        meta.owner_references
+            .iter()
+            .flatten()
+            .any(|r| r.uid == uid && r.controller == Some(true))
+    };
+
+    // The router: a Deployment of the router image with its own account, by default.
+    let deployments = setup.api::<Deployment>();
+    let deployment = wait_for("Deployment demo-router", SHORT, || async {
+        deployments.get("demo-router").await.ok()
+    })
+    .await;
+    operator.ensure_running().unwrap();
+    assert!(owned_by_demo(&deployment.metadata));
+    assert_eq!(deployment.labels()["app.kubernetes.io/component"], "router");
+    let pod = deployment.spec.clone().unwrap().template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("demo-router"));
+    let container = &pod.containers[0];
+    assert_eq!(container.image.as_deref(), Some("latentserve-router:test"));
+    let args = container.args.clone().unwrap();
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--endpoints-service" && w[1] == "demo-workers"),
+        "{args:?}"
+    );
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--policy" && w[1] == "prefix-aware"),
+        "{args:?}"
+    );
+    // Its account, Role and binding (applied before the Deployment).
+    let account = setup
+        .api::<ServiceAccount>()
+        .get("demo-router")
+        .await
+        .unwrap();
+    assert!(owned_by_demo(&account.metadata));
+    let role = setup.api::<Role>().get("demo-router").await.unwrap();
+    assert!(owned_by_demo(&role.metadata));
+    let rules = role.rules.unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0].api_groups,
+        Some(vec!["discovery.k8s.io".to_owned()])
+    );
+    assert_eq!(rules[0].resources, Some(vec!["endpointslices".to_owned()]));
+    let binding = setup.api::<RoleBinding>().get("demo-router").await.unwrap();
+    assert_eq!(binding.role_ref.name, "demo-router");
+
+    // The discovery Service lists ready workers only; the client Service selects the router.
+    let services = setup.api::<Service>();
+    let workers = services.get("demo-workers").await.unwrap().spec.unwrap();
+    assert_eq!(workers.cluster_ip.as_deref(), Some("None"));
+    assert_ne!(workers.publish_not_ready_addresses, Some(true));
+    assert_eq!(
+        workers.selector.unwrap()["app.kubernetes.io/component"],
+        "worker"
+    );
+    let client_selector = |service: Service| {
+        service.spec.unwrap().selector.unwrap()["app.kubernetes.io/component"].clone()
+    };
+    assert_eq!(
+        client_selector(services.get("demo").await.unwrap()),
+        "router"
+    );
+    // The tenants reach the router; the workers admit the router.
+    let policies = setup.api::<NetworkPolicy>();
+    let router_policy = policies.get("demo-router").await.unwrap().spec.unwrap();
+    let from = router_policy.ingress.unwrap()[0].from.clone().unwrap();
+    assert_eq!(
+        from[0]
+            .namespace_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()["team"],
+        "chat"
+    );
+    let worker_policy = policies.get("demo").await.unwrap().spec.unwrap();
+    let from = worker_policy.ingress.unwrap()[0].from.clone().unwrap();
+    assert_eq!(
+        from[0]
+            .pod_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()["app.kubernetes.io/component"],
+        "router"
+    );
+
+    // The router's token reads EndpointSlices of this namespace and nothing else.
+    let as_router = client_as(&setup, "demo-router").await;
+    let slices = endpoint_slices(&setup).await;
+    let here: Api<DynamicObject> =
+        Api::namespaced_with(as_router.clone(), &setup.namespace, &slices);
+    here.list(&ListParams::default())
+        .await
+        .expect("the router lists EndpointSlices in its namespace");
+    let elsewhere: Api<DynamicObject> = Api::namespaced_with(as_router.clone(), "default", &slices);
+    assert!(forbidden(elsewhere.list(&ListParams::default()).await));
+    let all: Api<DynamicObject> = Api::all_with(as_router.clone(), &slices);
+    assert!(forbidden(all.list(&ListParams::default()).await));
+    let pods: Api<Pod> = Api::namespaced(as_router.clone(), &setup.namespace);
+    assert!(forbidden(pods.list(&ListParams::default()).await));
+    let secrets: Api<Secret> = Api::namespaced(as_router, &setup.namespace);
+    assert!(forbidden(secrets.list(&ListParams::default()).await));
+
+    // Ready workers and a ready router: Available, and the status counts the router.
+    make_pods_ready(&setup, "demo-0", 2).await;
+    make_router_ready(&setup, "demo").await;
+    let md = wait_for("Available with the router ready", SHORT, || async {
+        let md = setup.get("demo").await;
+        (condition(&md, "Available")?.0 == "True" && condition(&md, "RouterReady")?.0 == "True")
+            .then_some(md)
+    })
+    .await;
+    let router = md.status.unwrap().router.unwrap();
+    assert_eq!((router.replicas, router.ready_replicas), (1, 1));
+
+    // Off: the router's objects go, the client Service selects the workers again, and the
+    // workers stay available without it.
+    spec["router"] = json!({"replicas": 0});
+    setup.apply("demo", spec.clone()).await;
+    wait_for("the router's objects deleted", SHORT, || async {
+        let gone = deployments.get_opt("demo-router").await.ok()?.is_none()
+            && setup
+                .api::<ServiceAccount>()
+                .get_opt("demo-router")
+                .await
+                .ok()?
+                .is_none()
+            && setup
+                .api::<Role>()
+                .get_opt("demo-router")
+                .await
+                .ok()?
+                .is_none()
+            && setup
+                .api::<RoleBinding>()
+                .get_opt("demo-router")
+                .await
+                .ok()?
+                .is_none()
+            && services.get_opt("demo-workers").await.ok()?.is_none()
+            && policies.get_opt("demo-router").await.ok()?.is_none();
+        gone.then_some(())
+    })
+    .await;
+    assert_eq!(
+        client_selector(services.get("demo").await.unwrap()),
+        "worker"
+    );
+    let md = wait_for("the status without the router", SHORT, || async {
+        let md = setup.get("demo").await;
+        (md.status.as_ref()?.router.is_none()).then_some(md)
+    })
+    .await;
+    assert_eq!(condition(&md, "Available").unwrap().0, "True");
+    assert_eq!(condition(&md, "RouterReady"), None);
+
+    // On again, two router pods taking turns.
+    spec["router"] = json!({"replicas": 2, "policy": "RoundRobin"});
+    setup.apply("demo", spec).await;
+    let deployment = wait_for("Deployment demo-router again", SHORT, || async {
+        deployments.get("demo-router").await.ok()
+    })
+    .await;
+    let deployment_spec = deployment.spec.unwrap();
+    assert_eq!(deployment_spec.replicas, Some(2));
+    let args = deployment_spec.template.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--policy" && w[1] == "round-robin"),
+        "{args:?}"
+    );
+    assert_eq!(
+        client_selector(services.get("demo").await.unwrap()),
+        "router"
+    );
+    operator.ensure_running().unwrap();
+    setup.cleanup().await;
+}
+
 /// `(kind/name, resourceVersion)` of everything the operator writes in the namespace.
 async fn snapshot(setup: &Setup) -> BTreeMap<String, String> {
     let mut all = BTreeMap::new();
@@ -498,6 +780,26 @@ async fn snapshot(setup: &Setup) -> BTreeMap<String, String> {
         &mut all,
         "PodDisruptionBudget",
         setup.pdbs().list(&lp).await.unwrap(),
+    );
+    record(
+        &mut all,
+        "Deployment",
+        setup.api::<Deployment>().list(&lp).await.unwrap(),
+    );
+    record(
+        &mut all,
+        "ServiceAccount",
+        setup.api::<ServiceAccount>().list(&owned).await.unwrap(),
+    );
+    record(
+        &mut all,
+        "Role",
+        setup.api::<Role>().list(&lp).await.unwrap(),
+    );
+    record(
+        &mut all,
+        "RoleBinding",
+        setup.api::<RoleBinding>().list(&lp).await.unwrap(),
     );
     all
 }
@@ -601,16 +903,35 @@ async fn the_operator_needs_no_more_than_its_role() {
     own.list(&ListParams::default())
         .await
         .expect("the operator lists StatefulSets");
-    // ... and nothing beyond: no Secrets, no Deployments, no writes to ModelDeployment specs.
+    let deployments: Api<Deployment> = Api::namespaced(operator.clone(), &setup.namespace);
+    deployments
+        .list(&ListParams::default())
+        .await
+        .expect("the operator lists the routers' Deployments");
+    // ... and nothing beyond: no Secrets, no pods of its own making, no cluster-wide roles, no
+    // writes to ModelDeployment specs.
     let secrets: Api<Secret> = Api::namespaced(operator.clone(), &setup.namespace);
     let err = secrets.list(&ListParams::default()).await.unwrap_err();
     assert!(
         matches!(&err, kube::Error::Api(s) if s.code == 403),
         "{err}"
     );
-    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
-        Api::namespaced(operator.clone(), &setup.namespace);
-    let err = deployments.list(&ListParams::default()).await.unwrap_err();
+    let pods: Api<Pod> = Api::namespaced(operator.clone(), &setup.namespace);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "not-allowed"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+    }))
+    .unwrap();
+    let err = pods.create(&PostParams::default(), &pod).await.unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 403),
+        "{err}"
+    );
+    let cluster_roles: Api<k8s_openapi::api::rbac::v1::ClusterRole> = Api::all(operator.clone());
+    let err = cluster_roles
+        .list(&ListParams::default())
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, kube::Error::Api(s) if s.code == 403),
         "{err}"

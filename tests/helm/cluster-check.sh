@@ -144,6 +144,10 @@ for ns in "$NS" default; do
   cannot create "$CRD" -n "$ns"
   cannot delete "$CRD" -n "$ns"
   cannot create leases.coordination.k8s.io -n "$ns"
+  # It holds endpointslices read access only to grant it to the routers.
+  cannot create endpointslices.discovery.k8s.io -n "$ns"
+  cannot escalate roles.rbac.authorization.k8s.io -n "$ns"
+  cannot bind roles.rbac.authorization.k8s.io -n "$ns"
 done
 cannot create clusterroles.rbac.authorization.k8s.io
 cannot list nodes

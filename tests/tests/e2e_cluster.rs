@@ -2,15 +2,17 @@
 //!
 //! `helm install` the chart -> the operator runs as a local process with the chart's
 //! ServiceAccount token (so with exactly the chart's RBAC) -> the demo example is applied ->
-//! the node agent runs its pods as worker processes, Ready from the workers' real health ->
-//! the ModelDeployment turns Available with capacity figures read from a worker -> a gRPC
-//! client generates greedily through a pod address and gets the same tokens as a local
-//! `latentserve-worker generate` -> that pod's `/metrics` counts the request -> the same
-//! question as an OpenAI chat on the pod's `http` port, to the model served under the
-//! ModelDeployment's name, gets the same answer -> one worker is
-//! killed: the ModelDeployment stops being Available, and is Available again once the agent has
-//! restarted it -> deleting the ModelDeployment removes every child (garbage collector) ->
-//! `helm uninstall` removes the release.
+//! the node agent runs its pods as worker processes (two serving groups), Ready from the
+//! workers' real health, and the router pod as a router process with its ServiceAccount's token
+//! (so with exactly the Role the operator made) -> the ModelDeployment turns Available with
+//! capacity figures read from a worker -> a gRPC client generates greedily through the router
+//! pod's address and gets the same tokens as a local `latentserve-worker generate` -> the
+//! workers' `/metrics` count the one request -> the same question as an OpenAI chat on the
+//! router's `http` port, to the model served under the ModelDeployment's name, gets the same
+//! answer -> one worker is killed: its group stops being ready, and a new request through the
+//! router still succeeds on the other group; the group is ready again once the agent has
+//! restarted the worker -> deleting the ModelDeployment removes every child (garbage collector)
+//! -> `helm uninstall` removes the release.
 //!
 //! Needs the control plane of `tests/k8s/up.sh` (kubeconfig in `LATENTSERVE_TEST_KUBECONFIG`,
 //! default `/tmp/latentserve-k8s/kubeconfig`), the workspace's binaries (`cargo build
@@ -28,13 +30,14 @@ use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent};
 use kube::api::{ObjectMeta, WatchParams};
 use kube::{Client, ResourceExt as _};
 use latentserve_e2e::k8s::{
     OperatorOptions, OperatorProcess, admin_client, create_namespace, delete_namespace,
 };
+use latentserve_e2e::node_agent::credentials::ClusterAccess;
 use latentserve_e2e::node_agent::runtime::{AgentConfig, NodeAgent, wait_for};
 use latentserve_e2e::{bin_dir, workspace_binary};
 use latentserve_operator::crd::ModelDeployment;
@@ -53,6 +56,11 @@ const MODEL: &str = "demo";
 const DEMO_MODEL_PATH: &str = "/srv/models/latentserve-demo";
 /// Expert shards per serving group (the example asks for 2).
 const EXPERT_SHARDS: i64 = 2;
+/// Serving groups: two, so that the router has a whole group left when a worker of the other dies.
+const GROUPS: i64 = 2;
+/// The labels of the worker pods and of the router pod.
+const WORKERS: &str = "app.kubernetes.io/instance=demo,app.kubernetes.io/component=worker";
+const ROUTERS: &str = "app.kubernetes.io/instance=demo,app.kubernetes.io/component=router";
 /// A question for the demo model, and its answer.
 const PROMPT: &str = "What is 12 plus 30?";
 const ANSWER: &str = "42";
@@ -228,8 +236,22 @@ fn diagnostics(started: &Started) -> String {
         }
     }
     if let Some(agent) = &started.agent {
-        for rank in 0..EXPERT_SHARDS {
-            let pod = format!("{MODEL}-0-{rank}");
+        let mut pods: Vec<String> = (0..GROUPS)
+            .flat_map(|group| (0..EXPERT_SHARDS).map(move |rank| format!("{MODEL}-{group}-{rank}")))
+            .collect();
+        // The router pod's name has the ReplicaSet's hash: whatever the agent logged for it.
+        let logs = agent.log_path(&started.model_namespace, "x");
+        if let Some(dir) = logs.parent()
+            && let Ok(entries) = std::fs::read_dir(dir)
+        {
+            pods.extend(entries.flatten().filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".log")
+                    .filter(|n| n.starts_with(&format!("{MODEL}-router-")))
+                    .map(str::to_owned)
+            }));
+        }
+        for pod in pods {
             let log = std::fs::read_to_string(agent.log_path(&started.model_namespace, &pod))
                 .unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(30).collect();
@@ -304,13 +326,27 @@ async fn scenario(started: &mut Started) -> anyhow::Result<()> {
     started.operator = Some(operator);
 
     let mut config = AgentConfig::new(
-        BTreeMap::from([(
-            "latentserve-worker".to_owned(),
-            bin_dir()?.join("latentserve-worker"),
-        )]),
+        BTreeMap::from([
+            (
+                "latentserve-worker".to_owned(),
+                bin_dir()?.join("latentserve-worker"),
+            ),
+            (
+                "latentserve-router".to_owned(),
+                bin_dir()?.join("latentserve-router"),
+            ),
+        ]),
         started.scratch.join("agent"),
     );
     config.namespaces = BTreeSet::from([model_ns.clone()]);
+    // The router pod talks to the API server with its own account's token.
+    let admin_kubeconfig = kubeconfig_path();
+    config.cluster = Some(ClusterAccess::from_kubeconfig(
+        &std::fs::read_to_string(&admin_kubeconfig)?,
+        admin_kubeconfig
+            .parent()
+            .context("the kubeconfig's folder")?,
+    )?);
     config.host_paths = BTreeMap::from([(DEMO_MODEL_PATH.to_owned(), model_dir())]);
     config
         .base_env
@@ -324,7 +360,12 @@ async fn scenario(started: &mut Started) -> anyhow::Result<()> {
         model["spec"]["model"]["hostPath"]["path"] == DEMO_MODEL_PATH,
         "the demo example no longer reads {DEMO_MODEL_PATH}"
     );
+    ensure!(
+        model["spec"]["router"]["replicas"] == 1,
+        "the demo example no longer runs one router pod"
+    );
     model["spec"]["expertShards"] = json!(EXPERT_SHARDS);
+    model["spec"]["replicas"] = json!(GROUPS);
     let models: Api<ModelDeployment> = Api::namespaced(client.clone(), &model_ns);
     let model: ModelDeployment = serde_json::from_value(model)?;
     models
@@ -335,15 +376,30 @@ async fn scenario(started: &mut Started) -> anyhow::Result<()> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &model_ns);
     let selector = format!("app.kubernetes.io/instance={MODEL}");
     wait_for("every worker pod Ready", READY_LIMIT, || async {
-        let list = pods.list(&ListParams::default().labels(&selector)).await?;
-        Ok(list.items.len() == EXPERT_SHARDS as usize && list.items.iter().all(pod_ready))
+        let list = pods.list(&ListParams::default().labels(WORKERS)).await?;
+        Ok(list.items.len() == (GROUPS * EXPERT_SHARDS) as usize
+            && list.items.iter().all(pod_ready))
     })
     .await?;
     let mut worker_pods = pods
-        .list(&ListParams::default().labels(&selector))
+        .list(&ListParams::default().labels(WORKERS))
         .await?
         .items;
     worker_pods.sort_by_key(|p| p.name_any());
+    // The router pod, made by the real Deployment and ReplicaSet controllers, Ready from its
+    // own /readyz.
+    wait_for("the router pod Ready", READY_LIMIT, || async {
+        let list = pods.list(&ListParams::default().labels(ROUTERS)).await?;
+        Ok(list.items.len() == 1 && list.items.iter().all(pod_ready))
+    })
+    .await?;
+    let router = pods
+        .list(&ListParams::default().labels(ROUTERS))
+        .await?
+        .items
+        .into_iter()
+        .next()
+        .context("the router pod")?;
 
     // Ready came from the node agent's probe; the gRPC health service agrees on every pod.
     for pod in &worker_pods {
@@ -363,7 +419,9 @@ async fn scenario(started: &mut Started) -> anyhow::Result<()> {
         |md| {
             let status = md.status.as_ref();
             condition_status(md, "Available") == Some("True")
-                && status.is_some_and(|s| s.ready_replicas == 1 && s.capacity.is_some())
+                && condition_status(md, "RouterReady") == Some("True")
+                && status
+                    .is_some_and(|s| i64::from(s.ready_replicas) == GROUPS && s.capacity.is_some())
         },
     )
     .await?;
@@ -375,13 +433,13 @@ async fn scenario(started: &mut Started) -> anyhow::Result<()> {
         "endpoint {endpoint}"
     );
 
-    // The client talks to rank 0's own address, as a gateway routing to pods would.
-    let target = &worker_pods[0];
-    let address = grpc_address(target)?;
-    let mut inference = InferenceClient::connect(format!("http://{address}"))
+    // The capacity is rank 0's, as it reports it itself.
+    let rank0 = &worker_pods[0];
+    let address = grpc_address(rank0)?;
+    let mut direct = InferenceClient::connect(format!("http://{address}"))
         .await
         .with_context(|| format!("connecting to {address}"))?;
-    let info = inference
+    let info = direct
         .get_model_info(GetModelInfoRequest {})
         .await?
         .into_inner();
@@ -398,45 +456,55 @@ async fn scenario(started: &mut Started) -> anyhow::Result<()> {
         info.shard_count
     );
 
+    // The client talks to the router pod's own address, where the client Service sends it; the
+    // router picks a worker per request.
+    let router_address = grpc_address(&router)?;
+    let mut inference = InferenceClient::connect(format!("http://{router_address}"))
+        .await
+        .with_context(|| format!("connecting to the router at {router_address}"))?;
     let (prompt_ids, local) = local_greedy(PROMPT)?;
-    let metrics_before = metrics_of(target).await?;
+    let metrics_before = workers_metrics(&worker_pods).await?;
     let served = served_greedy(&mut inference, &prompt_ids).await?;
     ensure!(
         served == local,
-        "the pod generated {served:?}, a local worker {local:?}"
+        "the router's worker generated {served:?}, a local worker {local:?}"
     );
-    let metrics_after = metrics_of(target).await?;
+    let metrics_after = workers_metrics(&worker_pods).await?;
     let success = |text: &str| metric_sum(text, "latentserve_request_success_total");
     let generated = |text: &str| metric_sum(text, "latentserve_generation_tokens_total");
     ensure!(
         success(&metrics_after) - success(&metrics_before) == 1.0,
-        "/metrics of {} counts {} finished requests more, not 1",
-        target.name_any(),
+        "the workers' /metrics count {} finished requests more, not 1",
         success(&metrics_after) - success(&metrics_before)
     );
     ensure!(
         generated(&metrics_after) - generated(&metrics_before) == f64::from(NEW_TOKENS),
-        "/metrics of {} counts {} generated tokens more, not {NEW_TOKENS}",
-        target.name_any(),
+        "the workers' /metrics count {} generated tokens more, not {NEW_TOKENS}",
         generated(&metrics_after) - generated(&metrics_before)
     );
+    metrics_of(&router).await.context("the router's /metrics")?;
     // And the question, asked as text, gets the right answer from the two shards.
     let answer = served_answer(&mut inference, PROMPT).await?;
     ensure!(
         answer.trim() == ANSWER,
-        "the pod answered {PROMPT:?} with {answer:?}, not {ANSWER:?}"
+        "the router answered {PROMPT:?} with {answer:?}, not {ANSWER:?}"
     );
-    // The same question through the pod's OpenAI port, as a chat, to the model served under the
-    // ModelDeployment's name.
-    let chat = openai_chat(target, MODEL, PROMPT).await?;
+    // The same question through the router's OpenAI port, as a chat, to the model served under
+    // the ModelDeployment's name.
+    let chat = openai_chat(&router, MODEL, PROMPT).await?;
     ensure!(
         chat.trim() == ANSWER,
-        "the pod's OpenAI chat answered {PROMPT:?} with {chat:?}, not {ANSWER:?}"
+        "the router's OpenAI chat answered {PROMPT:?} with {chat:?}, not {ANSWER:?}"
     );
 
-    // A worker crashes: the watch sees the ModelDeployment lose Available, then get it back
-    // once the agent has restarted the process and it is ready again.
+    // A worker of group 1 crashes: the watch sees its group stop being ready (group 0 keeps the
+    // ModelDeployment Available); a new request through the router succeeds on group 0 meanwhile;
+    // the group is ready again once the agent has restarted the process.
     let victim = worker_pods.last().context("worker pods")?.name_any();
+    ensure!(
+        victim.starts_with(&format!("{MODEL}-1-")),
+        "{victim} is not in group 1"
+    );
     let mut events = models
         .watch(
             &WatchParams::default().fields(&format!("metadata.name={MODEL}")),
@@ -449,7 +517,8 @@ async fn scenario(started: &mut Started) -> anyhow::Result<()> {
         agent.kill_process(&model_ns, &victim).await?,
         "the agent runs no process for {victim}"
     );
-    let mut lost_available = false;
+    let mut lost_group = false;
+    let mut served_meanwhile = None;
     let recovered = tokio::time::timeout(READY_LIMIT, async {
         while let Some(event) = events.next().await {
             let md = match event? {
@@ -458,10 +527,22 @@ async fn scenario(started: &mut Started) -> anyhow::Result<()> {
                 WatchEvent::Deleted(_) => bail!("the ModelDeployment was deleted"),
                 WatchEvent::Error(err) => bail!("watch error: {err:?}"),
             };
-            let available = condition_status(&md, "Available") == Some("True");
-            if !available {
-                lost_available = true;
-            } else if lost_available {
+            let ready = md
+                .status
+                .as_ref()
+                .map_or(0, |s| i64::from(s.ready_replicas));
+            if ready < GROUPS {
+                ensure!(
+                    condition_status(&md, "Available") == Some("True"),
+                    "the ModelDeployment lost Available with one group left"
+                );
+                if !lost_group {
+                    lost_group = true;
+                    // The cluster has seen the group go: the router must not send there, or
+                    // must retry elsewhere before the first token.
+                    served_meanwhile = Some(served_greedy(&mut inference, &prompt_ids).await?);
+                }
+            } else if lost_group {
                 return Ok(md);
             }
         }
@@ -469,23 +550,31 @@ async fn scenario(started: &mut Started) -> anyhow::Result<()> {
     })
     .await
     .with_context(|| {
-        format!("the ModelDeployment did not lose Available and get it back within {READY_LIMIT:?}")
+        format!("group 1 did not stop being ready and recover within {READY_LIMIT:?}")
     })??;
-    ensure!(lost_available, "Available never went away");
+    ensure!(lost_group, "group 1 never stopped being ready");
+    ensure!(
+        served_meanwhile.as_ref() == Some(&local),
+        "with group 1 down the router's request generated {served_meanwhile:?}"
+    );
     let restarted = pods.get(&victim).await?;
     ensure!(
         restart_count(&restarted) == 1 && pod_ready(&restarted),
         "{victim} was not restarted once and Ready"
     );
     ensure!(
-        recovered.status.as_ref().map(|s| s.ready_replicas) == Some(1),
+        recovered
+            .status
+            .as_ref()
+            .map(|s| i64::from(s.ready_replicas))
+            == Some(GROUPS),
         "readyReplicas after recovery"
     );
-    // And it serves again, with the same tokens.
+    // And the router serves again, with the same tokens.
     let served_again = served_greedy(&mut inference, &prompt_ids).await?;
     ensure!(
         served_again == local,
-        "after the restart the pod generated {served_again:?}"
+        "after the restart the router's worker generated {served_again:?}"
     );
 
     // Deleting the ModelDeployment deletes its children: owner references + garbage collector.
@@ -493,13 +582,21 @@ async fn scenario(started: &mut Started) -> anyhow::Result<()> {
     let services: Api<Service> = Api::namespaced(client.clone(), &model_ns);
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &model_ns);
     let network_policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &model_ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &model_ns);
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &model_ns);
+    let roles_here: Api<Role> = Api::namespaced(client.clone(), &model_ns);
+    let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), &model_ns);
     let by_label = ListParams::default().labels(&selector);
     let children = statefulsets.list(&by_label).await?.items.len()
         + services.list(&by_label).await?.items.len()
-        + network_policies.list(&by_label).await?.items.len();
+        + network_policies.list(&by_label).await?.items.len()
+        + deployments.list(&by_label).await?.items.len()
+        + accounts.list(&by_label).await?.items.len()
+        + roles_here.list(&by_label).await?.items.len()
+        + bindings.list(&by_label).await?.items.len();
     ensure!(
-        children >= 3,
-        "only {children} StatefulSets, Services and NetworkPolicies before the delete"
+        children >= 11,
+        "only {children} children of the ModelDeployment before the delete"
     );
     models.delete(MODEL, &DeleteParams::default()).await?;
     wait_for(
@@ -511,11 +608,15 @@ async fn scenario(started: &mut Started) -> anyhow::Result<()> {
                 && services.list(&by_label).await?.items.is_empty()
                 && config_maps.list(&by_label).await?.items.is_empty()
                 && network_policies.list(&by_label).await?.items.is_empty()
+                && deployments.list(&by_label).await?.items.is_empty()
+                && accounts.list(&by_label).await?.items.is_empty()
+                && roles_here.list(&by_label).await?.items.is_empty()
+                && bindings.list(&by_label).await?.items.is_empty()
                 && pods.list(&by_label).await?.items.is_empty())
         },
     )
     .await?;
-    for pod in &worker_pods {
+    for pod in worker_pods.iter().chain([&router]) {
         let address = grpc_address(pod)?;
         ensure!(
             tokio::net::TcpStream::connect(&address).await.is_err(),
@@ -692,6 +793,16 @@ async fn metrics_of(pod: &Pod) -> anyhow::Result<String> {
         .context("malformed HTTP response")?;
     ensure!(head.starts_with("HTTP/1.1 200"), "/metrics answered {head}");
     Ok(body.to_owned())
+}
+
+/// The `/metrics` text of every pod, concatenated (sums over it add up the pods).
+async fn workers_metrics(pods: &[Pod]) -> anyhow::Result<String> {
+    let mut all = String::new();
+    for pod in pods {
+        all.push_str(&metrics_of(pod).await?);
+        all.push('\n');
+    }
+    Ok(all)
 }
 
 /// The assistant's answer to `question` from the pod's OpenAI-compatible port (`http`), greedy.

@@ -60,12 +60,14 @@ EXPECTED_ALERTS = {
     "LatentServeKVCacheFull", "LatentServeExpertRPCErrors",
 }
 CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding"}
-# The labels the operator puts on every worker pod (operator/src/resources/mod.rs).
+# The labels the operator puts on every worker pod (operator/src/resources/mod.rs), and on every
+# router pod.
 WORKER_POD_LABELS = {
     "app.kubernetes.io/name": "latentserve-worker",
     "app.kubernetes.io/component": "worker",
     "app.kubernetes.io/managed-by": "latentserve-operator",
 }
+ROUTER_POD_LABELS = {**WORKER_POD_LABELS, "app.kubernetes.io/component": "router"}
 
 failures = []
 
@@ -330,6 +332,13 @@ def scenario_monitoring(docs):
         expect(pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics", "PodMonitor port")
         expect(pod_monitor["spec"]["selector"]["matchLabels"] == WORKER_POD_LABELS,
                f"PodMonitor selects {pod_monitor['spec']['selector']['matchLabels']}")
+    router_monitor = one(docs, "PodMonitor", f"{RELEASE}-routers")
+    if router_monitor:
+        expect(router_monitor["spec"]["namespaceSelector"] == {"any": True},
+               "router PodMonitor does not look in every namespace")
+        expect(router_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics", "router PodMonitor port")
+        expect(router_monitor["spec"]["selector"]["matchLabels"] == ROUTER_POD_LABELS,
+               f"router PodMonitor selects {router_monitor['spec']['selector']['matchLabels']}")
 
     rule = one(docs, "PrometheusRule", RELEASE)
     used = set()

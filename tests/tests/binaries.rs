@@ -30,3 +30,11 @@ fn operator_reports_the_workspace_version() {
         format!("latentserve-operator {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn router_reports_the_workspace_version() {
+    assert_eq!(
+        version_of("latentserve-router").trim(),
+        format!("latentserve-router {}", env!("CARGO_PKG_VERSION"))
+    );
+}

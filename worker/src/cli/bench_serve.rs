@@ -1,8 +1,11 @@
 //! `latentserve-worker bench-serve`: load against a running server, like vLLM's serving benchmark.
 //! Sends `--requests` generations with `--concurrency` in flight, random token-id prompts of
-//! `--input-len` tokens (the first `--shared-prefix` of them common to all), `--output-len` new
-//! tokens each (EOS ignored, greedy), and reports throughput and latency percentiles. The load
-//! goes through gRPC `Generate` or, with `--api openai`, through streamed `/v1/completions`.
+//! `--input-len` tokens (the first `--shared-prefix` of them common to all, or to one of
+//! `--prefixes` system prompts), `--output-len` new tokens each (EOS ignored, greedy), and reports
+//! throughput, latency percentiles and prefix-cache hits. The load goes through gRPC `Generate`
+//! or, with `--api openai`, through streamed `/v1/completions`; to one server, or with `--pin`
+//! to several, each client keeping to one (what a Kubernetes ClusterIP Service does to
+//! long-lived connections).
 
 use std::time::{Duration, Instant};
 
@@ -31,15 +34,21 @@ pub enum Api {
 
 #[derive(Debug, Args)]
 pub struct BenchServeArgs {
-    /// gRPC address of the server, HOST:PORT or a URL (the model's vocabulary is asked there).
+    /// gRPC address of the server, HOST:PORT or a URL (the model's vocabulary is asked there);
+    /// with `--pin`, several, comma-separated.
     #[arg(long)]
     pub target: String,
     /// The API the requests go through.
     #[arg(long, value_enum, default_value_t = Api::Grpc)]
     pub api: Api,
-    /// Address of the server's OpenAI API, HOST:PORT or a URL; needed with `--api openai`.
+    /// Address of the server's OpenAI API, HOST:PORT or a URL; needed with `--api openai`; with
+    /// `--pin`, one per `--target`, comma-separated.
     #[arg(long)]
     pub openai_target: Option<String>,
+    /// Spread the clients over the comma-separated targets, client `i` sending every request to
+    /// target `i mod n`.
+    #[arg(long)]
+    pub pin: bool,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub concurrency: u32,
@@ -56,9 +65,18 @@ pub struct BenchServeArgs {
     /// cache miss); the report compares its time to first token with the others' (hits).
     #[arg(long, default_value_t = 0)]
     pub shared_prefix: u32,
+    /// Distinct shared prefixes (system prompts) of `--shared-prefix` tokens; each request takes
+    /// one at random. With more than one, no request runs alone first, and the report gives the
+    /// prefix-cache hit rate against the ideal (every repeat of a prefix hits).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub prefixes: u32,
     /// Seed of the random prompts (change it to avoid hits on an earlier run's prompts).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Count failed requests (before or after their first token) instead of stopping at the
+    /// first one: for runs that kill a server on purpose.
+    #[arg(long)]
+    pub keep_going: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -114,6 +132,8 @@ pub struct BenchReport {
     pub input_len: u32,
     pub output_len: u32,
     pub shared_prefix: u32,
+    pub prefixes: u32,
+    pub pinned_targets: usize,
     pub duration_seconds: f64,
     pub output_tokens: usize,
     pub output_tokens_per_second: f64,
@@ -126,6 +146,27 @@ pub struct BenchReport {
     pub prefix_miss_ttft_seconds: Option<f64>,
     /// With a shared prefix: median TTFT of the others (hits) over the miss.
     pub prefix_hit_over_miss_ttft: Option<f64>,
+    /// Cached prompt tokens if every request whose prefix was sent before had found it cached.
+    pub ideal_cached_prompt_tokens: usize,
+    /// `cached_prompt_tokens` over the ideal (with a shared prefix).
+    pub prefix_hit_rate: Option<f64>,
+    /// With `--keep-going`: requests that failed before any token arrived, and after.
+    pub failed_before_first_token: usize,
+    pub failed_mid_stream: usize,
+}
+
+/// Marks the error of a request that failed after its first token had arrived.
+#[derive(Debug, thiserror::Error)]
+#[error("failed after its first token")]
+pub struct FailedMidStream;
+
+/// The error of a request that failed, marked when tokens had arrived already.
+fn failure(error: anyhow::Error, streaming: bool) -> anyhow::Error {
+    if streaming {
+        error.context(FailedMidStream)
+    } else {
+        error
+    }
 }
 
 impl BenchReport {
@@ -134,7 +175,9 @@ impl BenchReport {
         timings: &[RequestTiming],
         duration: Duration,
         miss: Option<&RequestTiming>,
+        ideal_cached_prompt_tokens: usize,
     ) -> Self {
+        let cached_prompt_tokens: usize = timings.iter().map(|t| t.cached_prompt_tokens).sum();
         let output_tokens = timings.iter().map(|t| t.output_tokens).sum();
         let seconds = duration.as_secs_f64().max(f64::MIN_POSITIVE);
         let ttft = Percentiles::of(&timings.iter().map(|t| t.ttft).collect::<Vec<_>>());
@@ -150,6 +193,12 @@ impl BenchReport {
             input_len: args.input_len,
             output_len: args.output_len,
             shared_prefix: args.shared_prefix,
+            prefixes: args.prefixes,
+            pinned_targets: if args.pin {
+                args.target.split(',').count()
+            } else {
+                1
+            },
             duration_seconds: seconds,
             output_tokens,
             output_tokens_per_second: output_tokens as f64 / seconds,
@@ -157,9 +206,14 @@ impl BenchReport {
             ttft_seconds: ttft,
             itl_seconds: Percentiles::of(&itl),
             e2e_seconds: Percentiles::of(&timings.iter().map(|t| t.e2e).collect::<Vec<_>>()),
-            cached_prompt_tokens: timings.iter().map(|t| t.cached_prompt_tokens).sum(),
+            cached_prompt_tokens,
             prefix_miss_ttft_seconds: miss.map(|m| m.ttft),
             prefix_hit_over_miss_ttft: miss.map(|m| ttft.p50 / m.ttft.max(f64::MIN_POSITIVE)),
+            ideal_cached_prompt_tokens,
+            prefix_hit_rate: (ideal_cached_prompt_tokens > 0)
+                .then(|| cached_prompt_tokens as f64 / ideal_cached_prompt_tokens as f64),
+            failed_before_first_token: 0,
+            failed_mid_stream: 0,
         }
     }
 
@@ -209,32 +263,71 @@ impl BenchReport {
                 miss * 1e3
             ));
         }
+        if let Some(rate) = self.prefix_hit_rate {
+            out.push_str(&format!(
+                "prefix hit rate     {:.3} ({} of {} ideal cached tokens, {} prefixes)\n",
+                rate, self.cached_prompt_tokens, self.ideal_cached_prompt_tokens, self.prefixes
+            ));
+        }
+        if self.failed_before_first_token + self.failed_mid_stream > 0 {
+            out.push_str(&format!(
+                "failed requests     {} before their first token, {} mid-stream\n",
+                self.failed_before_first_token, self.failed_mid_stream
+            ));
+        }
         out
     }
 }
 
 /// The prompts: `count` random id sequences of `input_len` whose first `shared_prefix` ids are
-/// the same in all of them.
+/// one of `prefixes` random prefixes (chosen at random per prompt), and which prefix each has.
 pub fn make_prompts(
     count: usize,
     input_len: usize,
     shared_prefix: usize,
+    prefixes: usize,
     vocab_size: u32,
     seed: u64,
-) -> Vec<Vec<u32>> {
+) -> Vec<(Vec<u32>, usize)> {
     let mut rng = StdRng::seed_from_u64(seed);
     // Low ids are the tokenizer's special tokens; random text never contains them.
     let low = 3.min(vocab_size.saturating_sub(1));
-    let prefix: Vec<u32> = (0..shared_prefix)
-        .map(|_| rng.random_range(low..vocab_size))
+    let heads: Vec<Vec<u32>> = (0..prefixes.max(1))
+        .map(|_| {
+            (0..shared_prefix)
+                .map(|_| rng.random_range(low..vocab_size))
+                .collect()
+        })
         .collect();
     (0..count)
         .map(|_| {
-            let mut prompt = prefix.clone();
+            let which = if heads.len() > 1 {
+                rng.random_range(0..heads.len())
+            } else {
+                0
+            };
+            let mut prompt = heads[which].clone();
             prompt.extend((shared_prefix..input_len).map(|_| rng.random_range(low..vocab_size)));
-            prompt
+            (prompt, which)
         })
         .collect()
+}
+
+/// Prompt tokens the requests could find cached, sent in `order` (prefix of each): every request
+/// after the first of its prefix finds the prefix's full blocks, at most `(len - 1) / block_size`
+/// blocks as the worker computes the last token anyway.
+pub fn ideal_cached_tokens(
+    order: &[usize],
+    shared_prefix: usize,
+    input_len: usize,
+    block_size: usize,
+) -> usize {
+    if shared_prefix == 0 || block_size == 0 {
+        return 0;
+    }
+    let blocks = (shared_prefix / block_size).min(input_len.saturating_sub(1) / block_size);
+    let mut seen = std::collections::HashSet::new();
+    order.iter().filter(|prefix| !seen.insert(**prefix)).count() * blocks * block_size
 }
 
 /// Where the load goes.
@@ -334,7 +427,13 @@ impl OpenAiClient {
         let mut last: Option<Instant> = None;
         let mut pending = Vec::new();
         'events: while let Some(frame) = body.frame().await {
-            let frame = frame.with_context(|| format!("request {index} failed mid-stream"))?;
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(err) => {
+                    let error = anyhow::anyhow!("request {index} failed: {err}");
+                    return Err(failure(error, last.is_some()));
+                }
+            };
             let Some(data) = frame.data_ref() else {
                 continue;
             };
@@ -354,7 +453,8 @@ impl OpenAiClient {
                 let chunk: serde_json::Value = serde_json::from_str(payload)
                     .with_context(|| format!("request {index}: a chunk is not JSON: {payload}"))?;
                 if let Some(error) = chunk.get("error") {
-                    bail!("request {index} failed mid-stream: {error}");
+                    let error = anyhow::anyhow!("request {index} failed: {error}");
+                    return Err(failure(error, last.is_some()));
                 }
                 if let Some(usage) = chunk.get("usage").filter(|u| !u.is_null()) {
                     timing.output_tokens =
@@ -445,11 +545,15 @@ async fn run_one_grpc(
         .into_inner();
     let mut timing = RequestTiming::default();
     let mut last: Option<Instant> = None;
-    while let Some(message) = stream
-        .message()
-        .await
-        .with_context(|| format!("request {index} failed mid-stream"))?
-    {
+    loop {
+        let message = match stream.message().await {
+            Ok(Some(message)) => message,
+            Ok(None) => break,
+            Err(status) => {
+                let error = anyhow::anyhow!("request {index} failed: {status}");
+                return Err(failure(error, last.is_some()));
+            }
+        };
         let now = Instant::now();
         if !message.token_ids.is_empty() {
             match last {
@@ -473,6 +577,50 @@ async fn run_one_grpc(
     Ok(timing)
 }
 
+/// `HOST:PORT` or a URL as a URL.
+fn url(target: &str) -> String {
+    if target.contains("://") {
+        target.trim_end_matches('/').to_owned()
+    } else {
+        format!("http://{target}")
+    }
+}
+
+/// The client of one target: its gRPC channel, or its OpenAI API.
+async fn load_client(
+    api: Api,
+    target: &str,
+    openai_target: Option<&str>,
+) -> anyhow::Result<(LoadClient, latentserve_proto::v1::ModelInfo)> {
+    let grpc_url = url(target);
+    let channel = Channel::from_shared(grpc_url.clone())
+        .with_context(|| format!("--target {grpc_url} is not a valid address"))?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {grpc_url}"))?;
+    let mut grpc = InferenceClient::new(channel);
+    let info = grpc
+        .get_model_info(GetModelInfoRequest {})
+        .await
+        .with_context(|| format!("GetModelInfo on {grpc_url} failed"))?
+        .into_inner();
+    if info.vocab_size == 0 {
+        bail!("{grpc_url} reports an empty vocabulary");
+    }
+    let client = match api {
+        Api::Grpc => LoadClient::Grpc(grpc),
+        Api::Openai => {
+            let Some(target) = openai_target else {
+                bail!("--api openai needs --openai-target HOST:PORT (the server's OpenAI port)");
+            };
+            let mut client = OpenAiClient::new(url(target), String::new());
+            client.model = served_model(&client).await?;
+            LoadClient::Openai(client)
+        }
+    };
+    Ok((client, info))
+}
+
 pub async fn run(args: BenchServeArgs) -> anyhow::Result<()> {
     if args.shared_prefix > args.input_len {
         bail!(
@@ -481,81 +629,109 @@ pub async fn run(args: BenchServeArgs) -> anyhow::Result<()> {
             args.input_len
         );
     }
-    let url = if args.target.contains("://") {
-        args.target.clone()
-    } else {
-        format!("http://{}", args.target)
+    let targets: Vec<&str> = args.target.split(',').map(str::trim).collect();
+    let openai_targets: Vec<Option<&str>> = match &args.openai_target {
+        Some(list) => list.split(',').map(|t| Some(t.trim())).collect(),
+        None => vec![None; targets.len()],
     };
-    let channel = Channel::from_shared(url.clone())
-        .with_context(|| format!("--target {url} is not a valid address"))?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
-    let mut grpc = InferenceClient::new(channel);
-    let info = grpc
-        .get_model_info(GetModelInfoRequest {})
-        .await
-        .context("GetModelInfo failed")?
-        .into_inner();
-    if info.vocab_size == 0 {
-        bail!("the server reports an empty vocabulary");
+    if targets.len() > 1 && !args.pin {
+        bail!(
+            "--target names {} servers: add --pin to spread the clients over them",
+            targets.len()
+        );
     }
-    let client = match args.api {
-        Api::Grpc => LoadClient::Grpc(grpc),
-        Api::Openai => {
-            let Some(target) = &args.openai_target else {
-                bail!("--api openai needs --openai-target HOST:PORT (the server's OpenAI port)");
-            };
-            let base = if target.contains("://") {
-                target.trim_end_matches('/').to_owned()
-            } else {
-                format!("http://{target}")
-            };
-            let mut client = OpenAiClient::new(base, String::new());
-            client.model = served_model(&client).await?;
-            LoadClient::Openai(client)
-        }
-    };
-    let with_miss = args.shared_prefix > 0;
+    if openai_targets.len() != targets.len() {
+        bail!(
+            "--openai-target names {} servers for {} --target: give one per target, in the same order",
+            openai_targets.len(),
+            targets.len()
+        );
+    }
+    let mut clients = Vec::new();
+    let mut info = None;
+    for (target, openai_target) in targets.iter().zip(&openai_targets) {
+        let (client, target_info) = load_client(args.api, target, *openai_target).await?;
+        clients.push(client);
+        info.get_or_insert(target_info);
+    }
+    let info = info.context("--target names no server")?;
+    let client = clients[0].clone();
+    let with_miss = args.shared_prefix > 0 && args.prefixes == 1;
     let count = args.requests as usize + usize::from(with_miss);
     let mut prompts = make_prompts(
         count,
         args.input_len as usize,
         args.shared_prefix as usize,
+        args.prefixes as usize,
         info.vocab_size,
         args.seed,
     );
     let miss = if with_miss {
-        let prompt = prompts.remove(0);
+        let (prompt, _) = prompts.remove(0);
         Some(client.run_one(prompt, args.output_len, 0).await?)
     } else {
         None
     };
+    // The queue hands out from its end: the requests start in reverse order. After a miss
+    // that ran alone, every request can hit.
+    let start_order: Vec<usize> = prompts.iter().rev().map(|(_, prefix)| *prefix).collect();
+    let (shared, input, block) = (
+        args.shared_prefix as usize,
+        args.input_len as usize,
+        info.kv_cache_block_size as usize,
+    );
+    let ideal = if with_miss {
+        ideal_cached_tokens(&[0, 0], shared, input, block) * prompts.len()
+    } else {
+        ideal_cached_tokens(&start_order, shared, input, block)
+    };
 
     let started = Instant::now();
     let queue = std::sync::Arc::new(tokio::sync::Mutex::new(
-        prompts.into_iter().enumerate().collect::<Vec<_>>(),
+        prompts
+            .into_iter()
+            .map(|(prompt, _)| prompt)
+            .enumerate()
+            .collect::<Vec<_>>(),
     ));
     let mut workers = Vec::new();
-    for _ in 0..args.concurrency {
+    for worker in 0..args.concurrency as usize {
         let queue = queue.clone();
-        let client = client.clone();
+        let client = clients[worker % clients.len()].clone();
         let output_len = args.output_len;
+        let keep_going = args.keep_going;
         workers.push(tokio::spawn(async move {
-            let mut timings = Vec::new();
+            let (mut timings, mut before, mut mid) = (Vec::new(), 0, 0);
             loop {
                 let Some((index, prompt)) = queue.lock().await.pop() else {
-                    return Ok::<_, anyhow::Error>(timings);
+                    return Ok::<_, anyhow::Error>((timings, before, mid));
                 };
-                timings.push(client.run_one(prompt, output_len, index + 1).await?);
+                match client.run_one(prompt, output_len, index + 1).await {
+                    Ok(timing) => timings.push(timing),
+                    Err(error) if keep_going => {
+                        eprintln!("{error:#}");
+                        if error.downcast_ref::<FailedMidStream>().is_some() {
+                            mid += 1;
+                        } else {
+                            before += 1;
+                        }
+                    }
+                    Err(error) => return Err(error),
+                }
             }
         }));
     }
-    let mut timings = Vec::new();
+    let (mut timings, mut before, mut mid) = (Vec::new(), 0, 0);
     for worker in workers {
-        timings.extend(worker.await.context("a benchmark task panicked")??);
+        let (done, failed_before, failed_mid) =
+            worker.await.context("a benchmark task panicked")??;
+        timings.extend(done);
+        before += failed_before;
+        mid += failed_mid;
     }
-    let report = BenchReport::new(&args, &timings, started.elapsed(), miss.as_ref());
+    let mut report = BenchReport::new(&args, &timings, started.elapsed(), miss.as_ref(), ideal);
+    report.failed_before_first_token = before;
+    report.failed_mid_stream = mid;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -579,12 +755,44 @@ mod tests {
 
     #[test]
     fn prompts_share_exactly_the_prefix() {
-        let prompts = make_prompts(3, 10, 4, 100, 1);
+        let prompts: Vec<Vec<u32>> = make_prompts(3, 10, 4, 1, 100, 1)
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
         assert!(prompts.iter().all(|p| p.len() == 10));
         assert!(prompts.iter().all(|p| p[..4] == prompts[0][..4]));
         assert_ne!(prompts[0][4..], prompts[1][4..]);
         assert!(prompts.iter().flatten().all(|&id| (3..100).contains(&id)));
-        assert_eq!(make_prompts(3, 10, 4, 100, 1), prompts);
+        assert_eq!(
+            make_prompts(3, 10, 4, 1, 100, 1)
+                .into_iter()
+                .map(|(p, _)| p)
+                .collect::<Vec<_>>(),
+            prompts
+        );
+    }
+
+    #[test]
+    fn several_prefixes_are_shared_by_the_prompts_that_name_them() {
+        let prompts = make_prompts(64, 12, 8, 4, 1000, 3);
+        let mut seen = std::collections::BTreeSet::new();
+        for (prompt, prefix) in &prompts {
+            seen.insert(*prefix);
+            let first = prompts.iter().find(|(_, p)| p == prefix).unwrap();
+            assert_eq!(prompt[..8], first.0[..8]);
+        }
+        assert_eq!(seen.len(), 4, "64 draws reach all 4 prefixes");
+        let other = prompts.iter().find(|(_, p)| *p != prompts[0].1).unwrap();
+        assert_ne!(other.0[..8], prompts[0].0[..8]);
+    }
+
+    #[test]
+    fn the_ideal_counts_every_repeat_of_a_prefix() {
+        // Block 4, prefix 8 tokens: 2 blocks per repeat; the first of each prefix misses.
+        assert_eq!(ideal_cached_tokens(&[0, 1, 0, 0, 1, 2], 8, 16, 4), 3 * 8);
+        // A prefix as long as the prompt: the last token is always computed.
+        assert_eq!(ideal_cached_tokens(&[0, 0], 8, 8, 4), 4);
+        assert_eq!(ideal_cached_tokens(&[0, 0], 0, 8, 4), 0);
     }
 
     #[test]
@@ -598,6 +806,9 @@ mod tests {
             input_len: 8,
             output_len: 3,
             shared_prefix: 4,
+            prefixes: 1,
+            pin: false,
+            keep_going: false,
             seed: 0,
             json: true,
         };
@@ -614,11 +825,13 @@ mod tests {
             &[timing(0.1), timing(0.1)],
             Duration::from_secs(2),
             Some(&miss),
+            16,
         );
         assert_eq!(report.output_tokens, 6);
         assert_eq!(report.output_tokens_per_second, 3.0);
         assert_eq!(report.requests_per_second, 1.0);
         assert_eq!(report.prefix_hit_over_miss_ttft, Some(0.1));
         assert!(report.table().contains("hit p50 / miss = 0.100"));
+        assert_eq!(report.prefix_hit_rate, Some(0.5));
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use candle_core::Device;
 use clap::Args;
-use latentserve_proto::v1::ModelInfo;
+use latentserve_proto::v1::{ModelInfo, PromptFiles, SpecialToken};
 
 use super::WeightDtype;
 use super::model_dir::resolve_model_dir;
@@ -149,28 +149,20 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Serving> {
     let load_metrics = metrics.clone();
     let load_shard = shard.clone();
     let runtime = tokio::runtime::Handle::current();
-    let (engine, handle, info, limits, codec, chat_template) =
-        tokio::task::spawn_blocking(move || {
-            load_engine(
-                &load_args,
-                &model_dir,
-                model_name,
-                load_metrics,
-                &load_shard,
-                runtime,
-            )
-        })
-        .await
-        .context("the model loading task panicked")??;
-    server
-        .set_loaded(LoadedModel {
-            engine: handle.clone(),
-            codec,
-            info,
-            limits,
-            chat_template,
-        })
-        .await;
+    let (engine, loaded) = tokio::task::spawn_blocking(move || {
+        load_engine(
+            &load_args,
+            &model_dir,
+            model_name,
+            load_metrics,
+            &load_shard,
+            runtime,
+        )
+    })
+    .await
+    .context("the model loading task panicked")??;
+    let handle = loaded.engine.clone();
+    server.set_loaded(loaded).await;
     Ok(Serving {
         server,
         engine,
@@ -179,15 +171,6 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Serving> {
     })
 }
 
-type Loaded = (
-    Engine,
-    EngineHandle,
-    ModelInfo,
-    RequestLimits,
-    Arc<dyn TokenCodec>,
-    Option<Arc<ChatTemplate>>,
-);
-
 fn load_engine(
     args: &ServeArgs,
     dir: &Path,
@@ -195,7 +178,7 @@ fn load_engine(
     metrics: Arc<Metrics>,
     shard: &Shard,
     runtime: tokio::runtime::Handle,
-) -> anyhow::Result<Loaded> {
+) -> anyhow::Result<(Engine, LoadedModel)> {
     let started = Instant::now();
     let model = DeepSeekModel::load(
         dir,
@@ -211,6 +194,9 @@ fn load_engine(
     let tokenizer = Tokenizer::load(dir, &config)
         .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
     let chat_template = load_chat_template(dir, &tokenizer, args.chat_template.as_deref())?;
+    let tokenizer_path = dir.join("tokenizer.json");
+    let tokenizer_json = std::fs::read(&tokenizer_path)
+        .with_context(|| format!("reading {}", tokenizer_path.display()))?;
     let load_seconds = started.elapsed().as_secs_f64();
     metrics.model_load_seconds.set(load_seconds);
     tracing::info!(model = %dir.display(), seconds = load_seconds, "model loaded");
@@ -276,6 +262,29 @@ fn load_engine(
         "latent cache allocated"
     );
 
+    let prompt_files = PromptFiles {
+        model: info.model.clone(),
+        tokenizer_json,
+        eos_token_ids: tokenizer.eos_ids().to_vec(),
+        bos_token_id: tokenizer.bos_id(),
+        chat_template: chat_template
+            .as_ref()
+            .map(|t| t.text().to_owned())
+            .unwrap_or_default(),
+        special_tokens: chat_template
+            .as_ref()
+            .map(|t| t.special_tokens())
+            .unwrap_or_default()
+            .iter()
+            .map(|(name, content)| SpecialToken {
+                name: name.clone(),
+                content: content.clone(),
+            })
+            .collect(),
+        block_size: args.block_size,
+        prefix_caching: !args.no_prefix_caching,
+        max_seq_len: info.max_context,
+    };
     let codec: Arc<dyn TokenCodec> = Arc::new(tokenizer);
     let counts = Arc::new(RequestCounts::default());
     let scheduler = Scheduler::new(
@@ -295,7 +304,17 @@ fn load_engine(
     if let Some(sharded) = &sharded {
         sharded.enable_exchange();
     }
-    Ok((engine, handle, info, limits, codec, chat_template))
+    Ok((
+        engine,
+        LoadedModel {
+            engine: handle,
+            codec,
+            info,
+            limits,
+            chat_template,
+            prompt_files: Arc::new(prompt_files),
+        },
+    ))
 }
 
 /// The chat template chat requests are rendered with: `--chat-template`, else the model's own.

@@ -7,7 +7,7 @@
 //! contents and stays findable by hash until the pool needs it: such blocks are evicted least
 //! recently used first.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 /// Index of a block in the latent cache pool.
@@ -89,6 +89,23 @@ pub struct BlockManager {
     evictable: BTreeMap<u64, BlockId>,
     by_hash: HashMap<u64, BlockId>,
     tick: u64,
+    /// Hashes whose findability changed since [`BlockManager::take_cache_changes`]; kept only
+    /// while someone (the request router) watches the cache.
+    touched: Option<HashSet<u64>>,
+}
+
+/// How the prefix cache changed between two reports, as net effect: a block evicted and cached
+/// again in between is reported as added (which a reader that knew it already can ignore).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheChanges {
+    pub added: Vec<u64>,
+    pub removed: Vec<u64>,
+}
+
+impl CacheChanges {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty()
+    }
 }
 
 /// The chained hash of a full block: a block's identity includes everything before it.
@@ -111,6 +128,39 @@ impl BlockManager {
             evictable: BTreeMap::new(),
             by_hash: HashMap::new(),
             tick: 0,
+            touched: None,
+        }
+    }
+
+    /// Starts or stops recording which block hashes become findable or get evicted.
+    pub fn record_cache_changes(&mut self, on: bool) {
+        self.touched = on.then(HashSet::new);
+    }
+
+    /// Every findable block hash: the snapshot a watcher starts from.
+    pub fn cached_hashes(&self) -> Vec<u64> {
+        self.by_hash.keys().copied().collect()
+    }
+
+    /// The changes since the previous call (empty while not recording).
+    pub fn take_cache_changes(&mut self) -> CacheChanges {
+        let Some(touched) = self.touched.as_mut() else {
+            return CacheChanges::default();
+        };
+        let mut changes = CacheChanges::default();
+        for hash in touched.drain() {
+            if self.by_hash.contains_key(&hash) {
+                changes.added.push(hash);
+            } else {
+                changes.removed.push(hash);
+            }
+        }
+        changes
+    }
+
+    fn touch(&mut self, hash: u64) {
+        if let Some(touched) = self.touched.as_mut() {
+            touched.insert(hash);
         }
     }
 
@@ -233,6 +283,7 @@ impl BlockManager {
         meta.lru_tick = None;
         if let Some(key) = meta.cached.take() {
             self.by_hash.remove(&key.hash);
+            self.touch(key.hash);
         }
         id
     }
@@ -264,6 +315,7 @@ impl BlockManager {
                     parent,
                     tokens: chunk.to_vec(),
                 });
+                self.touch(hash);
             }
             table.hashes.push(hash);
         }
@@ -452,6 +504,46 @@ mod tests {
         let mut third = BlockTable::default();
         assert_eq!(manager.acquire_prefix(&mut third, &prompt), 2);
         assert_eq!(third.blocks()[0], first_block);
+    }
+
+    #[test]
+    fn recorded_changes_are_the_net_effect_since_the_last_report() {
+        let mut manager = BlockManager::new(2, 2, true);
+        // Nothing is recorded until someone watches.
+        let mut table = BlockTable::default();
+        manager.ensure_capacity(&mut table, 3).unwrap();
+        manager.register_full_blocks(&mut table, &[1, 2, 3], 3);
+        assert!(manager.take_cache_changes().is_empty());
+        let first = block_hash(None, &[1, 2]);
+        assert_eq!(manager.cached_hashes(), vec![first]);
+
+        manager.record_cache_changes(true);
+        manager.free(&mut table);
+        // Taking both blocks evicts the cached one; cached again before the report, it is added.
+        manager.ensure_capacity(&mut table, 4).unwrap();
+        manager.register_full_blocks(&mut table, &[1, 2, 5, 6], 4);
+        let second = block_hash(Some(first), &[5, 6]);
+        let mut changes = manager.take_cache_changes();
+        changes.added.sort_unstable();
+        let mut expected = vec![first, second];
+        expected.sort_unstable();
+        assert_eq!(changes.added, expected);
+        assert!(changes.removed.is_empty());
+
+        manager.free(&mut table);
+        let mut other = BlockTable::default();
+        manager.ensure_capacity(&mut other, 2).unwrap();
+        assert_eq!(
+            manager.take_cache_changes(),
+            CacheChanges {
+                added: vec![],
+                removed: vec![second],
+            }
+        );
+        manager.record_cache_changes(false);
+        manager.free(&mut other);
+        manager.ensure_capacity(&mut other, 4).unwrap();
+        assert!(manager.take_cache_changes().is_empty());
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod request;
 pub mod sampler;
 pub mod scheduler;
 pub mod stats;
+pub mod watch;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +28,7 @@ use self::request::{GenerationRequest, OutputReceiver, OutputSender};
 use self::scheduler::{RequestCounts, Scheduler, WarmUpError};
 use crate::metrics::Metrics;
 use executor::ModelExecutor;
+use watch::{EngineReport, WATCH_BACKLOG, Watchers};
 
 /// Why a request was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -42,6 +44,7 @@ pub enum SubmitError {
 enum Command {
     Submit(Box<GenerationRequest>, OutputSender),
     CancelAll,
+    Watch(tokio::sync::mpsc::Sender<EngineReport>),
 }
 
 /// The cloneable front of a running engine.
@@ -98,6 +101,17 @@ impl EngineHandle {
     /// Ends every request now with finish reason `cancelled`.
     pub fn cancel_all(&self) {
         let _ = self.commands.send(Command::CancelAll);
+    }
+
+    /// The engine's load and prefix cache as they change: a snapshot first, then a report after
+    /// every step that changed something. The channel closes when the reader lags
+    /// [`WATCH_BACKLOG`] reports behind (watch again for a new snapshot) or the engine stops.
+    pub fn watch(&self) -> Result<tokio::sync::mpsc::Receiver<EngineReport>, SubmitError> {
+        let (sender, receiver) = tokio::sync::mpsc::channel(WATCH_BACKLOG);
+        self.commands
+            .send(Command::Watch(sender))
+            .map_err(|_| SubmitError::Stopped)?;
+        Ok(receiver)
     }
 }
 
@@ -168,17 +182,18 @@ fn run_loop<E: ModelExecutor>(
     inbox: &mpsc::Receiver<Command>,
     metrics: &Metrics,
 ) {
+    let mut watchers = Watchers::default();
     loop {
         // Idle: sleep until a command arrives. Busy: take whatever arrived and keep stepping.
         if !scheduler.has_work() {
             match inbox.recv() {
-                Ok(command) => apply(scheduler, command, metrics),
+                Ok(command) => apply(scheduler, command, metrics, &mut watchers),
                 Err(_) => return,
             }
         }
         loop {
             match inbox.try_recv() {
-                Ok(command) => apply(scheduler, command, metrics),
+                Ok(command) => apply(scheduler, command, metrics, &mut watchers),
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => {
                     if !scheduler.has_work() {
@@ -191,10 +206,17 @@ fn run_loop<E: ModelExecutor>(
         let (stats, outputs) = scheduler.step();
         stats.record(metrics);
         outputs.deliver();
+        let occupancy = scheduler.occupancy();
+        watchers.publish(scheduler.blocks_mut(), occupancy);
     }
 }
 
-fn apply<E: ModelExecutor>(scheduler: &mut Scheduler<E>, command: Command, metrics: &Metrics) {
+fn apply<E: ModelExecutor>(
+    scheduler: &mut Scheduler<E>,
+    command: Command,
+    metrics: &Metrics,
+    watchers: &mut Watchers,
+) {
     match command {
         Command::Submit(request, sender) => {
             scheduler.add_request(*request, sender);
@@ -204,6 +226,10 @@ fn apply<E: ModelExecutor>(scheduler: &mut Scheduler<E>, command: Command, metri
             let (stats, outputs) = scheduler.cancel_all();
             stats.record(metrics);
             outputs.deliver();
+        }
+        Command::Watch(sender) => {
+            let occupancy = scheduler.occupancy();
+            watchers.add(sender, scheduler.blocks_mut(), occupancy);
         }
     }
 }

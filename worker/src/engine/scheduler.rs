@@ -176,6 +176,10 @@ impl<E: ModelExecutor> Scheduler<E> {
         &self.blocks
     }
 
+    pub fn blocks_mut(&mut self) -> &mut BlockManager {
+        &mut self.blocks
+    }
+
     pub fn has_work(&self) -> bool {
         !self.waiting.is_empty() || !self.running.is_empty()
     }

@@ -112,6 +112,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     /// Where the template came from; also its name in `env` (so minijinja's errors name it).
     origin: String,
+    /// The template's text, as compiled.
+    text: String,
     special_tokens: Vec<(String, String)>,
     fuel: Option<u64>,
 }
@@ -174,9 +176,10 @@ impl ChatTemplate {
         special_tokens: Vec<(String, String)>,
     ) -> Result<Self, ChatTemplateError> {
         let origin = origin.into();
+        let text: String = source.into();
         let mut env = transformers_environment();
         env.set_fuel(Some(DEFAULT_FUEL));
-        env.add_template_owned(origin.clone(), source.into())
+        env.add_template_owned(origin.clone(), text.clone())
             .map_err(|err| ChatTemplateError::Syntax {
                 origin: origin.clone(),
                 message: err.to_string(),
@@ -184,6 +187,7 @@ impl ChatTemplate {
         Ok(Self {
             env,
             origin,
+            text,
             special_tokens,
             fuel: Some(DEFAULT_FUEL),
         })
@@ -229,6 +233,11 @@ impl ChatTemplate {
     /// `tokenizer_config.json` or the `--chat-template` file.
     pub fn source(&self) -> &str {
         &self.origin
+    }
+
+    /// The template's text.
+    pub fn text(&self) -> &str {
+        &self.text
     }
 
     /// The special tokens the template is rendered with, e.g. `("bos_token", "<s>")`.

@@ -85,6 +85,22 @@ impl Tokenizer {
         })
     }
 
+    /// A tokenizer from the bytes of a `tokenizer.json` (e.g. received from a worker by the
+    /// request router), with the special ids given.
+    pub fn from_bytes(
+        json: &[u8],
+        eos_ids: Vec<u32>,
+        bos_id: Option<u32>,
+    ) -> Result<Self, ModelError> {
+        let inner = tokenizers::Tokenizer::from_bytes(json)
+            .map_err(|err| ModelError::Tokenizer(format!("tokenizer.json: {err}")))?;
+        Ok(Self {
+            inner,
+            eos_ids,
+            bos_id,
+        })
+    }
+
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ModelError> {
         let encoding = self
             .inner

@@ -7,6 +7,7 @@ pub mod connections;
 pub mod grpc;
 pub mod http;
 pub mod openai;
+pub mod status;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -14,9 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use latentserve_proto::v1::ModelInfo;
 use latentserve_proto::v1::experts_server::ExpertsServer;
 use latentserve_proto::v1::inference_server::InferenceServer;
+use latentserve_proto::v1::worker_status_server::WorkerStatusServer;
+use latentserve_proto::v1::{ModelInfo, PromptFiles};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -41,6 +43,8 @@ pub struct LoadedModel {
     pub limits: RequestLimits,
     /// The model's chat template, for chat requests; `None` refuses them.
     pub chat_template: Option<Arc<ChatTemplate>>,
+    /// What a request router needs to compute the same cache blocks as this worker.
+    pub prompt_files: Arc<PromptFiles>,
 }
 
 /// The health service name of the inference API.
@@ -49,6 +53,7 @@ pub const INFERENCE_SERVICE_NAME: &str = "latentserve.v1.Inference";
 /// The services the gRPC port's reflection lists.
 const CLIENT_SERVICES: &[&str] = &[
     INFERENCE_SERVICE_NAME,
+    status::WORKER_STATUS_SERVICE_NAME,
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",
@@ -80,6 +85,8 @@ pub struct RunningServer {
     loaded: Arc<OnceLock<LoadedModel>>,
     readiness: Arc<Readiness>,
     shutdown: watch::Sender<bool>,
+    /// Set when the drain begins: the status streams to routers end with a last "draining".
+    draining: watch::Sender<bool>,
     grpc_task: JoinHandle<Result<(), tonic::transport::Error>>,
     experts_task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     http_task: JoinHandle<std::io::Result<()>>,
@@ -167,6 +174,12 @@ impl RunningServer {
         let reflection_v1alpha = reflection().build_v1alpha()?;
         let loaded = Arc::new(OnceLock::new());
         let inference = InferenceServer::new(InferenceService::new(loaded.clone()));
+        let (draining, draining_rx) = watch::channel(false);
+        let worker_status = WorkerStatusServer::new(status::WorkerStatusService::new(
+            loaded.clone(),
+            draining_rx,
+        ))
+        .max_encoding_message_size(status::MAX_PROMPT_FILES_BYTES);
         let ready = Arc::new(AtomicBool::new(false));
         let readiness = Arc::new(Readiness {
             health,
@@ -192,6 +205,7 @@ impl RunningServer {
                 .add_service(reflection_v1)
                 .add_service(reflection_v1alpha)
                 .add_service(inference)
+                .add_service(worker_status)
                 .serve_with_incoming_shutdown(
                     CappedListener::new(grpc_listener, addrs.max_connections).into_incoming(),
                     wait_for(shutdown_rx.clone()),
@@ -254,6 +268,7 @@ impl RunningServer {
             loaded,
             readiness,
             shutdown,
+            draining,
             grpc_task,
             experts_task,
             http_task,
@@ -293,6 +308,7 @@ impl RunningServer {
     /// requests finish for up to `timeout`, cancels what is left, then stops both servers.
     pub async fn drain(self, timeout: Duration) -> Result<(), ServerError> {
         self.readiness.draining.store(true, Ordering::SeqCst);
+        let _ = self.draining.send(true);
         self.readiness.refresh().await;
         if let Some(model) = self.loaded.get() {
             let engine = &model.engine;

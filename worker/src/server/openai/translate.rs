@@ -323,7 +323,7 @@ fn refuse_logit_bias(value: &Option<Value>) -> Result<(), ApiError> {
 }
 
 /// A message as the chat template sees it: content parts joined into one string.
-fn chat_message(index: usize, message: ChatMessageInput) -> Result<ChatMessage, ApiError> {
+pub fn chat_message(index: usize, message: ChatMessageInput) -> Result<ChatMessage, ApiError> {
     let field = format!("messages[{index}]");
     let role = match message.role.as_str() {
         // OpenAI's newer name for the system role.

@@ -1,0 +1,170 @@
+//! `latentserve-router`'s command line and its run: discover the workers, serve, drain on SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use latentserve_worker::cli::parse::{OptionalAddr, parse_duration, parse_optional_addr};
+use latentserve_worker::server::connections::DEFAULT_MAX_CONNECTIONS;
+
+use crate::discovery::{WorkerPorts, follow_service, static_endpoints};
+use crate::metrics::RouterMetrics;
+use crate::policy::Policy;
+use crate::pool::Pool;
+use crate::server::{RouterAddrs, RunningRouter};
+
+/// Routes each request of a ModelDeployment's clients to the worker that holds most of its
+/// prompt in its prefix cache, within bounded loads.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "latentserve-router", version)]
+pub struct RouterArgs {
+    /// The workers' gRPC addresses, HOST:PORT,... (without Kubernetes: tests, benchmarks).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        conflicts_with = "endpoints_service",
+        required_unless_present = "endpoints_service"
+    )]
+    pub endpoints: Vec<String>,
+    /// The workers' OpenAI API addresses, HOST:PORT,..., one per `--endpoints` entry in the same
+    /// order (default: the same hosts at `--worker-openai-port`).
+    #[arg(long, value_delimiter = ',', requires = "endpoints")]
+    pub openai_endpoints: Vec<String>,
+    /// Discover the workers from the EndpointSlices of this Service (only ready endpoints).
+    #[arg(long)]
+    pub endpoints_service: Option<String>,
+    /// Namespace of `--endpoints-service`.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// The workers' gRPC port (an EndpointSlice port named `grpc` wins).
+    #[arg(long, default_value_t = 50051)]
+    pub worker_grpc_port: u16,
+    /// The workers' OpenAI API port (an EndpointSlice port named `http` wins); 0: they serve none.
+    #[arg(long, default_value_t = 8000)]
+    pub worker_openai_port: u16,
+    /// Where the router serves gRPC (`latentserve.v1.Inference`, health, reflection).
+    #[arg(long, default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+    /// Where the router serves the OpenAI-compatible API ('' to turn it off).
+    #[arg(long, default_value = "0.0.0.0:8000", value_parser = parse_optional_addr)]
+    pub openai_addr: OptionalAddr,
+    /// Where the router serves /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+    /// How requests are spread over the workers.
+    #[arg(long, value_enum, default_value_t = Policy::PrefixAware)]
+    pub policy: Policy,
+    /// Open connections each client port keeps; more are closed at once.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// After SIGTERM, how long requests in flight may run before the ports close (e.g. 30s).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl RouterArgs {
+    fn ports(&self) -> WorkerPorts {
+        WorkerPorts {
+            grpc: self.worker_grpc_port,
+            openai: (self.worker_openai_port != 0).then_some(self.worker_openai_port),
+        }
+    }
+
+    fn addrs(&self) -> RouterAddrs {
+        RouterAddrs {
+            grpc: self.grpc_addr,
+            openai: if self.worker_openai_port == 0 {
+                None
+            } else {
+                self.openai_addr.0
+            },
+            metrics: self.metrics_addr,
+            max_connections: self.max_connections as usize,
+        }
+    }
+}
+
+/// Starts the router: the pool, discovery, the servers. Used by `main` and by in-process tests.
+pub async fn start(args: &RouterArgs) -> anyhow::Result<RunningRouter> {
+    let metrics = Arc::new(RouterMetrics::new().context("registering metrics")?);
+    let pool = Pool::new(args.policy, metrics);
+    if let Some(service) = &args.endpoints_service {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API for --endpoints-service (KUBECONFIG or the pod's service account)")?;
+        let (namespace, service, ports, pool) = (
+            args.namespace.clone(),
+            service.clone(),
+            args.ports(),
+            pool.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(err) = follow_service(client, &namespace, &service, ports, pool).await {
+                tracing::error!(error = %err, %namespace, %service, "watching the workers' EndpointSlices failed; exiting");
+                std::process::exit(1);
+            }
+        });
+    } else {
+        let endpoints = static_endpoints(&args.endpoints, &args.openai_endpoints, args.ports())
+            .map_err(anyhow::Error::msg)?;
+        if endpoints.is_empty() {
+            bail!("--endpoints: give at least one worker address");
+        }
+        pool.set_endpoints(endpoints);
+    }
+    RunningRouter::start(&args.addrs(), pool)
+        .await
+        .context("starting the router's servers")
+}
+
+/// Runs until SIGTERM or Ctrl-C, then drains.
+pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
+    let router = start(&args).await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        result = tokio::signal::ctrl_c() => result.context("waiting for Ctrl-C")?,
+    }
+    tracing::info!("shutdown signal received; draining");
+    router.drain(args.drain_timeout).await;
+    tracing::info!("drained");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flags_have_the_workers_defaults() {
+        let args = RouterArgs::try_parse_from(["latentserve-router", "--endpoints", "127.0.0.1:1"])
+            .unwrap();
+        assert_eq!(args.grpc_addr.to_string(), "0.0.0.0:50051");
+        assert_eq!(args.openai_addr.0.unwrap().to_string(), "0.0.0.0:8000");
+        assert_eq!(args.metrics_addr.to_string(), "0.0.0.0:9090");
+        assert_eq!(args.policy, Policy::PrefixAware);
+        let off = RouterArgs::try_parse_from([
+            "latentserve-router",
+            "--endpoints",
+            "127.0.0.1:1",
+            "--worker-openai-port",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(off.addrs().openai, None);
+        assert!(RouterArgs::try_parse_from(["latentserve-router"]).is_err());
+        assert!(
+            RouterArgs::try_parse_from([
+                "latentserve-router",
+                "--endpoints",
+                "a:1",
+                "--endpoints-service",
+                "x"
+            ])
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,236 @@
+//! Where the workers are: a fixed list (`--endpoints`), or the ready endpoints of a Service's
+//! EndpointSlices (`--endpoints-service`), watched through the Kubernetes API with no more than a
+//! namespaced Role to get, list and watch EndpointSlices.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use futures::TryStreamExt as _;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client};
+
+use crate::pool::{EndpointAddr, Pool};
+
+/// The ports of a worker, where an EndpointSlice does not name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerPorts {
+    pub grpc: u16,
+    /// `None`: the workers serve no OpenAI API.
+    pub openai: Option<u16>,
+}
+
+/// `host:port` as an address string; IPv6 hosts get brackets.
+fn join(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The endpoints of `--endpoints HOST:PORT,...` (the workers' gRPC addresses). Their OpenAI APIs
+/// are `openai` in the same order when given (`--openai-endpoints`), else on the same hosts at
+/// `ports.openai`.
+pub fn static_endpoints(
+    list: &[String],
+    openai: &[String],
+    ports: WorkerPorts,
+) -> Result<Vec<EndpointAddr>, String> {
+    if !openai.is_empty() && openai.len() != list.len() {
+        return Err(format!(
+            "--openai-endpoints: {} addresses for {} --endpoints; give one per worker, in the same order",
+            openai.len(),
+            list.len()
+        ));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(index, entry)| {
+            let entry = entry.trim();
+            let (host, port) = entry
+                .rsplit_once(':')
+                .ok_or_else(|| format!("--endpoints: `{entry}` is not HOST:PORT"))?;
+            port.parse::<u16>()
+                .map_err(|_| format!("--endpoints: `{entry}` has no valid port"))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if host.is_empty() {
+                return Err(format!("--endpoints: `{entry}` has no host"));
+            }
+            let openai = match openai.get(index) {
+                Some(address) => Some(address.trim().to_owned()),
+                None => ports.openai.map(|port| join(host, port)),
+            };
+            Ok(EndpointAddr {
+                grpc: entry.to_owned(),
+                openai: openai.filter(|_| ports.openai.is_some()),
+            })
+        })
+        .collect()
+}
+
+/// The ready endpoints of a set of EndpointSlices. The slice's ports named `grpc` and `http` win
+/// over `ports`. Kubernetes says an unset `ready` means ready; terminating endpoints are not ready.
+pub fn ready_endpoints<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    ports: WorkerPorts,
+) -> BTreeSet<EndpointAddr> {
+    let mut ready = BTreeSet::new();
+    for slice in slices {
+        let named = |name: &str| {
+            slice.ports.iter().flatten().find_map(|p| {
+                (p.name.as_deref() == Some(name))
+                    .then_some(p.port)
+                    .flatten()
+                    .and_then(|port| u16::try_from(port).ok())
+            })
+        };
+        let grpc = named("grpc").unwrap_or(ports.grpc);
+        let openai = ports.openai.map(|port| named("http").unwrap_or(port));
+        for endpoint in &slice.endpoints {
+            let conditions = endpoint.conditions.as_ref();
+            if conditions.and_then(|c| c.ready) == Some(false)
+                || conditions.and_then(|c| c.terminating) == Some(true)
+            {
+                continue;
+            }
+            if let Some(address) = endpoint.addresses.first() {
+                ready.insert(EndpointAddr {
+                    grpc: join(address, grpc),
+                    openai: openai.map(|port| join(address, port)),
+                });
+            }
+        }
+    }
+    ready
+}
+
+/// Keeps `pool` at the ready endpoints of Service `service` in `namespace`, until the watch
+/// fails for good (the caller logs the error and exits: the pod restarts).
+pub async fn follow_service(
+    client: Client,
+    namespace: &str,
+    service: &str,
+    ports: WorkerPorts,
+    pool: Arc<Pool>,
+) -> Result<(), watcher::Error> {
+    let api: Api<EndpointSlice> = Api::namespaced(client, namespace);
+    let config =
+        watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
+    let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
+    // While a relist is in progress the old set stays in force.
+    let mut pending: Option<BTreeMap<String, EndpointSlice>> = None;
+    let stream = watcher::watcher(api, config);
+    futures::pin_mut!(stream);
+    while let Some(event) = stream.try_next().await? {
+        let name = |slice: &EndpointSlice| slice.metadata.name.clone().unwrap_or_default();
+        match event {
+            Event::Apply(slice) => {
+                slices.insert(name(&slice), slice);
+            }
+            Event::Delete(slice) => {
+                slices.remove(&name(&slice));
+            }
+            Event::Init => pending = Some(BTreeMap::new()),
+            Event::InitApply(slice) => {
+                pending.get_or_insert_default().insert(name(&slice), slice);
+            }
+            Event::InitDone => slices = pending.take().unwrap_or_default(),
+        }
+        if pending.is_none() {
+            let ready = ready_endpoints(slices.values(), ports);
+            tracing::debug!(endpoints = ready.len(), "EndpointSlices changed");
+            pool.set_endpoints(ready);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
+
+    const PORTS: WorkerPorts = WorkerPorts {
+        grpc: 50051,
+        openai: Some(8000),
+    };
+
+    fn endpoint(ip: &str, ready: Option<bool>, terminating: Option<bool>) -> Endpoint {
+        Endpoint {
+            addresses: vec![ip.to_owned()],
+            conditions: Some(EndpointConditions {
+                ready,
+                serving: ready,
+                terminating,
+            }),
+            ..Endpoint::default()
+        }
+    }
+
+    #[test]
+    fn only_ready_endpoints_count_and_named_ports_win() {
+        let slice = EndpointSlice {
+            address_type: "IPv4".into(),
+            endpoints: vec![
+                endpoint("10.0.0.1", Some(true), None),
+                endpoint("10.0.0.2", None, None),
+                endpoint("10.0.0.3", Some(false), None),
+                endpoint("10.0.0.4", Some(true), Some(true)),
+            ],
+            ports: Some(vec![EndpointPort {
+                name: Some("grpc".into()),
+                port: Some(6000),
+                ..EndpointPort::default()
+            }]),
+            ..EndpointSlice::default()
+        };
+        let ready: Vec<EndpointAddr> = ready_endpoints([&slice], PORTS).into_iter().collect();
+        assert_eq!(
+            ready,
+            vec![
+                EndpointAddr {
+                    grpc: "10.0.0.1:6000".into(),
+                    openai: Some("10.0.0.1:8000".into())
+                },
+                EndpointAddr {
+                    grpc: "10.0.0.2:6000".into(),
+                    openai: Some("10.0.0.2:8000".into())
+                },
+            ]
+        );
+        let v6 = EndpointSlice {
+            address_type: "IPv6".into(),
+            endpoints: vec![endpoint("fd00::1", Some(true), None)],
+            ..EndpointSlice::default()
+        };
+        let none = WorkerPorts {
+            grpc: 50051,
+            openai: None,
+        };
+        assert_eq!(
+            ready_endpoints([&v6], none).into_iter().next().unwrap(),
+            EndpointAddr {
+                grpc: "[fd00::1]:50051".into(),
+                openai: None
+            }
+        );
+    }
+
+    #[test]
+    fn static_endpoints_are_checked_and_get_their_openai_address() {
+        let list = vec!["127.0.0.1:50051".to_owned(), "[::1]:7000".to_owned()];
+        let endpoints = static_endpoints(&list, &[], PORTS).unwrap();
+        assert_eq!(endpoints[0].openai.as_deref(), Some("127.0.0.1:8000"));
+        assert_eq!(endpoints[1].openai.as_deref(), Some("[::1]:8000"));
+        let openai = vec!["127.0.0.1:8001".to_owned(), "[::1]:8002".to_owned()];
+        let endpoints = static_endpoints(&list, &openai, PORTS).unwrap();
+        assert_eq!(endpoints[1].openai.as_deref(), Some("[::1]:8002"));
+        let err = static_endpoints(&list, &openai[..1], PORTS).unwrap_err();
+        assert!(err.contains("--openai-endpoints"), "{err}");
+        for bad in ["localhost", "host:port", ":50051"] {
+            let err = static_endpoints(&[bad.to_owned()], &[], PORTS).unwrap_err();
+            assert!(err.contains(bad), "{err}");
+        }
+    }
+}

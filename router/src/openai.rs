@@ -1,0 +1,329 @@
+//! The OpenAI-compatible API in front of the workers' own: completions and chat completions are
+//! routed like gRPC `Generate` (the body is read once, keyed, and sent on unchanged); a worker
+//! that cannot take a request (unreachable, 503, 429) before answering is replaced by the next.
+//! The answer, streamed or whole, is passed through as the worker writes it.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::json;
+
+use crate::grpc::MAX_ATTEMPTS;
+use crate::pool::{Endpoint, InFlight, Pool};
+use crate::prefix::{RouteKey, openai_fallback};
+
+/// The largest request body, as on the workers.
+pub const MAX_BODY_BYTES: usize = latentserve_worker::server::openai::MAX_BODY_BYTES;
+
+/// Request headers passed on to the worker.
+const FORWARDED_HEADERS: &[header::HeaderName] = &[
+    header::CONTENT_TYPE,
+    header::ACCEPT,
+    header::AUTHORIZATION,
+    header::USER_AGENT,
+];
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+#[derive(Clone)]
+struct Proxy {
+    pool: Arc<Pool>,
+    client: HttpClient,
+    ready: Arc<AtomicBool>,
+}
+
+/// The router's OpenAI API; `ready` false answers 503 (draining).
+pub fn router(pool: Arc<Pool>, ready: Arc<AtomicBool>) -> Router {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(crate::pool::CONNECT_TIMEOUT));
+    let client = Client::builder(TokioExecutor::new()).build(connector);
+    let proxy = Proxy {
+        pool,
+        client,
+        ready,
+    };
+    Router::new()
+        .route("/v1/completions", post(generate))
+        .route("/v1/chat/completions", post(generate))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(proxy)
+}
+
+/// OpenAI's error shape.
+fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    let body =
+        json!({"error": {"message": message.into(), "type": kind, "param": null, "code": null}});
+    (status, axum::Json(body)).into_response()
+}
+
+fn unavailable(message: &str) -> Response {
+    let mut response = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "service_unavailable",
+        message,
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+async fn not_found(uri: Uri) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("{} is not served (see docs/openai-api.md)", uri.path()),
+    )
+}
+
+async fn health(State(proxy): State<Proxy>) -> Response {
+    if proxy.ready.load(Ordering::SeqCst) {
+        StatusCode::OK.into_response()
+    } else {
+        unavailable("the router is draining")
+    }
+}
+
+/// Whether a worker's answer means "try another worker" (it did not start on the request).
+fn worth_retrying(status: StatusCode) -> Option<&'static str> {
+    match status {
+        StatusCode::SERVICE_UNAVAILABLE => Some("unavailable"),
+        StatusCode::TOO_MANY_REQUESTS => Some("queue_full"),
+        _ => None,
+    }
+}
+
+async fn generate(
+    State(proxy): State<Proxy>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let arrival = Instant::now();
+    if !proxy.ready.load(Ordering::SeqCst) {
+        return unavailable("the router is draining");
+    }
+    let metrics = proxy.pool.metrics().clone();
+    let key = route_key(&proxy.pool, &body).await;
+    let Some(route) = proxy.pool.route(&key) else {
+        metrics
+            .requests
+            .with_label_values(&["openai", "none", "none", "unavailable"])
+            .inc();
+        return unavailable("no worker is ready to take the request; retry later");
+    };
+    let block_size = proxy.pool.prompter().map_or(0, |p| p.block_size());
+    metrics
+        .prefix_match_tokens
+        .with_label_values(&["openai"])
+        .observe((route.matched_blocks * block_size) as f64);
+    let reason = route.reason.as_str();
+    let mut last: Option<Response> = None;
+    let with_openai = route.endpoints.iter().filter(|e| e.addr.openai.is_some());
+    for endpoint in with_openai.take(MAX_ATTEMPTS) {
+        let in_flight = endpoint.begin(&key, &metrics);
+        metrics
+            .queue_seconds
+            .with_label_values(&["openai"])
+            .observe(arrival.elapsed().as_secs_f64());
+        let sent = Instant::now();
+        match forward(
+            &proxy.client,
+            endpoint,
+            &method,
+            &uri,
+            &headers,
+            body.clone(),
+        )
+        .await
+        {
+            Ok(response) => {
+                metrics
+                    .upstream_seconds
+                    .with_label_values(&["openai"])
+                    .observe(sent.elapsed().as_secs_f64());
+                if let Some(why) = worth_retrying(response.status()) {
+                    endpoint.mark_failed();
+                    metrics.retries.with_label_values(&["openai", why]).inc();
+                    last = Some(passthrough(response, None));
+                    continue;
+                }
+                endpoint.mark_ok();
+                let outcome = if response.status().is_success() {
+                    "ok"
+                } else {
+                    "error"
+                };
+                metrics
+                    .requests
+                    .with_label_values(&["openai", endpoint.name(), reason, outcome])
+                    .inc();
+                return passthrough(response, Some(in_flight));
+            }
+            Err(err) => {
+                tracing::debug!(endpoint = %endpoint.name(), error = %err, "retrying on another worker");
+                endpoint.mark_failed();
+                metrics
+                    .retries
+                    .with_label_values(&["openai", "connect"])
+                    .inc();
+            }
+        }
+    }
+    metrics
+        .requests
+        .with_label_values(&["openai", "none", reason, "unavailable"])
+        .inc();
+    last.unwrap_or_else(|| unavailable("no worker could take the request; retry later"))
+}
+
+async fn route_key(pool: &Pool, body: &Bytes) -> RouteKey {
+    let Some(prompter) = pool.prompter().cloned() else {
+        return openai_fallback(body);
+    };
+    if body.len() < crate::grpc::INLINE_KEY_BYTES {
+        return prompter.key_for_openai(body);
+    }
+    let body = body.clone();
+    tokio::task::spawn_blocking(move || prompter.key_for_openai(&body))
+        .await
+        .unwrap_or_default()
+}
+
+async fn models(
+    State(proxy): State<Proxy>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    for endpoint in proxy
+        .pool
+        .least_loaded()
+        .iter()
+        .filter(|e| e.addr.openai.is_some())
+        .take(MAX_ATTEMPTS)
+    {
+        match forward(
+            &proxy.client,
+            endpoint,
+            &method,
+            &uri,
+            &headers,
+            Bytes::new(),
+        )
+        .await
+        {
+            Ok(response) if worth_retrying(response.status()).is_none() => {
+                return passthrough(response, None);
+            }
+            _ => endpoint.mark_failed(),
+        }
+    }
+    unavailable("no worker is ready; retry later")
+}
+
+async fn forward(
+    client: &HttpClient,
+    endpoint: &Endpoint,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<hyper::Response<Incoming>, hyper_util::client::legacy::Error> {
+    let authority = endpoint.addr.openai.as_deref().unwrap_or_default();
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut request = hyper::Request::builder()
+        .method(method.clone())
+        .uri(format!("http://{authority}{path}"));
+    for name in FORWARDED_HEADERS {
+        if let Some(value) = headers.get(name) {
+            request = request.header(name, value);
+        }
+    }
+    let request = request
+        .body(Full::new(body))
+        .expect("a request of valid parts builds");
+    client.request(request).await
+}
+
+/// The worker's answer as the client's, its body streamed; the request counts as in flight on
+/// the worker until the body has been read or dropped.
+fn passthrough(response: hyper::Response<Incoming>, in_flight: Option<InFlight>) -> Response {
+    let (parts, body) = response.into_parts();
+    let mut out = Response::new(Body::new(Guarded {
+        inner: body,
+        _in_flight: in_flight,
+    }));
+    *out.status_mut() = parts.status;
+    for name in [
+        header::CONTENT_TYPE,
+        header::CACHE_CONTROL,
+        header::RETRY_AFTER,
+        header::CONTENT_LENGTH,
+    ] {
+        if let Some(value) = parts.headers.get(&name) {
+            out.headers_mut().insert(name, value.clone());
+        }
+    }
+    out
+}
+
+/// A worker's response body that holds the request's [`InFlight`] guard.
+struct Guarded {
+    inner: Incoming,
+    _in_flight: Option<InFlight>,
+}
+
+impl hyper::body::Body for Guarded {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_answers_that_say_the_worker_could_not_start_are_retried() {
+        assert!(worth_retrying(StatusCode::SERVICE_UNAVAILABLE).is_some());
+        assert!(worth_retrying(StatusCode::TOO_MANY_REQUESTS).is_some());
+        assert!(worth_retrying(StatusCode::BAD_REQUEST).is_none());
+        assert!(worth_retrying(StatusCode::INTERNAL_SERVER_ERROR).is_none());
+        assert!(worth_retrying(StatusCode::OK).is_none());
+    }
+}

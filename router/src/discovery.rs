@@ -1,12 +1,14 @@
 //! Where the workers are: a fixed list (`--endpoints`), or the ready endpoints of a Service's
 //! EndpointSlices (`--endpoints-service`), watched through the Kubernetes API with no more than a
-//! namespaced Role to get, list and watch EndpointSlices.
+//! namespaced Role to get, list and watch EndpointSlices. Clusters before 1.21 serve them only
+//! as `discovery.k8s.io/v1beta1`; the version is found through API discovery.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use futures::TryStreamExt as _;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 
@@ -105,6 +107,51 @@ pub fn ready_endpoints<'a>(
     ready
 }
 
+/// Why following a Service's EndpointSlices stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    #[error("API discovery of discovery.k8s.io failed: {0}")]
+    Discovery(#[source] kube::Error),
+    #[error("the cluster serves no EndpointSlice API (discovery.k8s.io)")]
+    NotServed,
+    #[error(transparent)]
+    Watch(#[from] watcher::Error),
+}
+
+/// The EndpointSlice API this cluster serves: `discovery.k8s.io/v1` from Kubernetes 1.21,
+/// `v1beta1` before (1.20 serves only that). Discovery documents are open to every
+/// authenticated account.
+async fn endpoint_slice_api(client: &Client) -> Result<ApiResource, FollowError> {
+    let group = kube::discovery::group(client, "discovery.k8s.io")
+        .await
+        .map_err(FollowError::Discovery)?;
+    group
+        .recommended_kind("EndpointSlice")
+        .map(|(resource, _)| resource)
+        .ok_or(FollowError::NotServed)
+}
+
+/// An EndpointSlice of any served version as the `v1` type: the fields the router reads
+/// (addresses, conditions, ports, address type) are the same in `v1beta1`, whose `topology`
+/// is dropped. `None` for an object that does not decode as one.
+fn as_v1(object: DynamicObject) -> Option<EndpointSlice> {
+    let mut value = serde_json::to_value(object).ok()?;
+    value["apiVersion"] = serde_json::Value::from("discovery.k8s.io/v1");
+    value["kind"] = serde_json::Value::from("EndpointSlice");
+    serde_json::from_value(value).ok()
+}
+
+/// A watch event of the served EndpointSlice version as one of the `v1` type.
+fn slice_event(event: Event<DynamicObject>) -> Option<Event<EndpointSlice>> {
+    Some(match event {
+        Event::Apply(object) => Event::Apply(as_v1(object)?),
+        Event::Delete(object) => Event::Delete(as_v1(object)?),
+        Event::Init => Event::Init,
+        Event::InitApply(object) => Event::InitApply(as_v1(object)?),
+        Event::InitDone => Event::InitDone,
+    })
+}
+
 /// Keeps `pool` at the ready endpoints of Service `service` in `namespace`, until the watch
 /// fails for good (the caller logs the error and exits: the pod restarts).
 pub async fn follow_service(
@@ -113,8 +160,10 @@ pub async fn follow_service(
     service: &str,
     ports: WorkerPorts,
     pool: Arc<Pool>,
-) -> Result<(), watcher::Error> {
-    let api: Api<EndpointSlice> = Api::namespaced(client, namespace);
+) -> Result<(), FollowError> {
+    let resource = endpoint_slice_api(&client).await?;
+    tracing::info!(api_version = %resource.api_version, "watching EndpointSlices");
+    let api: Api<DynamicObject> = Api::namespaced_with(client, namespace, &resource);
     let config =
         watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
     let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
@@ -123,6 +172,10 @@ pub async fn follow_service(
     let stream = watcher::watcher(api, config);
     futures::pin_mut!(stream);
     while let Some(event) = stream.try_next().await? {
+        let Some(event) = slice_event(event) else {
+            tracing::warn!("an EndpointSlice that does not decode was skipped");
+            continue;
+        };
         let name = |slice: &EndpointSlice| slice.metadata.name.clone().unwrap_or_default();
         match event {
             Event::Apply(slice) => {
@@ -215,6 +268,40 @@ mod tests {
                 openai: None
             }
         );
+    }
+
+    #[test]
+    fn a_v1beta1_slice_reads_as_v1() {
+        // As Kubernetes 1.20 serves it: `topology` instead of `nodeName` and `zone`.
+        let object: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1beta1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": "demo-workers-x7k2p", "namespace": "models"},
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["127.0.0.3"], "conditions": {"ready": true},
+                 "topology": {"kubernetes.io/hostname": "node-a"}},
+                {"addresses": ["127.0.0.4"], "conditions": {"ready": false}},
+            ],
+            "ports": [{"name": "grpc", "port": 50051, "protocol": "TCP"}],
+        }))
+        .unwrap();
+        let slice = as_v1(object).expect("a v1beta1 slice decodes");
+        assert_eq!(slice.metadata.name.as_deref(), Some("demo-workers-x7k2p"));
+        let ready: Vec<EndpointAddr> = ready_endpoints([&slice], PORTS).into_iter().collect();
+        assert_eq!(
+            ready,
+            vec![EndpointAddr {
+                grpc: "127.0.0.3:50051".into(),
+                openai: Some("127.0.0.3:8000".into())
+            }]
+        );
+        let broken: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+            "metadata": {"name": "x"}, "addressType": "IPv4", "endpoints": "not a list",
+        }))
+        .unwrap();
+        assert!(as_v1(broken).is_none());
     }
 
     #[test]

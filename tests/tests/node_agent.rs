@@ -18,6 +18,7 @@ use kube::api::{
 };
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
+use latentserve_e2e::k8s::{create_namespace, delete_namespace};
 use latentserve_e2e::node_agent::credentials::ClusterAccess;
 use latentserve_e2e::node_agent::runtime::{AgentConfig, NodeAgent, wait_for};
 use serde_json::json;
@@ -233,14 +234,9 @@ async fn a_pod_with_a_service_account_gets_a_token_bound_to_it_with_exactly_its_
     let Some(client) = test_client().await else {
         return;
     };
-    let namespace = "node-agent-sa-test";
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap();
-    match namespaces.create(&PostParams::default(), &ns).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(status)) if status.code == 409 => {}
-        Err(err) => panic!("creating the namespace: {err}"),
-    }
+    // A namespace of its own per run: deleting one takes a while.
+    let namespace = create_namespace(&client, "node-agent-sa").await.unwrap();
+    let namespace = namespace.as_str();
     // An account that may read EndpointSlices in its namespace, as the operator sets up the router's.
     let admin = |kind: &str, body: serde_json::Value| {
         let client = client.clone();
@@ -399,6 +395,6 @@ async fn a_pod_with_a_service_account_gets_a_token_bound_to_it_with_exactly_its_
     .unwrap();
 
     agent.shutdown().await.unwrap();
-    let _ = namespaces.delete(namespace, &DeleteParams::default()).await;
+    delete_namespace(&client, namespace).await;
     let _ = std::fs::remove_dir_all(scratch);
 }

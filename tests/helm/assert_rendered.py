@@ -52,7 +52,13 @@ OPERATOR_METRICS = {
     "operator_reconciles_total", "operator_reconcile_errors_total",
     "operator_reconcile_duration_seconds", "operator_deployments", "operator_leader",
 }
-KNOWN_METRICS = {"latentserve_" + m for m in WORKER_METRICS | OPERATOR_METRICS}
+# The request router's families (issue 16; router/src/metrics.rs, docs/metrics.md).
+ROUTER_METRICS = {
+    "router_requests_total", "router_retries_total", "router_prefix_match_tokens",
+    "router_queue_seconds", "router_upstream_seconds", "router_endpoints",
+    "router_in_flight_requests",
+}
+KNOWN_METRICS = {"latentserve_" + m for m in WORKER_METRICS | OPERATOR_METRICS | ROUTER_METRICS}
 EXPECTED_ALERTS = {
     "LatentServeModelDeploymentNotAvailable", "LatentServeModelDeploymentDegraded",
     "LatentServeReconcileErrors", "LatentServeOperatorDown", "LatentServeOperatorNoLeader",
@@ -370,7 +376,8 @@ def scenario_monitoring(docs):
         titles = {p["title"] for p in dashboard["panels"]}
         for wanted in ("Time to first token", "Inter-token latency", "Token throughput", "Queue time",
                        "KV cache usage", "Preemptions", "Expert load in layer $layer",
-                       "Expert RPC latency by peer"):
+                       "Expert RPC latency by peer", "Routed to a cached prefix",
+                       "Router overhead and upstream latency"):
             expect(wanted in titles, f"dashboard lacks the panel {wanted!r}")
         ids = [p["id"] for p in dashboard["panels"]]
         expect(len(ids) == len(set(ids)), "dashboard panel ids are not unique")

@@ -17,6 +17,8 @@ pub const GRPC_ADDR: &str = "--grpc-addr";
 pub const OPENAI_ADDR: &str = "--openai-addr";
 pub const METRICS_ADDR: &str = "--metrics-addr";
 pub const POLICY: &str = "--policy";
+/// After SIGTERM, how long requests in flight may run before the router's ports close.
+pub const DRAIN_TIMEOUT: &str = "--drain-timeout";
 
 /// Everything a router pod is started with, typed; [`RouterArgs::render`] turns it into the
 /// container's `args`. The namespace of the Service comes from `$POD_NAMESPACE`.
@@ -32,6 +34,7 @@ pub struct RouterArgs {
     pub openai_addr: Option<String>,
     pub metrics_addr: String,
     pub policy: RoutingPolicy,
+    pub drain_timeout_seconds: i64,
 }
 
 impl RouterArgs {
@@ -51,6 +54,7 @@ impl RouterArgs {
         flag(OPENAI_ADDR, self.openai_addr.clone().unwrap_or_default());
         flag(METRICS_ADDR, self.metrics_addr.clone());
         flag(POLICY, self.policy.flag_value().to_owned());
+        flag(DRAIN_TIMEOUT, format!("{}s", self.drain_timeout_seconds));
         args
     }
 }
@@ -69,6 +73,7 @@ mod tests {
             openai_addr: None,
             metrics_addr: "0.0.0.0:9090".into(),
             policy: RoutingPolicy::RoundRobin,
+            drain_timeout_seconds: 60,
         }
         .render();
         assert_eq!(
@@ -88,6 +93,8 @@ mod tests {
                 "0.0.0.0:9090",
                 "--policy",
                 "round-robin",
+                "--drain-timeout",
+                "60s",
             ]
         );
     }

@@ -25,9 +25,11 @@ use super::{
 use crate::router_args::{ROUTER_BINARY, RouterArgs};
 use crate::validate::ValidatedSpec;
 
-/// Seconds the kubelet waits after SIGTERM: the router stops taking requests at once and
-/// finishes the streams in flight, which may run as long as a worker's own drain.
-pub const TERMINATION_GRACE_SECONDS: i64 = super::statefulset::TERMINATION_GRACE_SECONDS;
+/// Seconds the router lets requests in flight finish after SIGTERM (`--drain-timeout`): as long
+/// as a worker's own drain, since it forwards the workers' streams.
+pub const DRAIN_SECONDS: i64 = super::statefulset::DRAIN_SECONDS;
+/// Seconds the kubelet waits after SIGTERM: the drain plus time to close and exit.
+pub const TERMINATION_GRACE_SECONDS: i64 = DRAIN_SECONDS + 30;
 /// The unprivileged user the router image runs as.
 const ROUTER_UID: i64 = 65532;
 /// What a router pod asks for when `spec.router.resources` is unset: one busy core routes
@@ -115,6 +117,7 @@ pub fn router_args(spec: &ValidatedSpec<'_>) -> RouterArgs {
         openai_addr: openai.then(|| format!("0.0.0.0:{HTTP_PORT}")),
         metrics_addr: format!("0.0.0.0:{METRICS_PORT}"),
         policy: spec.router().policy,
+        drain_timeout_seconds: DRAIN_SECONDS,
     }
 }
 
@@ -365,10 +368,16 @@ mod tests {
                 "0.0.0.0:9090",
                 "--policy",
                 "least-loaded",
+                "--drain-timeout",
+                "60s",
             ]
         );
         let default = pod(&build(&demo())).containers[0].args.clone().unwrap();
-        assert_eq!(default.last().map(String::as_str), Some("prefix-aware"));
+        assert!(
+            default
+                .windows(2)
+                .any(|w| w == ["--policy", "prefix-aware"])
+        );
     }
 
     #[test]
@@ -416,8 +425,12 @@ mod tests {
             Some(vec!["ALL".to_owned()])
         );
         assert!(
-            pod.termination_grace_period_seconds.unwrap()
-                >= crate::resources::statefulset::DRAIN_SECONDS,
+            pod.termination_grace_period_seconds.unwrap() > DRAIN_SECONDS,
+            "the kubelet waits for the drain"
+        );
+        assert_eq!(
+            DRAIN_SECONDS,
+            crate::resources::statefulset::DRAIN_SECONDS,
             "a stream the router forwards may last as long as a worker's drain"
         );
         assert!(pod.node_selector.is_none() && pod.tolerations.is_none());

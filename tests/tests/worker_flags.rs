@@ -40,6 +40,7 @@ fn deployment(expert_shards: i32, serving: Option<ServingSpec>) -> ModelDeployme
             service_account_name: None,
             service: None,
             paused: false,
+            tls: None,
         },
     );
     md.metadata.namespace = Some("models".into());
@@ -231,6 +232,9 @@ const USER_FLAGS: &[&str] = &[
     "--block-size",
     "--max-queue",
     "--max-connections",
+    "--idle-timeout",
+    "--http-header-timeout",
+    "--tls-handshake-timeout",
     "--expert-wire-dtype",
     "--expert-rpc-timeout",
     "--device",

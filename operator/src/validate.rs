@@ -284,6 +284,17 @@ pub fn validate<'a>(
             ));
         }
     }
+    if let Some(tls) = &md.spec.tls
+        && !is_dns_subdomain(&tls.secret_name)
+    {
+        return Err(invalid(
+            "spec.tls.secretName",
+            format!(
+                "{:?} is not a Secret name (lowercase letters, digits, '-' and '.', at most 253)",
+                tls.secret_name
+            ),
+        ));
+    }
     let service = md.service();
     if let Some(port) = service.port
         && !(1..=65535).contains(&port)
@@ -363,6 +374,19 @@ pub fn parse_quantity(quantity: &Quantity) -> Option<f64> {
     value.is_finite().then_some(value * factor)
 }
 
+/// A DNS-1123 subdomain, as the names of Secrets are.
+fn is_dns_subdomain(name: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.starts_with(alnum)
+                && label.ends_with(alnum)
+                && label.chars().all(|c| alnum(c) || c == '-')
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,6 +394,25 @@ mod tests {
 
     fn field_of(md: &ModelDeployment) -> String {
         validate(md, &features_latest()).unwrap_err().field
+    }
+
+    #[test]
+    fn a_tls_secret_name_must_be_a_secret_name() {
+        let mut md = demo();
+        for good in ["demo-tls", "a.b-c", "x"] {
+            md.spec.tls = Some(crate::crd::TlsSpec {
+                secret_name: good.into(),
+                client_auth: None,
+            });
+            validate(&md, &features_latest()).unwrap();
+        }
+        for bad in ["", "Demo", "-x", "a..b", "a_b", &"a".repeat(254)] {
+            md.spec.tls = Some(crate::crd::TlsSpec {
+                secret_name: bad.into(),
+                client_auth: None,
+            });
+            assert_eq!(field_of(&md), "spec.tls.secretName", "{bad:?}");
+        }
     }
 
     #[test]

@@ -68,6 +68,11 @@ pub mod names {
     pub fn network_policy(name: &str) -> String {
         name.to_owned()
     }
+
+    /// The expert exchange's shared token (groups of more than one shard).
+    pub fn experts_token(name: &str) -> String {
+        format!("{name}-experts-token")
+    }
 }
 
 /// The identity of the ModelDeployment that the builders need.

@@ -37,6 +37,7 @@ pub fn demo() -> ModelDeployment {
             service_account_name: None,
             service: None,
             paused: false,
+            tls: None,
         },
     );
     md.metadata.namespace = Some("models".into());

@@ -435,3 +435,31 @@ async fn slow_headers_and_idle_connections_are_closed() {
     assert!(started.elapsed() >= Duration::from_millis(300));
     server.drain(Duration::from_secs(1)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_a_call_in_flight_is_not_idle() {
+    let server = start(None, |addrs| {
+        addrs.connections.idle_timeout = Some(Duration::from_millis(300));
+    })
+    .await;
+    let channel = Endpoint::from_shared(format!("http://{}", server.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    // A server stream that stays open: Watch sends the status, then waits for changes.
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap().expect("the first status");
+    // Four idle timeouts later the stream (and its connection) is still there.
+    let next = tokio::time::timeout(Duration::from_millis(1200), watch.message()).await;
+    assert!(next.is_err(), "the watch ended: {next:?}");
+    drop(watch);
+    server.drain(Duration::from_secs(1)).await.unwrap();
+}

@@ -571,8 +571,23 @@ async fn a_sharded_deployment_gets_a_token_secret_kept_until_rotated() {
     reconcile_once(&rotate, &ctx).await.unwrap();
     assert_eq!(
         secret_value(&fake.get(SECRETS, "demo-experts-token").unwrap(), TOKEN_KEY),
-        Some(second)
+        Some(second.clone())
     );
+
+    // Deleted: made again at the next reconcile (the watch on Secrets triggers it), with a new
+    // token and no previous one.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(ctx.client.clone(), "models");
+    secrets
+        .delete("demo-experts-token", &Default::default())
+        .await
+        .unwrap();
+    assert!(fake.get(SECRETS, "demo-experts-token").is_none());
+    reconcile_once(&rotate, &ctx).await.unwrap();
+    let secret = fake.get(SECRETS, "demo-experts-token").expect("made again");
+    let third = secret_value(&secret, TOKEN_KEY).unwrap();
+    assert_ne!(third, second);
+    assert!(secret_value(&secret, PREVIOUS_KEY).is_none());
 }
 
 #[tokio::test]

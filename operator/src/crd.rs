@@ -105,6 +105,39 @@ pub struct ModelDeploymentSpec {
     /// only reports status.
     #[serde(default)]
     pub paused: bool,
+    /// TLS on the client ports (gRPC and OpenAI HTTP) from a `kubernetes.io/tls` Secret, e.g. one
+    /// that cert-manager keeps; unset: plain text. The metrics port stays plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+}
+
+/// TLS for clients of the workers.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// A Secret in the ModelDeployment's namespace with the keys `tls.crt` and `tls.key` (and
+    /// `ca.crt` for `clientAuth: Required`), as cert-manager writes them. The workers reload the
+    /// files when the Secret changes.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// `Required`: clients must present a certificate signed by the Secret's `ca.crt` (mutual
+    /// TLS). `None` (the default): any client that trusts the server certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// Whether clients must present a certificate.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ClientAuth {
+    #[default]
+    None,
+    Required,
+}
+
+impl TlsSpec {
+    pub fn client_auth_required(&self) -> bool {
+        self.client_auth == Some(ClientAuth::Required)
+    }
 }
 
 fn default_replicas() -> i32 {

@@ -19,6 +19,10 @@ pub const METRICS_ADDR: &str = "--metrics-addr";
 pub const POLICY: &str = "--policy";
 /// After SIGTERM, how long requests in flight may run before the router's ports close.
 pub const DRAIN_TIMEOUT: &str = "--drain-timeout";
+/// TLS on the router's client ports (`spec.tls` while the router runs).
+pub const TLS_CERT: &str = "--tls-cert";
+pub const TLS_KEY: &str = "--tls-key";
+pub const TLS_CLIENT_CA: &str = "--tls-client-ca";
 
 /// Everything a router pod is started with, typed; [`RouterArgs::render`] turns it into the
 /// container's `args`. The namespace of the Service comes from `$POD_NAMESPACE`.
@@ -35,6 +39,8 @@ pub struct RouterArgs {
     pub metrics_addr: String,
     pub policy: RoutingPolicy,
     pub drain_timeout_seconds: i64,
+    /// `spec.tls`'s files, when the router terminates TLS.
+    pub tls: Option<crate::worker_args::TlsFiles>,
 }
 
 impl RouterArgs {
@@ -55,6 +61,13 @@ impl RouterArgs {
         flag(METRICS_ADDR, self.metrics_addr.clone());
         flag(POLICY, self.policy.flag_value().to_owned());
         flag(DRAIN_TIMEOUT, format!("{}s", self.drain_timeout_seconds));
+        if let Some(tls) = &self.tls {
+            flag(TLS_CERT, tls.cert.clone());
+            flag(TLS_KEY, tls.key.clone());
+            if let Some(ca) = &tls.client_ca {
+                flag(TLS_CLIENT_CA, ca.clone());
+            }
+        }
         args
     }
 }
@@ -74,6 +87,7 @@ mod tests {
             metrics_addr: "0.0.0.0:9090".into(),
             policy: RoutingPolicy::RoundRobin,
             drain_timeout_seconds: 60,
+            tls: None,
         }
         .render();
         assert_eq!(

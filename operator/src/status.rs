@@ -409,7 +409,15 @@ pub fn compute(
         selector: Some(owner.selector_string()),
         conditions,
         endpoint: Some(owner.endpoint(md.service().port.unwrap_or(DEFAULT_SERVICE_PORT))),
-        openai_endpoint: Some(format!("http://{}/v1", owner.endpoint(HTTP_PORT))),
+        openai_endpoint: Some(format!(
+            "{}://{}/v1",
+            if md.spec.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
+            owner.endpoint(HTTP_PORT)
+        )),
         capacity,
         router: router.map(|r| RouterStatus {
             replicas: routers,
@@ -506,6 +514,25 @@ mod tests {
             status.openai_endpoint.as_deref(),
             Some("http://demo.models.svc:8000/v1")
         );
+        let mut with_tls = md.clone();
+        with_tls.spec.tls = Some(crate::crd::TlsSpec {
+            secret_name: "demo-cert".into(),
+            client_auth: None,
+        });
+        let tls_status = compute(
+            &with_tls,
+            &[group(0, 2)],
+            &serving_router(),
+            &Outcome::Applied,
+            None,
+            &at(1),
+        );
+        assert_eq!(
+            tls_status.openai_endpoint.as_deref(),
+            Some("https://demo.models.svc:8000/v1")
+        );
+        // host:port, as gRPC clients take it; TLS is the client's choice of channel.
+        assert_eq!(tls_status.endpoint, status.endpoint);
         assert_eq!(status.observed_generation, Some(3));
         assert_eq!(
             status.selector.as_deref(),

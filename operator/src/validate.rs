@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use crate::crd::{
     MAX_TOTAL_PODS, ModelDeployment, ModelDeploymentSpec, ModelSource, RESERVED_WORKER_FLAGS,
-    RouterSpec, ServiceSpec, ServingSpec, WorkerResources,
+    RouterSpec, ServiceSpec, ServingSpec, TlsSpec, WorkerResources,
 };
 use crate::discovery::Features;
 use crate::policy::{Policy, host_path_allowed, image_allowed};
@@ -175,6 +175,18 @@ impl<'a> ValidatedSpec<'a> {
     pub fn router_enabled(&self) -> bool {
         self.router.replicas > 0
     }
+
+    /// `spec.tls` where clients connect: the router while it runs (TLS ends there; the hop to
+    /// the workers stays inside the cluster, admitted from the router pods only), else the
+    /// workers.
+    pub fn router_tls(&self) -> Option<&TlsSpec> {
+        self.spec().tls.as_ref().filter(|_| self.router_enabled())
+    }
+
+    /// `spec.tls` on the workers' client ports: only while no router runs in front of them.
+    pub fn worker_tls(&self) -> Option<&TlsSpec> {
+        self.spec().tls.as_ref().filter(|_| !self.router_enabled())
+    }
 }
 
 /// Checks everything the builders rely on, and parses it once.
@@ -288,6 +300,17 @@ pub fn validate<'a>(
                 ),
             ));
         }
+    }
+    if let Some(tls) = &md.spec.tls
+        && !is_dns_subdomain(&tls.secret_name)
+    {
+        return Err(invalid(
+            "spec.tls.secretName",
+            format!(
+                "{:?} is not a Secret name (lowercase letters, digits, '-' and '.', at most 253)",
+                tls.secret_name
+            ),
+        ));
     }
     let service = md.service();
     if let Some(port) = service.port
@@ -429,6 +452,19 @@ pub fn parse_quantity(quantity: &Quantity) -> Option<f64> {
     value.is_finite().then_some(value * factor)
 }
 
+/// A DNS-1123 subdomain, as the names of Secrets are.
+fn is_dns_subdomain(name: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.starts_with(alnum)
+                && label.ends_with(alnum)
+                && label.chars().all(|c| alnum(c) || c == '-')
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,6 +472,25 @@ mod tests {
 
     fn field_of(md: &ModelDeployment) -> String {
         validate(md, &features_latest()).unwrap_err().field
+    }
+
+    #[test]
+    fn a_tls_secret_name_must_be_a_secret_name() {
+        let mut md = demo();
+        for good in ["demo-tls", "a.b-c", "x"] {
+            md.spec.tls = Some(crate::crd::TlsSpec {
+                secret_name: good.into(),
+                client_auth: None,
+            });
+            validate(&md, &features_latest()).unwrap();
+        }
+        for bad in ["", "Demo", "-x", "a..b", "a_b", &"a".repeat(254)] {
+            md.spec.tls = Some(crate::crd::TlsSpec {
+                secret_name: bad.into(),
+                client_auth: None,
+            });
+            assert_eq!(field_of(&md), "spec.tls.secretName", "{bad:?}");
+        }
     }
 
     #[test]

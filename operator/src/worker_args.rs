@@ -32,6 +32,13 @@ pub const DTYPE: &str = "--dtype";
 /// operator's shard plan gives it, so a placement file in `extraArgs` would break the group.
 pub const EXPERT_PLACEMENT: &str = "--expert-placement";
 
+/// TLS on the client ports, from `spec.tls`'s Secret.
+pub const TLS_CERT: &str = "--tls-cert";
+pub const TLS_KEY: &str = "--tls-key";
+pub const TLS_CLIENT_CA: &str = "--tls-client-ca";
+/// The group's shared token of the expert exchange, from the operator's Secret.
+pub const EXPERTS_TOKEN_FILE: &str = "--experts-token-file";
+
 /// Flags `serving.extraArgs` must not name: the addresses and the shard plan the operator sets
 /// on every worker, and the limits it derives from `spec.serving` (an extra `--max-seq-len`
 /// would otherwise win over the spec, as the worker takes the last value). `--model-name` is
@@ -53,6 +60,10 @@ pub const RESERVED: &[&str] = &[
     KV_CACHE_MEMORY,
     NO_PREFIX_CACHING,
     DTYPE,
+    TLS_CERT,
+    TLS_KEY,
+    TLS_CLIENT_CA,
+    EXPERTS_TOKEN_FILE,
 ];
 
 /// The CEL rule on `serving.extraArgs` that keeps [`RESERVED`] flags out on clusters that
@@ -65,6 +76,14 @@ pub fn extra_args_cel_rule() -> String {
 /// The flag of one `extraArgs` entry: `--flag` of `--flag=value`.
 pub fn flag_of(arg: &str) -> &str {
     arg.split('=').next().unwrap_or_default()
+}
+
+/// Paths of the PEM files of `--tls-cert`, `--tls-key` and `--tls-client-ca`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: String,
+    pub key: String,
+    pub client_ca: Option<String>,
 }
 
 /// Everything a worker of one serving group is started with, typed; [`ServeArgs::render`] turns
@@ -90,6 +109,10 @@ pub struct ServeArgs {
     /// `Some(false)` turns prefix caching off; the worker's default is on.
     pub prefix_caching: Option<bool>,
     pub dtype: Option<Dtype>,
+    /// TLS files on the client ports.
+    pub tls: Option<TlsFiles>,
+    /// The expert exchange's token file (groups of more than one shard).
+    pub experts_token_file: Option<String>,
     /// Appended last, as written in the spec.
     pub extra_args: Vec<String>,
 }
@@ -132,6 +155,16 @@ impl ServeArgs {
         if let Some(dtype) = self.dtype {
             flag(DTYPE, Some(dtype.as_str().to_owned()));
         }
+        if let Some(tls) = &self.tls {
+            flag(TLS_CERT, Some(tls.cert.clone()));
+            flag(TLS_KEY, Some(tls.key.clone()));
+            if let Some(ca) = &tls.client_ca {
+                flag(TLS_CLIENT_CA, Some(ca.clone()));
+            }
+        }
+        if let Some(path) = &self.experts_token_file {
+            flag(EXPERTS_TOKEN_FILE, Some(path.clone()));
+        }
         args.extend(self.extra_args.iter().cloned());
         args
     }
@@ -149,7 +182,7 @@ mod tests {
              '--experts-addr', '--metrics-addr', '--shard-rank', '--shard-rank-from-pod-name', \
              '--shard-count', '--peers', '--drain-timeout', '--expert-placement', \
              '--max-batch-size', '--max-seq-len', '--kv-cache-memory', '--no-prefix-caching', \
-             '--dtype']))"
+             '--dtype', '--tls-cert', '--tls-key', '--tls-client-ca', '--experts-token-file']))"
         );
     }
 
@@ -171,6 +204,12 @@ mod tests {
             kv_cache_bytes: Some(1 << 20),
             prefix_caching: Some(false),
             dtype: Some(Dtype::F16),
+            tls: Some(TlsFiles {
+                cert: "/tls/tls.crt".into(),
+                key: "/tls/tls.key".into(),
+                client_ca: Some("/tls/ca.crt".into()),
+            }),
+            experts_token_file: Some("/token/token".into()),
             extra_args: vec![],
         };
         for arg in args.render().iter().filter(|a| a.starts_with("--")) {

@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use latentserve_worker::cli::parse::{OptionalAddr, parse_duration, parse_optional_addr};
-use latentserve_worker::server::connections::DEFAULT_MAX_CONNECTIONS;
+use latentserve_worker::server::connections::{ConnectionLimits, DEFAULT_MAX_CONNECTIONS};
+use latentserve_worker::server::tls::TlsFiles;
 
 use crate::discovery::{WorkerPorts, follow_service, static_endpoints};
 use crate::metrics::RouterMetrics;
@@ -59,6 +60,26 @@ pub struct RouterArgs {
     /// Open connections each client port keeps; more are closed at once.
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// How long a connection may stay open with no request in flight (gRPC and OpenAI ports),
+    /// e.g. 5m; 0 keeps idle connections open.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// How long an HTTP/1 client of the OpenAI port has to send a request's headers.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+    /// TLS on the gRPC and OpenAI ports: the certificate chain (PEM, leaf first), e.g. a
+    /// cert-manager Secret's tls.crt. Reloaded when the file changes.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM), e.g. tls.key.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Require client certificates signed by these CAs (PEM), e.g. ca.crt: mutual TLS.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+    /// How long a client has to finish its TLS handshake.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
     /// After SIGTERM, how long requests in flight may run before the ports close (e.g. 30s).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -81,7 +102,20 @@ impl RouterArgs {
                 self.openai_addr.0
             },
             metrics: self.metrics_addr,
-            max_connections: self.max_connections as usize,
+            connections: ConnectionLimits {
+                max_connections: self.max_connections as usize,
+                handshake_timeout: self.tls_handshake_timeout,
+                idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
+            },
+            http_header_timeout: self.http_header_timeout,
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: self.tls_client_ca.clone(),
+                }),
+                _ => None,
+            },
         }
     }
 }

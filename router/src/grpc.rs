@@ -38,10 +38,25 @@ pub fn worth_retrying(status: &Status) -> Option<&'static str> {
     match status.code() {
         Code::Unavailable => Some("unavailable"),
         Code::ResourceExhausted => Some("queue_full"),
-        // A connection torn down mid-handshake surfaces as Unknown from the transport.
-        Code::Unknown if status.message().contains("transport") => Some("transport"),
+        // Workers never answer UNKNOWN themselves: it is the transport's (a connection refused,
+        // reset, or torn down by a worker that died before its first message).
+        Code::Unknown => Some("transport"),
         _ => None,
     }
+}
+
+/// An error after the first message: the worker's own status as it is, a broken connection as
+/// UNAVAILABLE that says what happened (the tokens so far were delivered; the request is not
+/// retried, since the client has seen part of the answer).
+fn lost_mid_stream(status: Status, endpoint: &Endpoint) -> Status {
+    if status.code() != Code::Unknown {
+        return status;
+    }
+    endpoint.mark_failed();
+    Status::unavailable(format!(
+        "the worker serving this request failed after it had started answering ({}); the tokens sent so far are all there is: retry the request",
+        status.message()
+    ))
 }
 
 /// The client's deadline, from its `grpc-timeout` header.
@@ -143,9 +158,8 @@ impl Inference for RouterService {
                             .chain(rest)
                             .map(move |item| {
                                 // The guard lives as long as the client reads the stream.
-                                let _ = &in_flight;
                                 outcome.see(&item);
-                                item
+                                item.map_err(|status| lost_mid_stream(status, in_flight.endpoint()))
                             });
                     return Ok(Response::new(Box::pin(stream)));
                 }
@@ -357,6 +371,9 @@ mod tests {
         assert!(worth_retrying(&Status::invalid_argument("prompt")).is_none());
         assert!(worth_retrying(&Status::internal("step failed")).is_none());
         assert!(worth_retrying(&Status::deadline_exceeded("late")).is_none());
+        // What a worker that dies before its first message leaves behind.
+        let broken = Status::unknown("h2 protocol error: error reading a body from connection");
+        assert_eq!(worth_retrying(&broken), Some("transport"));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -168,17 +168,39 @@ async fn generate(
                     last = Some(passthrough(response, None));
                     continue;
                 }
-                endpoint.mark_ok();
-                let outcome = if response.status().is_success() {
-                    "ok"
-                } else {
-                    "error"
-                };
-                metrics
-                    .requests
-                    .with_label_values(&["openai", endpoint.name(), reason, outcome])
-                    .inc();
-                return passthrough(response, Some(in_flight));
+                if !response.status().is_success() {
+                    // The worker's refusal of the request itself: the client's answer.
+                    endpoint.mark_ok();
+                    metrics
+                        .requests
+                        .with_label_values(&["openai", endpoint.name(), reason, "error"])
+                        .inc();
+                    return passthrough(response, Some(in_flight));
+                }
+                // Wait for the first chunk (the first token of a stream, or the whole answer):
+                // a worker that dies before it is still replaced by the next.
+                let (parts, mut body) = response.into_parts();
+                match body.frame().await {
+                    Some(Err(err)) => {
+                        tracing::debug!(endpoint = %endpoint.name(), error = %err, "retrying on another worker");
+                        endpoint.mark_failed();
+                        metrics
+                            .retries
+                            .with_label_values(&["openai", "transport"])
+                            .inc();
+                        continue;
+                    }
+                    first => {
+                        endpoint.mark_ok();
+                        metrics
+                            .requests
+                            .with_label_values(&["openai", endpoint.name(), reason, "ok"])
+                            .inc();
+                        let first = first.and_then(Result::ok);
+                        let response = hyper::Response::from_parts(parts, body);
+                        return passthrough_from(response, first, Some(in_flight));
+                    }
+                }
             }
             Err(err) => {
                 tracing::debug!(endpoint = %endpoint.name(), error = %err, "retrying on another worker");
@@ -269,8 +291,18 @@ async fn forward(
 /// The worker's answer as the client's, its body streamed; the request counts as in flight on
 /// the worker until the body has been read or dropped.
 fn passthrough(response: hyper::Response<Incoming>, in_flight: Option<InFlight>) -> Response {
+    passthrough_from(response, None, in_flight)
+}
+
+/// [`passthrough`] of a response whose first body frame has been read already.
+fn passthrough_from(
+    response: hyper::Response<Incoming>,
+    first: Option<Frame<Bytes>>,
+    in_flight: Option<InFlight>,
+) -> Response {
     let (parts, body) = response.into_parts();
     let mut out = Response::new(Body::new(Guarded {
+        first,
         inner: body,
         _in_flight: in_flight,
     }));
@@ -279,7 +311,6 @@ fn passthrough(response: hyper::Response<Incoming>, in_flight: Option<InFlight>)
         header::CONTENT_TYPE,
         header::CACHE_CONTROL,
         header::RETRY_AFTER,
-        header::CONTENT_LENGTH,
     ] {
         if let Some(value) = parts.headers.get(&name) {
             out.headers_mut().insert(name, value.clone());
@@ -288,8 +319,10 @@ fn passthrough(response: hyper::Response<Incoming>, in_flight: Option<InFlight>)
     out
 }
 
-/// A worker's response body that holds the request's [`InFlight`] guard.
+/// A worker's response body (after its `first` frame, when that was read to see the worker
+/// answer) that holds the request's [`InFlight`] guard.
 struct Guarded {
+    first: Option<Frame<Bytes>>,
     inner: Incoming,
     _in_flight: Option<InFlight>,
 }
@@ -302,15 +335,22 @@ impl hyper::body::Body for Guarded {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        let this = self.get_mut();
+        if let Some(first) = this.first.take() {
+            return Poll::Ready(Some(Ok(first)));
+        }
+        Pin::new(&mut this.inner).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.first.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.first {
+            None => self.inner.size_hint(),
+            Some(_) => SizeHint::default(),
+        }
     }
 }
 

@@ -12,7 +12,10 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use latentserve_proto::v1::inference_server::InferenceServer;
-use latentserve_worker::server::connections::CappedListener;
+use latentserve_worker::server::connections::{
+    self, CappedListener, ConnectionLimits, HttpLimits, TrackRequestsLayer,
+};
+use latentserve_worker::server::tls::{ALPN_GRPC, ALPN_HTTP, ReloadingTls, TlsError, TlsFiles};
 use latentserve_worker::server::{
     HTTP2_KEEPALIVE, INFERENCE_SERVICE_NAME, MAX_STREAMS_PER_CONNECTION,
 };
@@ -27,13 +30,18 @@ use crate::metrics::RouterMetrics;
 use crate::pool::Pool;
 
 /// Where the router listens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouterAddrs {
     pub grpc: SocketAddr,
     /// `None`: no OpenAI API.
     pub openai: Option<SocketAddr>,
     pub metrics: SocketAddr,
-    pub max_connections: usize,
+    /// Limits of every connection on the gRPC and OpenAI ports, as on the workers.
+    pub connections: ConnectionLimits,
+    /// How long an HTTP/1 client of the OpenAI port has to send a request's headers.
+    pub http_header_timeout: Duration,
+    /// TLS on the gRPC and OpenAI ports (the metrics port stays plain HTTP for probes).
+    pub tls: Option<TlsFiles>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +54,8 @@ pub enum ServerError {
     },
     #[error("building the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// The running router's servers.
@@ -84,6 +94,19 @@ impl RunningRouter {
             None => None,
         };
         let openai_addr = openai.as_ref().map(|(_, addr)| *addr);
+        // Loaded before anything is served: never start with a certificate that cannot be used.
+        let tls = |alpn| -> Result<Option<Arc<ReloadingTls>>, ServerError> {
+            Ok(match &addrs.tls {
+                Some(files) => Some(Arc::new(ReloadingTls::new(files.clone(), alpn)?)),
+                None => None,
+            })
+        };
+        let (grpc_tls, openai_tls) = (tls(ALPN_GRPC)?, tls(ALPN_HTTP)?);
+        let capped = |listener, what, addr, tls| {
+            CappedListener::new(listener, addrs.connections, tls)
+                .map_err(|source| ServerError::Bind { what, addr, source })
+        };
+        let grpc_incoming = capped(grpc_listener, "the gRPC port", grpc_addr, grpc_tls)?;
         let ready = Arc::new(AtomicBool::new(true));
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
@@ -103,11 +126,12 @@ impl RunningRouter {
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .http2_keepalive_interval(Some(HTTP2_KEEPALIVE.0))
             .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE.1))
+            .layer(TrackRequestsLayer)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(InferenceServer::new(RouterService::new(pool.clone())))
             .serve_with_incoming_shutdown(
-                CappedListener::new(grpc_listener, addrs.max_connections).into_incoming(),
+                grpc_incoming.into_incoming(),
                 wait_for(shutdown_rx.clone()),
             );
         tasks.push(tokio::spawn(async move {
@@ -115,10 +139,15 @@ impl RunningRouter {
                 tracing::error!(error = %err, "gRPC server failed");
             }
         }));
-        if let Some((listener, _)) = openai {
+        if let Some((listener, addr)) = openai {
             let app = crate::openai::router(pool.clone(), ready.clone());
-            let server = axum::serve(CappedListener::new(listener, addrs.max_connections), app)
-                .with_graceful_shutdown(wait_for(shutdown_rx.clone()));
+            let listener = capped(listener, "the OpenAI API port", addr, openai_tls)?;
+            let limits = HttpLimits {
+                header_read_timeout: addrs.http_header_timeout,
+                max_concurrent_streams: MAX_STREAMS_PER_CONNECTION,
+            };
+            let server =
+                connections::serve_http(listener, app, limits, wait_for(shutdown_rx.clone()));
             tasks.push(tokio::spawn(async move {
                 if let Err(err) = server.await {
                     tracing::error!(error = %err, "OpenAI API server failed");
@@ -144,7 +173,8 @@ impl RunningRouter {
                 }
             }
         }));
-        tracing::info!(%grpc_addr, ?openai_addr, %metrics_addr, "router serving");
+        let tls = addrs.tls.is_some();
+        tracing::info!(%grpc_addr, ?openai_addr, %metrics_addr, tls, "router serving");
         Ok(Self {
             grpc_addr,
             openai_addr,

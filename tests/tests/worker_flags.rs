@@ -41,6 +41,7 @@ fn deployment(expert_shards: i32, serving: Option<ServingSpec>) -> ModelDeployme
             service: None,
             router: None,
             paused: false,
+            tls: None,
         },
     );
     md.metadata.namespace = Some("models".into());
@@ -233,6 +234,9 @@ const USER_FLAGS: &[&str] = &[
     "--block-size",
     "--max-queue",
     "--max-connections",
+    "--idle-timeout",
+    "--http-header-timeout",
+    "--tls-handshake-timeout",
     "--expert-wire-dtype",
     "--expert-rpc-timeout",
     "--device",

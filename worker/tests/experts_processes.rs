@@ -1,6 +1,7 @@
 //! Expert parallelism across real `latentserve-worker serve` processes on 127.0.0.1 ports: the
 //! same greedy tokens on 1, 2 and 4 shards from every rank, a shard killed mid-stream and
-//! restarted, and a peer serving another model refused.
+//! restarted, a peer serving another model refused, and the expert exchange admitting only the
+//! shards that hold the group's token.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -8,8 +9,11 @@ use std::time::{Duration, Instant};
 
 mod serve_support;
 
+use latentserve_proto::v1::experts_client::ExpertsClient;
 use latentserve_proto::v1::inference_client::InferenceClient;
-use latentserve_proto::v1::{GenerateRequest, GetModelInfoRequest};
+use latentserve_proto::v1::{
+    GenerateRequest, GetModelInfoRequest, HandshakeRequest, RunExpertsRequest,
+};
 use serve_support::greedy_request;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -344,4 +348,115 @@ async fn a_peer_serving_another_model_is_refused() {
     };
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(status.message().contains("expert shard 1"), "{status:?}");
+}
+
+/// A token file (Secret key `token`) in a directory of its own; the path to pass.
+fn token_file(dir: &Path, name: &str, token: &str) -> PathBuf {
+    let dir = dir.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("token");
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    path
+}
+
+fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_expert_exchange_admits_only_shards_with_the_groups_token() {
+    const TOKEN: &str = "5f1d3c0a9b8e7d6c5f1d3c0a9b8e7d6c5f1d3c0a9b8e7d6c5f1d3c0a9b8e7d6c";
+    const OTHER: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+    let model = "v3-tiny-f32";
+    let prompt = reference_ids(model, "prompt_ids");
+    let expected = reference_ids(model, "greedy_ids");
+    let logs = tempfile::tempdir().unwrap();
+    let token = token_file(logs.path(), "group", TOKEN);
+    let flags = ["--experts-token-file", token.to_str().unwrap()];
+
+    // Two shards with the token: the group serves the reference tokens.
+    let ports = group_ports(2);
+    let mut workers: Vec<Worker> = (0..2)
+        .map(|rank| Worker::start(model, rank, &ports, logs.path(), &flags))
+        .collect();
+    for worker in &mut workers {
+        wait_health(worker, ServingStatus::Serving).await;
+    }
+    let tokens = generate(
+        &workers[0].address(),
+        greedy_request(&prompt, expected.len() as u32),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", workers[0].log_text()));
+    assert_eq!(tokens, expected);
+
+    // Anyone else on the expert port: no token or a wrong one is UNAUTHENTICATED, and the
+    // refusal gives nothing away.
+    let mut experts = ExpertsClient::new(channel(&workers[1].experts_address()).await.unwrap());
+    for presented in [None, Some(OTHER), Some(&TOKEN[..63])] {
+        let handshake = HandshakeRequest {
+            rank: 0,
+            fingerprint: String::new(),
+        };
+        let status = experts
+            .handshake(with_token(handshake, presented))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        assert!(!status.message().contains("fingerprint"), "{status:?}");
+        let status = experts
+            .run_experts(with_token(RunExpertsRequest::default(), presented))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    }
+    let answer = experts
+        .handshake(with_token(
+            HandshakeRequest {
+                rank: 0,
+                fingerprint: String::new(),
+            },
+            Some(TOKEN),
+        ))
+        .await
+        .expect("the group's token is accepted")
+        .into_inner();
+    assert_eq!(answer.rank, 1);
+    drop(workers);
+
+    // A shard with another token is no peer: rank 0 never becomes ready.
+    let other = token_file(logs.path(), "other", OTHER);
+    let ports = group_ports(2);
+    let mut first = Worker::start(model, 0, &ports, logs.path(), &flags);
+    let _stranger = Worker::start(
+        model,
+        1,
+        &ports,
+        logs.path(),
+        &["--experts-token-file", other.to_str().unwrap()],
+    );
+    let until = Instant::now() + Duration::from_secs(120);
+    while !first.log_text().contains("only the shards of its group") {
+        assert!(
+            Instant::now() < until,
+            "rank 0 was never refused by its peer:\n{}",
+            first.log_text()
+        );
+        assert!(
+            first.child.try_wait().unwrap().is_none(),
+            "{}",
+            first.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        health(&first.address()).await,
+        Some(ServingStatus::NotServing)
+    );
 }

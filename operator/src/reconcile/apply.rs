@@ -20,14 +20,13 @@ pub fn params() -> PatchParams {
 }
 
 /// Applies `desired` in order; returns the StatefulSets as the API server answered, with
-/// their status, for the status stage.
+/// their status, for the status stage. Call [`refuse_adoption`] first.
 #[instrument(skip_all)]
 pub async fn apply(
     owner: &Owner,
     ctx: &Context,
     desired: &[Desired],
 ) -> Result<Vec<StatefulSet>, Error> {
-    refuse_adoption(owner, ctx, desired).await?;
     let mut groups = Vec::new();
     for object in desired {
         // `build_all` leaves out the kinds this cluster does not serve.
@@ -60,7 +59,11 @@ pub async fn apply(
 }
 
 /// Fails with every desired name that an object not controlled by `owner` holds.
-async fn refuse_adoption(owner: &Owner, ctx: &Context, desired: &[Desired]) -> Result<(), Error> {
+pub async fn refuse_adoption(
+    owner: &Owner,
+    ctx: &Context,
+    desired: &[Desired],
+) -> Result<(), Error> {
     let mut taken = Vec::new();
     for object in desired {
         let Some(resource) = object.kind().api(&ctx.build.features) else {

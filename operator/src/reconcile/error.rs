@@ -25,6 +25,12 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("reading or writing the Secret {name}: {source}")]
+    Secret {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("writing status: {0}")]
     Status(#[source] kube::Error),
     /// Objects of the desired names exist and are not controlled by this ModelDeployment;
@@ -46,6 +52,7 @@ impl Error {
             Error::Apply { .. } => "apply",
             Error::Delete { .. } => "delete",
             Error::List { .. } => "list",
+            Error::Secret { .. } => "secret",
             Error::Status(_) => "status",
             Error::Malformed(_) => "malformed",
             Error::Conflict { .. } => "conflict",

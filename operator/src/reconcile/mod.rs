@@ -10,6 +10,7 @@
 pub mod apply;
 mod error;
 pub mod events;
+pub mod experts_token;
 pub mod prune;
 pub mod update_status;
 
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::api::{Api, ListParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
@@ -117,6 +118,8 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
         .owns(api::<Deployment>(&client, &namespace), ours.clone())
         .owns(api::<Service>(&client, &namespace), ours.clone())
         .owns(api::<ConfigMap>(&client, &namespace), ours.clone())
+        // A deleted token Secret is made again (with a new token) at once.
+        .owns(api::<Secret>(&client, &namespace), ours.clone())
         .watches(api::<Pod>(&client, &namespace), ours, |pod: Pod| {
             let namespace = pod.namespace();
             pod.labels()
@@ -232,7 +235,7 @@ async fn reconcile_valid(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
     Ok(Action::requeue(RESYNC))
 }
 
-/// Build -> apply -> prune, then the Events that describe what changed. Returns the
+/// Build -> experts token -> apply -> prune, then the Events that describe what changed. Returns the
 /// StatefulSets of the current groups as the API server answered the applies.
 async fn apply_and_prune(
     spec: &ValidatedSpec<'_>,
@@ -240,6 +243,9 @@ async fn apply_and_prune(
     existing: &[StatefulSet],
 ) -> Result<Vec<StatefulSet>, Error> {
     let desired = resources::build_all(spec, &ctx.build);
+    apply::refuse_adoption(spec.owner(), ctx, &desired).await?;
+    // Before the pods that mount it.
+    experts_token::ensure(spec, ctx).await?;
     let groups = apply::apply(spec.owner(), ctx, &desired).await?;
     prune::prune(spec.owner(), ctx, &desired).await?;
     let before = existing.iter().filter(|s| group_of(s).is_some()).count() as i32;

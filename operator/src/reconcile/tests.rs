@@ -23,6 +23,7 @@ const SERVICES: &str = "/api/v1/namespaces/models/services";
 const CONFIG_MAPS: &str = "/api/v1/namespaces/models/configmaps";
 const NETWORK_POLICIES: &str = "/apis/networking.k8s.io/v1/namespaces/models/networkpolicies";
 const BUDGETS: &str = "/apis/policy/v1/namespaces/models/poddisruptionbudgets";
+const SECRETS: &str = "/api/v1/namespaces/models/secrets";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/models/events";
 const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/models/deployments";
 const SERVICE_ACCOUNTS: &str = "/api/v1/namespaces/models/serviceaccounts";
@@ -137,6 +138,8 @@ async fn create_applies_every_child_under_the_field_manager() {
     assert_eq!(
         applied_paths,
         [
+            // The experts token first: the pods mount it.
+            format!("{SECRETS}/demo-experts-token"),
             format!("{CONFIG_MAPS}/demo-config"),
             format!("{SERVICES}/demo-peers"),
             format!("{SERVICES}/demo-workers"),
@@ -608,4 +611,96 @@ async fn a_service_account_of_the_routers_name_that_we_do_not_control_stops_the_
         .collect();
     assert!(applies.is_empty(), "nothing is applied: {applies:?}");
     assert!(fake.get(ROLE_BINDINGS, "demo-router").is_none());
+}
+
+fn secret_value(secret: &Value, key: &str) -> Option<String> {
+    let encoded = secret["data"][key].as_str()?;
+    let bytes: k8s_openapi::ByteString =
+        serde_json::from_value(json!(encoded)).expect("base64 data");
+    String::from_utf8(bytes.0).ok()
+}
+
+#[tokio::test]
+async fn a_sharded_deployment_gets_a_token_secret_kept_until_rotated() {
+    use super::experts_token::{PREVIOUS_KEY, ROTATE_ANNOTATION, TOKEN_KEY};
+    let md = demo();
+    let (fake, ctx) = setup(&md);
+    reconcile_once(&md, &ctx).await.unwrap();
+    let secret = fake
+        .get(SECRETS, "demo-experts-token")
+        .expect("the token Secret");
+    let first = secret_value(&secret, TOKEN_KEY).unwrap();
+    assert_eq!(first.len(), 64);
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["controller"], true);
+    assert!(secret_value(&secret, PREVIOUS_KEY).is_none());
+    fake.take_requests();
+
+    // Steady state: read, never rewritten.
+    reconcile_once(&stored(&fake), &ctx).await.unwrap();
+    let requests = fake.take_requests();
+    assert!(
+        !writes_of(&requests).iter().any(|p| p.starts_with(SECRETS)),
+        "{:?}",
+        writes_of(&requests)
+    );
+
+    // The rotation annotation: a new token, the old one kept as `previous`, once.
+    let mut rotate = stored(&fake);
+    rotate
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(ROTATE_ANNOTATION.into(), "1".into());
+    reconcile_once(&rotate, &ctx).await.unwrap();
+    let secret = fake.get(SECRETS, "demo-experts-token").unwrap();
+    let second = secret_value(&secret, TOKEN_KEY).unwrap();
+    assert_ne!(second, first);
+    assert_eq!(secret_value(&secret, PREVIOUS_KEY), Some(first));
+    fake.take_requests();
+    reconcile_once(&rotate, &ctx).await.unwrap();
+    assert_eq!(
+        secret_value(&fake.get(SECRETS, "demo-experts-token").unwrap(), TOKEN_KEY),
+        Some(second.clone())
+    );
+
+    // Deleted: made again at the next reconcile (the watch on Secrets triggers it), with a new
+    // token and no previous one.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(ctx.client.clone(), "models");
+    secrets
+        .delete("demo-experts-token", &Default::default())
+        .await
+        .unwrap();
+    assert!(fake.get(SECRETS, "demo-experts-token").is_none());
+    reconcile_once(&rotate, &ctx).await.unwrap();
+    let secret = fake.get(SECRETS, "demo-experts-token").expect("made again");
+    let third = secret_value(&secret, TOKEN_KEY).unwrap();
+    assert_ne!(third, second);
+    assert!(secret_value(&secret, PREVIOUS_KEY).is_none());
+}
+
+#[tokio::test]
+async fn a_single_shard_deployment_has_no_token_and_a_foreign_secret_is_a_conflict() {
+    let mut single = demo();
+    single.spec.expert_shards = 1;
+    let (fake, ctx) = setup(&single);
+    reconcile_once(&single, &ctx).await.unwrap();
+    assert!(fake.get(SECRETS, "demo-experts-token").is_none());
+
+    let md = demo();
+    let (fake, ctx) = setup(&md);
+    fake.insert(
+        SECRETS,
+        json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "demo-experts-token", "namespace": "models"},
+            "data": {"token": "c2VjcmV0"},
+        }),
+    );
+    let err = reconcile_once(&md, &ctx).await.unwrap_err();
+    assert_eq!(err.metric_label(), "conflict");
+    let secret = fake.get(SECRETS, "demo-experts-token").unwrap();
+    assert_eq!(secret["data"]["token"], "c2VjcmV0", "left as it was");
+    assert!(fake.get(STATEFUL_SETS, "demo-0").is_none(), "no pods");
 }

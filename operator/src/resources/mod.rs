@@ -81,6 +81,11 @@ pub mod names {
     pub fn workers_service(name: &str) -> String {
         format!("{name}-workers")
     }
+
+    /// The expert exchange's shared token (groups of more than one shard).
+    pub fn experts_token(name: &str) -> String {
+        format!("{name}-experts-token")
+    }
 }
 
 /// The identity of the ModelDeployment that the builders need.

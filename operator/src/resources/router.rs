@@ -85,11 +85,18 @@ fn pod_spec(spec: &ValidatedSpec<'_>, ctx: &BuildContext) -> PodSpec {
     PodSpec {
         containers: vec![container(spec, ctx)],
         // The router writes nothing but may want scratch space; the root stays read-only.
-        volumes: Some(vec![Volume {
-            name: "tmp".to_owned(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Volume::default()
-        }]),
+        volumes: Some(
+            std::iter::once(Volume {
+                name: "tmp".to_owned(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            })
+            .chain(
+                spec.router_tls()
+                    .map(|tls| super::statefulset::secret_volume("tls", &tls.secret_name)),
+            )
+            .collect(),
+        ),
         service_account_name: Some(names::router(&owner.name)),
         // The router's one credential: it lists and watches EndpointSlices.
         automount_service_account_token: Some(true),
@@ -118,6 +125,7 @@ pub fn router_args(spec: &ValidatedSpec<'_>) -> RouterArgs {
         metrics_addr: format!("0.0.0.0:{METRICS_PORT}"),
         policy: spec.router().policy,
         drain_timeout_seconds: DRAIN_SECONDS,
+        tls: spec.router_tls().map(super::statefulset::tls_files),
     }
 }
 
@@ -156,11 +164,21 @@ fn container(spec: &ValidatedSpec<'_>, ctx: &BuildContext) -> Container {
         ]),
         ports: Some(ports),
         resources: Some(resources(spec)),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "tmp".to_owned(),
-            mount_path: "/tmp".to_owned(),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(
+            std::iter::once(VolumeMount {
+                name: "tmp".to_owned(),
+                mount_path: "/tmp".to_owned(),
+                ..VolumeMount::default()
+            })
+            // The whole Secret, never a subPath, so that renewed certificates reach the pod.
+            .chain(spec.router_tls().map(|_| VolumeMount {
+                name: "tls".to_owned(),
+                mount_path: super::statefulset::TLS_MOUNT.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            }))
+            .collect(),
+        ),
         liveness_probe: Some(Probe {
             period_seconds: Some(10),
             failure_threshold: Some(3),

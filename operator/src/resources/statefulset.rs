@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, GRPCAction,
     HTTPGetAction, HostPathVolumeSource, ImageVolumeSource, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -18,10 +18,16 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::{BuildContext, EXPERTS_PORT, GRPC_PORT, HTTP_PORT, LABEL_GROUP, METRICS_PORT, names};
 use crate::crd::ModelSource;
 use crate::validate::ValidatedSpec;
-use crate::worker_args::{self, ServeArgs};
+use crate::worker_args::{self, ServeArgs, TlsFiles};
 
 /// Where the model is mounted in every worker.
 pub const MODEL_MOUNT: &str = "/model";
+/// Where `spec.tls`'s Secret is mounted (`tls.crt`, `tls.key`, `ca.crt`).
+pub const TLS_MOUNT: &str = "/etc/latentserve/tls";
+/// Where the expert exchange's token Secret is mounted (`token`, `previous`).
+pub const EXPERTS_TOKEN_MOUNT: &str = "/etc/latentserve/experts-token";
+/// Secret files are readable by the owner (root) and the pod's fsGroup (the worker's group).
+const SECRET_FILE_MODE: i32 = 0o440;
 /// Seconds the worker drains in-flight requests after SIGTERM (`--drain-timeout`).
 pub const DRAIN_SECONDS: i64 = 60;
 /// Grace before the kubelet kills a worker: the drain plus time to flush and exit.
@@ -74,16 +80,24 @@ pub fn stateful_set(spec: &ValidatedSpec<'_>, group: i32, ctx: &BuildContext) ->
 
 fn pod_spec(validated: &ValidatedSpec<'_>, group: i32, ctx: &BuildContext) -> PodSpec {
     let spec = validated.spec();
+    let mut volumes = vec![
+        model_volume(&spec.model),
+        Volume {
+            name: "tmp".to_owned(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    ];
+    if let Some(tls) = validated.worker_tls() {
+        volumes.push(secret_volume("tls", &tls.secret_name));
+    }
+    if needs_experts_token(validated) {
+        let name = names::experts_token(&validated.owner().name);
+        volumes.push(secret_volume("experts-token", &name));
+    }
     PodSpec {
         containers: vec![worker_container(validated, group, ctx)],
-        volumes: Some(vec![
-            model_volume(&spec.model),
-            Volume {
-                name: "tmp".to_owned(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Volume::default()
-            },
-        ]),
+        volumes: Some(volumes),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(WORKER_UID),
@@ -100,6 +114,23 @@ fn pod_spec(validated: &ValidatedSpec<'_>, group: i32, ctx: &BuildContext) -> Po
         affinity: spec.affinity.clone(),
         priority_class_name: spec.priority_class_name.clone(),
         ..PodSpec::default()
+    }
+}
+
+/// Whether the group's shards exchange experts, and so share a token.
+pub fn needs_experts_token(spec: &ValidatedSpec<'_>) -> bool {
+    spec.plan().expert_shards > 1
+}
+
+pub fn secret_volume(name: &str, secret: &str) -> Volume {
+    Volume {
+        name: name.to_owned(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.to_owned()),
+            default_mode: Some(SECRET_FILE_MODE),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
     }
 }
 
@@ -166,6 +197,9 @@ pub fn serve_args(spec: &ValidatedSpec<'_>, group: i32) -> ServeArgs {
         kv_cache_bytes: spec.kv_cache_bytes(),
         prefix_caching: serving.prefix_caching,
         dtype: serving.dtype,
+        tls: spec.worker_tls().map(tls_files),
+        experts_token_file: needs_experts_token(spec)
+            .then(|| format!("{EXPERTS_TOKEN_MOUNT}/token")),
         extra_args: serving.extra_args.clone(),
     }
 }
@@ -215,20 +249,7 @@ fn worker_container(spec: &ValidatedSpec<'_>, group: i32, ctx: &BuildContext) ->
             port("metrics", METRICS_PORT),
         ]),
         resources: Some(resources(spec)),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "model".to_owned(),
-                mount_path: MODEL_MOUNT.to_owned(),
-                read_only: Some(true),
-                sub_path,
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "tmp".to_owned(),
-                mount_path: "/tmp".to_owned(),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(volume_mounts(spec, sub_path)),
         startup_probe: Some(Probe {
             period_seconds: Some(STARTUP_PERIOD_SECONDS),
             failure_threshold: Some(STARTUP_FAILURES),
@@ -242,7 +263,7 @@ fn worker_container(spec: &ValidatedSpec<'_>, group: i32, ctx: &BuildContext) ->
         readiness_probe: Some(Probe {
             period_seconds: Some(5),
             failure_threshold: Some(2),
-            ..readiness_check(ctx)
+            ..readiness_check(spec, ctx)
         }),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -259,6 +280,46 @@ fn worker_container(spec: &ValidatedSpec<'_>, group: i32, ctx: &BuildContext) ->
     }
 }
 
+fn volume_mounts(spec: &ValidatedSpec<'_>, model_sub_path: Option<String>) -> Vec<VolumeMount> {
+    let read_only = |name: &str, path: &str| VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    };
+    let mut mounts = vec![
+        VolumeMount {
+            sub_path: model_sub_path,
+            ..read_only("model", MODEL_MOUNT)
+        },
+        VolumeMount {
+            name: "tmp".to_owned(),
+            mount_path: "/tmp".to_owned(),
+            ..VolumeMount::default()
+        },
+    ];
+    // Whole Secrets, never subPath: the kubelet updates only whole-volume mounts when a Secret
+    // changes, which is how rotated certificates and tokens reach a running worker.
+    if spec.worker_tls().is_some() {
+        mounts.push(read_only("tls", TLS_MOUNT));
+    }
+    if needs_experts_token(spec) {
+        mounts.push(read_only("experts-token", EXPERTS_TOKEN_MOUNT));
+    }
+    mounts
+}
+
+/// Where a container finds `spec.tls`'s Secret, mounted whole at [`TLS_MOUNT`].
+pub fn tls_files(tls: &crate::crd::TlsSpec) -> TlsFiles {
+    TlsFiles {
+        cert: format!("{TLS_MOUNT}/tls.crt"),
+        key: format!("{TLS_MOUNT}/tls.key"),
+        client_ca: tls
+            .client_auth_required()
+            .then(|| format!("{TLS_MOUNT}/ca.crt")),
+    }
+}
+
 fn http_probe(path: &str) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -270,10 +331,11 @@ fn http_probe(path: &str) -> Probe {
     }
 }
 
-/// gRPC health where the kubelet can probe it (1.24+), the worker's HTTP `/readyz` otherwise;
-/// both report SERVING only when the shard and all its peers are ready.
-fn readiness_check(ctx: &BuildContext) -> Probe {
-    if ctx.features.grpc_probes {
+/// gRPC health where the kubelet can probe it (1.24+, plain text only), the worker's HTTP
+/// `/readyz` otherwise; both report SERVING only when the shard and all its peers are ready.
+fn readiness_check(spec: &ValidatedSpec<'_>, ctx: &BuildContext) -> Probe {
+    // The kubelet's gRPC probe speaks no TLS.
+    if ctx.features.grpc_probes && spec.worker_tls().is_none() {
         Probe {
             grpc: Some(GRPCAction {
                 port: GRPC_PORT,
@@ -328,6 +390,114 @@ mod tests {
             .unwrap()
             .containers[0]
             .clone()
+    }
+
+    fn pod(sts: &StatefulSet) -> PodSpec {
+        sts.spec.as_ref().unwrap().template.spec.clone().unwrap()
+    }
+
+    fn secret_of(pod: &PodSpec, volume: &str) -> Option<SecretVolumeSource> {
+        let volume = pod.volumes.as_ref()?.iter().find(|v| v.name == volume)?;
+        volume.secret.clone()
+    }
+
+    fn mount<'a>(container: &'a Container, volume: &str) -> Option<&'a VolumeMount> {
+        container
+            .volume_mounts
+            .as_ref()?
+            .iter()
+            .find(|m| m.name == volume)
+    }
+
+    fn flag_value(args: &[String], flag: &str) -> Option<String> {
+        let at = args.iter().position(|a| a == flag)?;
+        args.get(at + 1).cloned()
+    }
+
+    #[test]
+    fn spec_tls_mounts_its_secret_and_passes_the_files() {
+        let md = demo();
+        let plain = container(&build(&md, 0));
+        assert!(mount(&plain, "tls").is_none());
+        assert!(!plain.args.unwrap().iter().any(|a| a.starts_with("--tls")));
+
+        let mut md = demo();
+        md.spec.tls = Some(crate::crd::TlsSpec {
+            secret_name: "demo-cert".into(),
+            client_auth: None,
+        });
+        // With the router in front, TLS ends at the router: the workers stay plain.
+        let behind_router = container(&build(&md, 0));
+        assert!(mount(&behind_router, "tls").is_none());
+        assert!(
+            !behind_router
+                .args
+                .unwrap()
+                .iter()
+                .any(|a| a.starts_with("--tls"))
+        );
+        // Without it, the workers terminate TLS themselves.
+        md.spec.router = Some(crate::crd::RouterSpec {
+            replicas: 0,
+            ..crate::crd::RouterSpec::default()
+        });
+        let sts = build(&md, 0);
+        let secret = secret_of(&pod(&sts), "tls").unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("demo-cert"));
+        assert_eq!(secret.default_mode, Some(0o440));
+        let worker = container(&sts);
+        let tls_mount = mount(&worker, "tls").unwrap();
+        assert_eq!(tls_mount.mount_path, TLS_MOUNT);
+        assert_eq!(tls_mount.read_only, Some(true));
+        assert_eq!(
+            tls_mount.sub_path, None,
+            "a subPath mount never sees a rotation"
+        );
+        let args = worker.args.clone().unwrap();
+        assert_eq!(
+            flag_value(&args, "--tls-cert").as_deref(),
+            Some("/etc/latentserve/tls/tls.crt")
+        );
+        assert_eq!(
+            flag_value(&args, "--tls-key").as_deref(),
+            Some("/etc/latentserve/tls/tls.key")
+        );
+        assert!(flag_value(&args, "--tls-client-ca").is_none());
+        // The kubelet's gRPC probe speaks no TLS: readiness is the metrics port's /readyz.
+        let readiness = worker.readiness_probe.unwrap();
+        assert!(readiness.grpc.is_none());
+        assert_eq!(readiness.http_get.unwrap().path.as_deref(), Some("/readyz"));
+
+        md.spec.tls.as_mut().unwrap().client_auth = Some(crate::crd::ClientAuth::Required);
+        let args = container(&build(&md, 0)).args.unwrap();
+        assert_eq!(
+            flag_value(&args, "--tls-client-ca").as_deref(),
+            Some("/etc/latentserve/tls/ca.crt")
+        );
+    }
+
+    #[test]
+    fn sharded_groups_mount_the_experts_token_single_shards_do_not() {
+        let md = demo();
+        let sts = build(&md, 0);
+        let secret = secret_of(&pod(&sts), "experts-token").unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("demo-experts-token"));
+        let worker = container(&sts);
+        let token_mount = mount(&worker, "experts-token").unwrap();
+        assert_eq!(token_mount.mount_path, EXPERTS_TOKEN_MOUNT);
+        assert_eq!(token_mount.read_only, Some(true));
+        assert_eq!(
+            flag_value(&worker.args.unwrap(), "--experts-token-file").as_deref(),
+            Some("/etc/latentserve/experts-token/token")
+        );
+
+        let mut single = demo();
+        single.spec.expert_shards = 1;
+        let sts = build(&single, 0);
+        assert!(secret_of(&pod(&sts), "experts-token").is_none());
+        let worker = container(&sts);
+        assert!(mount(&worker, "experts-token").is_none());
+        assert!(flag_value(&worker.args.unwrap(), "--experts-token-file").is_none());
     }
 
     #[test]
@@ -391,6 +561,8 @@ mod tests {
                 "--no-prefix-caching",
                 "--dtype",
                 "f16",
+                "--experts-token-file",
+                "/etc/latentserve/experts-token/token",
                 "--log-format=json",
             ]
         );

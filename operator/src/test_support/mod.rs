@@ -38,6 +38,7 @@ pub fn demo() -> ModelDeployment {
             service: None,
             router: None,
             paused: false,
+            tls: None,
         },
     );
     md.metadata.namespace = Some("models".into());

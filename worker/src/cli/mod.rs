@@ -30,7 +30,7 @@ pub enum Command {
     /// Measure offline model speed (prefill, decode at several depths, memory).
     Bench(bench::BenchArgs),
     /// Serve a model over gRPC (metrics and probes on a second port) until SIGTERM drains it.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Load against a running server: throughput and TTFT/ITL/end-to-end latency percentiles.
     BenchServe(bench_serve::BenchServeArgs),
 }
@@ -41,7 +41,7 @@ impl Cli {
             Command::Generate(args) => generate::run(&args),
             Command::InitRandom(args) => init_random::run(&args),
             Command::Bench(args) => bench::run(&args),
-            Command::Serve(args) => async_runtime()?.block_on(serve::run(args)),
+            Command::Serve(args) => async_runtime()?.block_on(serve::run(*args)),
             Command::BenchServe(args) => async_runtime()?.block_on(bench_serve::run(args)),
         }
     }

@@ -26,7 +26,8 @@ use crate::model::chat_template::ChatTemplate;
 use crate::model::config::ModelType;
 use crate::model::loader::WeightStore;
 use crate::model::{DeepSeekModel, LatentCache, LoadOptions, ModelConfig, Tokenizer};
-use crate::server::connections::DEFAULT_MAX_CONNECTIONS;
+use crate::server::connections::{ConnectionLimits, DEFAULT_MAX_CONNECTIONS};
+use crate::server::tls::TlsFiles;
 use crate::server::validate::RequestLimits;
 use crate::server::{ExpertsEndpoint, ListenAddrs, LoadedModel, RunningServer};
 
@@ -59,6 +60,26 @@ pub struct ServeArgs {
     /// Open connections each port (gRPC, OpenAI, expert exchange) keeps; more are closed at once.
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// How long a connection may stay open with no request in flight (HTTP/2 pings do not count),
+    /// e.g. 5m; 0 keeps idle connections open.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// How long an HTTP/1 client of the OpenAI port has to send a request's headers.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+    /// TLS on the gRPC and OpenAI ports: the certificate chain (PEM, leaf first), e.g. a
+    /// cert-manager Secret's tls.crt. Reloaded when the file changes.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1), e.g. tls.key.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by these CAs (PEM), e.g. ca.crt: mutual TLS.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// How long a client has to finish its TLS handshake.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
     /// Jinja chat template for chat requests, replacing the model's own (tokenizer_config.json's
     /// chat_template or chat_template.jinja).
     #[arg(long)]
@@ -97,6 +118,28 @@ pub struct ServeArgs {
     pub device: super::DeviceArgs,
 }
 
+/// The ports and their limits, from the flags.
+fn listen_addrs(args: &ServeArgs) -> ListenAddrs {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.tls_client_ca.clone(),
+        }),
+        _ => None,
+    };
+    ListenAddrs {
+        connections: ConnectionLimits {
+            max_connections: args.max_connections as usize,
+            handshake_timeout: args.tls_handshake_timeout,
+            idle_timeout: (!args.idle_timeout.is_zero()).then_some(args.idle_timeout),
+        },
+        http_header_timeout: args.http_header_timeout,
+        tls,
+        ..ListenAddrs::new(args.grpc_addr, args.metrics_addr, args.openai_addr.0)
+    }
+}
+
 /// A server that is serving: the servers and the engine thread.
 pub struct Serving {
     pub server: RunningServer,
@@ -119,23 +162,19 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Serving> {
     let config = ModelConfig::from_file(&config_path)
         .with_context(|| format!("reading {}", config_path.display()))?;
     let mut shard = Shard::new(
-        &args.shard.settings(),
+        &args.shard.settings()?,
         &model_dir,
         &config,
         &model_name,
         metrics.clone(),
     )
     .context("setting up the expert shard")?;
-    let addrs = ListenAddrs {
-        grpc: args.grpc_addr,
-        metrics: args.metrics_addr,
-        openai: args.openai_addr.0,
-        max_connections: args.max_connections as usize,
-    };
+    let addrs = listen_addrs(args);
     // A worker alone in its group has no exchange to serve: nobody may call its experts.
     let experts = (args.shard.shard_count > 1).then(|| ExpertsEndpoint {
         service: shard.service.clone().into_server(),
         addr: args.shard.experts_addr,
+        auth: shard.auth.clone(),
     });
     let server = RunningServer::start(&addrs, metrics.clone(), experts)
         .await

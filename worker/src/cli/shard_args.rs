@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 use latentserve_proto::v1::WireDtype;
 
 use super::parse::parse_duration;
+use crate::experts::auth::ExpertsAuth;
 use crate::experts::shard::ShardSettings;
 
 /// Element type of hidden rows sent between shards.
@@ -62,6 +63,12 @@ pub struct ShardArgs {
     /// (e.g. 10s, 500ms).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub expert_rpc_timeout: Duration,
+    /// The group's shared token (the operator's `NAME-experts-token` Secret, key `token`): sent
+    /// on every call to a peer, and required of every caller of the expert exchange. A file named
+    /// `previous` next to it holds the token still accepted during a rotation. Without it the
+    /// exchange is open to anyone who reaches the port: for one host or development only.
+    #[arg(long)]
+    pub experts_token_file: Option<PathBuf>,
 }
 
 impl Default for ShardArgs {
@@ -75,6 +82,7 @@ impl Default for ShardArgs {
             expert_placement: None,
             expert_wire_dtype: WireDtypeArg::F32,
             expert_rpc_timeout: Duration::from_secs(10),
+            experts_token_file: None,
         }
     }
 }
@@ -92,16 +100,22 @@ impl ShardArgs {
         Ok(())
     }
 
-    /// The library's view of these flags.
-    pub fn settings(&self) -> ShardSettings {
-        ShardSettings {
+    /// The library's view of these flags, reading the token file if there is one.
+    pub fn settings(&self) -> anyhow::Result<ShardSettings> {
+        let auth = match &self.experts_token_file {
+            Some(path) => ExpertsAuth::from_file(path)
+                .with_context(|| format!("--experts-token-file {}", path.display()))?,
+            None => ExpertsAuth::open(),
+        };
+        Ok(ShardSettings {
             rank: self.shard_rank as usize,
             count: self.shard_count as usize,
             peers: self.peers.clone(),
             expert_placement: self.expert_placement.clone(),
             wire_dtype: self.expert_wire_dtype.wire(),
             rpc_timeout: self.expert_rpc_timeout,
-        }
+            auth,
+        })
     }
 }
 
@@ -138,7 +152,8 @@ mod tests {
             expert_rpc_timeout: Duration::from_millis(500),
             ..ShardArgs::default()
         };
-        let settings = args.settings();
+        let settings = args.settings().unwrap();
+        assert!(settings.auth.is_open());
         assert_eq!((settings.rank, settings.count), (2, 4));
         assert_eq!(settings.peers.len(), 3);
         assert_eq!(settings.wire_dtype, WireDtype::Bf16);

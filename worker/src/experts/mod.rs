@@ -2,11 +2,13 @@
 //!
 //! - [`placement`]: which shard holds which expert, and which replica a token goes to (pure);
 //! - [`wire`]: hidden rows on the wire in f32, f16 or bf16;
+//! - [`auth`]: the group's shared token, sent and checked on every Experts call;
 //! - [`peers`]: Experts clients of the other shards, with health from periodic handshakes;
 //! - [`service`]: the `latentserve.v1.Experts` service that runs this shard's experts for a peer;
 //! - [`remote`]: the MoE executor that sends each peer its share of a layer's expert work while
 //!   the local experts run, and adds what comes back.
 
+pub mod auth;
 pub mod peers;
 pub mod placement;
 pub mod remote;

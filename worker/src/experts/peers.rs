@@ -13,7 +13,13 @@ use std::time::Duration;
 use latentserve_proto::v1::HandshakeRequest;
 use latentserve_proto::v1::experts_client::ExpertsClient;
 use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+use super::auth::ExpertsAuth;
+
+/// A connection to a peer that signs every call with the group's token.
+pub type PeerChannel = InterceptedService<Channel, ExpertsAuth>;
 
 /// Largest RunExperts message either way: a long prefill chunk of a large model's hidden rows.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
@@ -200,18 +206,21 @@ pub struct Peers {
     shard_count: usize,
     fingerprint: String,
     timeouts: PeerTimeouts,
+    auth: ExpertsAuth,
     peers: Vec<Arc<Peer>>,
     healthy: watch::Sender<bool>,
 }
 
 impl Peers {
-    /// `peers`: (rank, HOST:PORT) of every other shard (see [`peer_ranks`]).
+    /// `peers`: (rank, HOST:PORT) of every other shard (see [`peer_ranks`]); `auth` signs every
+    /// call to them.
     pub fn new(
         local_rank: usize,
         shard_count: usize,
         peers: Vec<(usize, String)>,
         fingerprint: String,
         timeouts: PeerTimeouts,
+        auth: ExpertsAuth,
     ) -> Self {
         let healthy = watch::Sender::new(peers.is_empty());
         Self {
@@ -219,6 +228,7 @@ impl Peers {
             shard_count,
             fingerprint,
             timeouts,
+            auth,
             peers: peers
                 .into_iter()
                 .map(|(rank, address)| {
@@ -263,7 +273,7 @@ impl Peers {
     }
 
     /// A client for `rank` if it is ready; otherwise why not.
-    pub fn client(&self, rank: usize) -> Result<ExpertsClient<Channel>, PeerUnavailable> {
+    pub fn client(&self, rank: usize) -> Result<ExpertsClient<PeerChannel>, PeerUnavailable> {
         let Some(peer) = self.peer(rank) else {
             return Err(PeerUnavailable {
                 rank,
@@ -273,9 +283,12 @@ impl Peers {
         };
         let state = peer.lock();
         match (&state.status, &state.channel) {
-            (PeerStatus::Ready, Some(channel)) => Ok(ExpertsClient::new(channel.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES)),
+            (PeerStatus::Ready, Some(channel)) => Ok(ExpertsClient::with_interceptor(
+                channel.clone(),
+                self.auth.clone(),
+            )
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)),
             (status, _) => Err(peer.unavailable(status.describe())),
         }
     }
@@ -341,7 +354,7 @@ impl Peers {
                 }
             },
         };
-        let mut client = ExpertsClient::new(channel.clone());
+        let mut client = ExpertsClient::with_interceptor(channel.clone(), self.auth.clone());
         let request = HandshakeRequest {
             rank: self.local_rank as u32,
             fingerprint: self.fingerprint.clone(),
@@ -526,6 +539,7 @@ mod tests {
                 rpc: Duration::from_secs(1),
                 probe_interval: Duration::from_millis(50),
             },
+            ExpertsAuth::open(),
         );
         assert!(!peers.is_healthy());
         assert_eq!(peers.peer(1).unwrap().status(), PeerStatus::Connecting);
@@ -547,7 +561,14 @@ mod tests {
 
     #[test]
     fn no_peers_is_healthy() {
-        let peers = Peers::new(0, 1, Vec::new(), "abc".to_owned(), PeerTimeouts::default());
+        let peers = Peers::new(
+            0,
+            1,
+            Vec::new(),
+            "abc".to_owned(),
+            PeerTimeouts::default(),
+            ExpertsAuth::open(),
+        );
         assert!(peers.is_healthy());
     }
 }

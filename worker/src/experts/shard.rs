@@ -10,6 +10,7 @@ use std::time::Duration;
 use latentserve_proto::v1::WireDtype;
 use tokio::sync::watch;
 
+use super::auth::ExpertsAuth;
 use super::peers::{PeerListError, PeerTimeouts, Peers, peer_ranks};
 use super::placement::{Placement, PlacementError, check_rank};
 use super::remote::ShardedExperts;
@@ -36,6 +37,8 @@ pub struct ShardSettings {
     pub wire_dtype: WireDtype,
     /// Longest a call to a peer's experts may take.
     pub rpc_timeout: Duration,
+    /// The group's token: signs calls to peers and admits theirs; open (no token) by default.
+    pub auth: ExpertsAuth,
 }
 
 impl Default for ShardSettings {
@@ -47,6 +50,7 @@ impl Default for ShardSettings {
             expert_placement: None,
             wire_dtype: WireDtype::F32,
             rpc_timeout: Duration::from_secs(10),
+            auth: ExpertsAuth::open(),
         }
     }
 }
@@ -74,6 +78,8 @@ pub struct Shard {
     pub identity: ShardIdentity,
     pub service: ExpertsService,
     pub peers: Arc<Peers>,
+    /// The group's token, which the Experts port requires of callers.
+    pub auth: ExpertsAuth,
     wire_dtype: WireDtype,
     metrics: Arc<Metrics>,
     monitor: Option<tokio::task::JoinHandle<()>>,
@@ -137,11 +143,19 @@ impl Shard {
             rpc: settings.rpc_timeout,
             ..PeerTimeouts::default()
         };
-        let peers = Arc::new(Peers::new(rank, count, peers, fingerprint, timeouts));
+        let peers = Arc::new(Peers::new(
+            rank,
+            count,
+            peers,
+            fingerprint,
+            timeouts,
+            settings.auth.clone(),
+        ));
         Ok(Self {
             identity,
             service,
             peers,
+            auth: settings.auth.clone(),
             wire_dtype: settings.wire_dtype,
             metrics,
             monitor: None,

@@ -8,6 +8,7 @@ pub mod grpc;
 pub mod http;
 pub mod openai;
 pub mod status;
+pub mod tls;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -28,11 +29,13 @@ use tonic_health::server::HealthReporter;
 use crate::engine::EngineHandle;
 use crate::engine::codec::TokenCodec;
 use crate::experts::EXPERTS_SERVICE_NAME;
+use crate::experts::auth::{ExpertsAuth, RequireToken};
 use crate::experts::service::ExpertsService;
 use crate::metrics::Metrics;
 use crate::model::chat_template::ChatTemplate;
-use connections::CappedListener;
+use connections::{CappedListener, ConnectionLimits, HttpLimits, TrackRequestsLayer};
 use grpc::InferenceService;
+use tls::{ALPN_GRPC, ALPN_HTTP, ReloadingTls, TlsFiles};
 use validate::RequestLimits;
 
 /// What both APIs serve once the model is loaded and warmed up.
@@ -68,6 +71,8 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
     #[error("building the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server: {0}")]
@@ -97,15 +102,35 @@ pub struct RunningServer {
     pub openai_addr: Option<SocketAddr>,
 }
 
-/// Where the servers listen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where the servers listen, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenAddrs {
     pub grpc: SocketAddr,
     pub metrics: SocketAddr,
     /// The OpenAI-compatible HTTP API; `None` serves none.
     pub openai: Option<SocketAddr>,
-    /// Open connections each port (gRPC, OpenAI, expert exchange) keeps; more are closed at once.
-    pub max_connections: usize,
+    /// Connection cap, TLS handshake and idle timeouts of each port (gRPC, OpenAI, expert
+    /// exchange).
+    pub connections: ConnectionLimits,
+    /// How long an HTTP/1 client of the OpenAI port has to send a request's headers.
+    pub http_header_timeout: Duration,
+    /// TLS on the client ports (gRPC and OpenAI); the metrics port stays plain HTTP for the
+    /// kubelet's probes, and the expert exchange has its token.
+    pub tls: Option<TlsFiles>,
+}
+
+impl ListenAddrs {
+    /// Plain ports with the default limits.
+    pub fn new(grpc: SocketAddr, metrics: SocketAddr, openai: Option<SocketAddr>) -> Self {
+        Self {
+            grpc,
+            metrics,
+            openai,
+            connections: ConnectionLimits::default(),
+            http_header_timeout: connections::DEFAULT_HEADER_READ_TIMEOUT,
+            tls: None,
+        }
+    }
 }
 
 /// Requests one HTTP/2 connection may have in flight on the gRPC port (hyper's default is
@@ -121,6 +146,8 @@ pub struct ExpertsEndpoint {
     /// A port of its own, never the client port, so that a NetworkPolicy can admit the exchange
     /// from sibling shards only while clients reach the gRPC port.
     pub addr: SocketAddr,
+    /// The group's token every caller must present (open: none).
+    pub auth: ExpertsAuth,
 }
 
 impl RunningServer {
@@ -157,6 +184,19 @@ impl RunningServer {
         };
         let grpc_addr = bound(&grpc_listener, "the gRPC port", grpc_addr)?;
         let metrics_addr = bound(&http_listener, "the metrics port", metrics_addr)?;
+        // Loaded before anything is served: a server must not start with a certificate it
+        // cannot present.
+        let tls = |alpn| -> Result<Option<Arc<ReloadingTls>>, ServerError> {
+            Ok(match &addrs.tls {
+                Some(files) => Some(Arc::new(ReloadingTls::new(files.clone(), alpn)?)),
+                None => None,
+            })
+        };
+        let (grpc_tls, openai_tls) = (tls(ALPN_GRPC)?, tls(ALPN_HTTP)?);
+        let capped = |listener: TcpListener, what, addr, tls| {
+            CappedListener::new(listener, addrs.connections, tls)
+                .map_err(|source| ServerError::Bind { what, addr, source })
+        };
 
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::NotServing).await;
@@ -198,7 +238,9 @@ impl RunningServer {
                 .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
                 .http2_keepalive_interval(Some(HTTP2_KEEPALIVE.0))
                 .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE.1))
+                .layer(TrackRequestsLayer)
         };
+        let grpc_incoming = capped(grpc_listener, "the gRPC port", grpc_addr, grpc_tls)?;
         let grpc_task = tokio::spawn(
             grpc_server()
                 .add_service(health_service)
@@ -207,12 +249,16 @@ impl RunningServer {
                 .add_service(inference)
                 .add_service(worker_status)
                 .serve_with_incoming_shutdown(
-                    CappedListener::new(grpc_listener, addrs.max_connections).into_incoming(),
+                    grpc_incoming.into_incoming(),
                     wait_for(shutdown_rx.clone()),
                 ),
         );
         let (experts_task, experts_addr) = match experts {
-            Some(ExpertsEndpoint { service, addr }) => {
+            Some(ExpertsEndpoint {
+                service,
+                addr,
+                auth,
+            }) => {
                 let listener =
                     TcpListener::bind(addr)
                         .await
@@ -222,11 +268,19 @@ impl RunningServer {
                             source,
                         })?;
                 let addr = bound(&listener, "the experts port", addr)?;
+                if auth.is_open() {
+                    tracing::warn!(%addr, "the expert exchange takes calls from anyone who reaches its port (no --experts-token-file)");
+                }
+                let incoming = capped(listener, "the experts port", addr, None)?;
+                let service = tonic::service::interceptor::InterceptedService::new(
+                    service,
+                    RequireToken(auth),
+                );
                 let task = tokio::spawn(
                     grpc_server()
                         .add_service(service)
                         .serve_with_incoming_shutdown(
-                            CappedListener::new(listener, addrs.max_connections).into_incoming(),
+                            incoming.into_incoming(),
                             wait_for(shutdown_rx.clone()),
                         ),
                 );
@@ -246,12 +300,17 @@ impl RunningServer {
                         })?;
                 let addr = bound(&listener, "the OpenAI API port", addr)?;
                 let app = openai::router(loaded.clone(), ready.clone());
-                let listener = CappedListener::new(listener, addrs.max_connections);
-                let task = tokio::spawn(
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(wait_for(shutdown_rx.clone()))
-                        .into_future(),
-                );
+                let listener = capped(listener, "the OpenAI API port", addr, openai_tls)?;
+                let limits = HttpLimits {
+                    header_read_timeout: addrs.http_header_timeout,
+                    max_concurrent_streams: MAX_STREAMS_PER_CONNECTION,
+                };
+                let task = tokio::spawn(connections::serve_http(
+                    listener,
+                    app,
+                    limits,
+                    wait_for(shutdown_rx.clone()),
+                ));
                 (Some(task), Some(addr))
             }
             None => (None, None),
@@ -261,7 +320,8 @@ impl RunningServer {
                 .with_graceful_shutdown(wait_for(shutdown_rx))
                 .into_future(),
         );
-        tracing::info!(%grpc_addr, %metrics_addr, ?openai_addr, ?experts_addr, "listening");
+        let tls = addrs.tls.is_some();
+        tracing::info!(%grpc_addr, %metrics_addr, ?openai_addr, ?experts_addr, tls, "listening");
         Ok(Self {
             grpc_addr,
             metrics_addr,

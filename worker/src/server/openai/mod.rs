@@ -117,7 +117,13 @@ fn parse_body<T: DeserializeOwned + WithSampling>(
         ),
         param: None,
     })?;
-    let value: serde_json::Value = serde_json::from_slice(&bytes)
+    parse_json(&bytes)
+}
+
+/// A request body as the handlers read it: JSON, an object, the request's own fields and then
+/// the shared sampling fields, errors naming the field. Public for the fuzz targets.
+pub fn parse_json<T: DeserializeOwned + WithSampling>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_body(format!("the body is not JSON: {e}")))?;
     if !value.is_object() {
         return Err(ApiError::bad_body("the body must be a JSON object"));

@@ -471,18 +471,17 @@ fn mount_map(
                 .cloned()
                 .unwrap_or_else(|| PathBuf::from(&host.path))
         } else if volume.empty_dir.is_some() {
-            let dir = placement
-                .scratch_root
-                .join(pod.metadata.namespace.as_deref().unwrap_or_default())
-                .join(pod.metadata.name.as_deref().unwrap_or_default())
-                .join(&volume.name);
+            let dir = volume_dir(pod, placement.scratch_root, &volume.name);
             scratch.push(dir.clone());
             dir
+        } else if volume.secret.is_some() {
+            // Written by the agent before the process starts (see [`secret_volumes`]).
+            volume_dir(pod, placement.scratch_root, &volume.name)
         } else {
             return Err(unsupported(
                 &pod_ref,
                 &format!("volume {}", volume.name),
-                "only hostPath and emptyDir volumes",
+                "only hostPath, emptyDir and secret volumes",
             ));
         };
         let host = match mount.sub_path.as_deref().filter(|s| !s.is_empty()) {
@@ -494,6 +493,27 @@ fn mount_map(
     // Longest mount path first, so that /model/cache wins over /model.
     mounts.sort_by_key(|(mount_path, _)| std::cmp::Reverse(mount_path.len()));
     Ok((mounts, scratch))
+}
+
+/// The directory of a pod's emptyDir or secret volume: `<root>/<namespace>/<pod>/<volume>`.
+fn volume_dir(pod: &Pod, scratch_root: &Path, volume: &str) -> PathBuf {
+    scratch_root
+        .join(pod.metadata.namespace.as_deref().unwrap_or_default())
+        .join(pod.metadata.name.as_deref().unwrap_or_default())
+        .join(volume)
+}
+
+/// The pod's secret volumes: where the agent writes each one (one file per key, as the kubelet
+/// does) and the name of the Secret.
+pub fn secret_volumes(pod: &Pod, scratch_root: &Path) -> Vec<(PathBuf, String)> {
+    pod.spec
+        .iter()
+        .flat_map(|spec| spec.volumes.iter().flatten())
+        .filter_map(|volume| {
+            let secret = volume.secret.as_ref()?.secret_name.clone()?;
+            Some((volume_dir(pod, scratch_root, &volume.name), secret))
+        })
+        .collect()
 }
 
 /// A path inside a mount replaced by the same path in the host directory behind the mount.
@@ -1017,12 +1037,31 @@ mod tests {
     }
 
     #[test]
+    fn secret_volumes_are_directories_of_the_pod_that_the_agent_fills() {
+        let secret = json!({"name": "model", "secret": {"secretName": "demo-experts-token"}});
+        let pod = worker_pod("demo-0-0", secret);
+        let spec = run(&pod, &mut AddressBook::default()).unwrap();
+        let dir = PathBuf::from("/tmp/agent/models/demo-0-0/model");
+        assert_eq!(
+            secret_volumes(&pod, Path::new("/tmp/agent")),
+            vec![(dir.clone(), "demo-experts-token".to_owned())]
+        );
+        assert!(
+            spec.args
+                .iter()
+                .any(|a| a.starts_with(dir.to_str().unwrap())),
+            "the mount path maps to the volume's directory: {:?}",
+            spec.args
+        );
+    }
+
+    #[test]
     fn what_the_agent_cannot_run_is_named_in_the_error() {
         let pvc = json!({"name": "model", "persistentVolumeClaim": {"claimName": "weights"}});
         let err = run(&worker_pod("demo-0-0", pvc), &mut AddressBook::default()).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "pod models/demo-0-0: volume model is not supported by the test node agent (only hostPath and emptyDir volumes)"
+            "pod models/demo-0-0: volume model is not supported by the test node agent (only hostPath, emptyDir and secret volumes)"
         );
 
         let mut pod = worker_pod("demo-0-0", host_path_volume());

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
@@ -349,6 +349,7 @@ impl Agent {
                 }
                 // Not reported as the pod's failure: the next round asks again.
                 let credential = self.credential(pod).await?;
+                self.write_secret_volumes(pod).await?;
                 match self.start(pod, &key, &uid, 0, credential) {
                     Ok(process) => {
                         self.running.insert(key.clone(), process);
@@ -378,6 +379,7 @@ impl Agent {
             // restartPolicy Always (StatefulSet pods): start again, count the restart.
             let restarts = self.running.get(&key).map_or(0, |p| p.state.restarts + 1);
             let credential = self.credential(pod).await?;
+            self.write_secret_volumes(pod).await?;
             self.running.remove(&key);
             let process = self.start(pod, &key, &uid, restarts, credential)?;
             self.running.insert(key.clone(), process);
@@ -392,6 +394,27 @@ impl Agent {
         if ready != process.state.ready {
             process.state.ready = ready;
             self.report(&key).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the pod's secret volumes as the kubelet mounts them: one file per key of the
+    /// Secret. A Secret that does not exist (yet) keeps the pod from starting, as on a node; the
+    /// next round asks again.
+    async fn write_secret_volumes(&self, pod: &Pod) -> anyhow::Result<()> {
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        for (dir, name) in crate::node_agent::secret_volumes(pod, &self.config.scratch_root) {
+            let secret = secrets
+                .get(&name)
+                .await
+                .with_context(|| format!("reading Secret {namespace}/{name} for a volume"))?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for (key, value) in secret.data.into_iter().flatten() {
+                let path = dir.join(&key);
+                std::fs::write(&path, &value.0)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
         }
         Ok(())
     }

@@ -908,14 +908,23 @@ async fn the_operator_needs_no_more_than_its_role() {
         .list(&ListParams::default())
         .await
         .expect("the operator lists the routers' Deployments");
-    // ... and nothing beyond: no Secrets, no pods of its own making, no cluster-wide roles, no
-    // writes to ModelDeployment specs.
+    // ... Secrets only as far as the expert exchange's token needs (read, create, patch; never
+    // delete) ...
     let secrets: Api<Secret> = Api::namespaced(operator.clone(), &setup.namespace);
-    let err = secrets.list(&ListParams::default()).await.unwrap_err();
+    secrets
+        .list(&ListParams::default())
+        .await
+        .expect("the operator reads Secrets (its experts token)");
+    let err = secrets
+        .delete("not-allowed", &Default::default())
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, kube::Error::Api(s) if s.code == 403),
         "{err}"
     );
+    // ... and nothing beyond: no pods of its own making, no cluster-wide roles, no writes to
+    // ModelDeployment specs.
     let pods: Api<Pod> = Api::namespaced(operator.clone(), &setup.namespace);
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "not-allowed"},

@@ -264,6 +264,32 @@ pub fn build_all(spec: &ValidatedSpec<'_>, ctx: &BuildContext) -> Vec<Desired> {
     desired
 }
 
+/// A named TCP port of a container.
+pub(crate) fn container_port(name: &str, number: i32) -> k8s_openapi::api::core::v1::ContainerPort {
+    k8s_openapi::api::core::v1::ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: number,
+        protocol: Some("TCP".to_owned()),
+        ..Default::default()
+    }
+}
+
+/// An environment variable from the downward API (`metadata.name`, `metadata.namespace`, ...).
+pub(crate) fn field_env(name: &str, path: &str) -> k8s_openapi::api::core::v1::EnvVar {
+    use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector};
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -736,10 +736,12 @@ async fn the_router_fronts_the_workers_with_its_own_narrow_role_and_goes_when_tu
             .any(|w| w[0] == "--policy" && w[1] == "round-robin"),
         "{args:?}"
     );
-    assert_eq!(
-        client_selector(services.get("demo").await.unwrap()),
-        "router"
-    );
+    // The Service is applied after the Deployment in the same reconcile: wait for it too.
+    wait_for("the client Service back on the router", SHORT, || async {
+        let service = services.get("demo").await.ok()?;
+        (client_selector(service) == "router").then_some(())
+    })
+    .await;
     operator.ensure_running().unwrap();
     setup.cleanup().await;
 }

@@ -45,6 +45,13 @@ impl Watchers {
             cached_added: blocks.cached_hashes(),
             ..load_report(blocks, occupancy)
         };
+        // The first watcher's snapshot is what was last told; later ones must not hide a load
+        // change from the watchers before them.
+        self.last.get_or_insert((
+            snapshot.running,
+            snapshot.waiting,
+            snapshot.available_blocks,
+        ));
         if sender.try_send(snapshot).is_ok() {
             self.senders.push(sender);
         }

@@ -140,7 +140,9 @@ for ns in "$NS" default; do
   # Least privilege: what the operator must never be able to do.
   cannot delete pods -n "$ns"
   cannot create pods -n "$ns"
-  cannot get secrets -n "$ns"
+  # Secrets: read, create and patch for the expert exchange's token; never delete or update.
+  cannot delete secrets -n "$ns"
+  cannot update secrets -n "$ns"
   cannot create "$CRD" -n "$ns"
   cannot delete "$CRD" -n "$ns"
   cannot create leases.coordination.k8s.io -n "$ns"

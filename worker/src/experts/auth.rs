@@ -76,11 +76,22 @@ type Stamp = Option<(SystemTime, u64, u64)>;
 
 fn stamp(path: &Path) -> Stamp {
     let meta = std::fs::metadata(path).ok()?;
-    Some((
-        meta.modified().ok()?,
-        meta.len(),
-        crate::server::tls::inode(&meta),
-    ))
+    Some((meta.modified().ok()?, meta.len(), inode(&meta)))
+}
+
+/// The inode: the kubelet swaps a whole new directory in when a Secret changes, so a rotated
+/// file is a new inode even when its size and (coarse) modification time are the same. (The
+/// same test as the TLS files'; the expert exchange sits below the server layer.)
+fn inode(meta: &std::fs::Metadata) -> u64 {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::MetadataExt::ino(meta)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        0
+    }
 }
 
 struct Loaded {

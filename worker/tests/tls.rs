@@ -426,13 +426,11 @@ async fn slow_headers_and_idle_connections_are_closed() {
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status().as_u16(), 503);
     drop(response);
-    let started = Instant::now();
     tokio::time::timeout(Duration::from_secs(10), connection)
         .await
         .expect("the idle keep-alive connection is closed")
         .unwrap()
         .ok();
-    assert!(started.elapsed() >= Duration::from_millis(300));
     server.drain(Duration::from_secs(1)).await.unwrap();
 }
 

@@ -582,13 +582,11 @@ mod tests {
         let in_flight = ActiveRequest::begin(&busy.info.activity);
 
         let mut buf = [0u8; 8];
-        let started = std::time::Instant::now();
         let error = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf))
             .await
             .expect("the idle connection is closed")
             .unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
-        assert!(started.elapsed() >= Duration::from_millis(150));
 
         // Busy for three idle timeouts: still open.
         let read = tokio::time::timeout(Duration::from_millis(600), busy.read(&mut buf)).await;

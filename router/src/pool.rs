@@ -115,28 +115,31 @@ impl Endpoint {
             .max(state.running + state.waiting)
     }
 
+    #[cfg(test)]
     fn usable(&self, now: Instant) -> bool {
-        let state = self.state();
-        !state.draining && state.failing_until.is_none_or(|until| until <= now)
-    }
-
-    fn reporting(&self) -> bool {
-        self.state().reporting
+        self.view(&RouteKey::default(), now).is_some()
     }
 
     /// Leading blocks of `key` it holds or was just sent.
     pub fn matched_blocks(&self, key: &RouteKey, now: Instant) -> usize {
+        matched(&self.state(), key, now)
+    }
+
+    /// What routing needs of it, read under one lock: `None` while it is draining or failing.
+    fn view(&self, key: &RouteKey, now: Instant) -> Option<View> {
         let state = self.state();
-        key.blocks
-            .iter()
-            .take_while(|hash| {
-                state.cached.contains(hash)
-                    || state
-                        .expected
-                        .get(hash)
-                        .is_some_and(|sent| now.duration_since(*sent) < EXPECTED_BLOCKS_TTL)
-            })
-            .count()
+        let failing = state.failing_until.is_some_and(|until| until > now);
+        if state.draining || failing {
+            return None;
+        }
+        Some(View {
+            reporting: state.reporting,
+            load: self
+                .outstanding
+                .load(Ordering::Relaxed)
+                .max(state.running + state.waiting),
+            cached_blocks: matched(&state, key, now),
+        })
     }
 
     /// Counts a request as in flight here until the guard is dropped, and expects its blocks.
@@ -211,6 +214,27 @@ impl Endpoint {
         state.waiting = 0;
         state.draining = false;
     }
+}
+
+/// Leading blocks of `key` in `state`'s cache or expected there.
+fn matched(state: &EndpointState, key: &RouteKey, now: Instant) -> usize {
+    key.blocks
+        .iter()
+        .take_while(|hash| {
+            state.cached.contains(hash)
+                || state
+                    .expected
+                    .get(hash)
+                    .is_some_and(|sent| now.duration_since(*sent) < EXPECTED_BLOCKS_TTL)
+        })
+        .count()
+}
+
+/// One endpoint as routing sees it.
+struct View {
+    reporting: bool,
+    load: usize,
+    cached_blocks: usize,
 }
 
 /// A request in flight on an endpoint; dropping it ends the count.
@@ -316,13 +340,14 @@ impl Pool {
     /// The endpoints to try for a request with `key`, best first; `None` when none is usable.
     pub fn route(&self, key: &RouteKey) -> Option<Route> {
         let now = Instant::now();
-        let usable: Vec<Arc<Endpoint>> = self
+        let usable: Vec<(Arc<Endpoint>, View)> = self
             .endpoints()
             .into_iter()
-            .filter(|e| e.usable(now))
+            .filter_map(|e| e.view(key, now).map(|view| (e, view)))
             .collect();
         // A worker that does not report (still loading, or unreachable) is a last resort.
-        let (reporting, silent): (Vec<_>, Vec<_>) = usable.into_iter().partition(|e| e.reporting());
+        let (reporting, silent): (Vec<_>, Vec<_>) =
+            usable.into_iter().partition(|(_, view)| view.reporting);
         let (first_choice, fallback) = if reporting.is_empty() {
             (silent, Vec::new())
         } else {
@@ -330,18 +355,20 @@ impl Pool {
         };
         let candidates: Vec<Candidate> = first_choice
             .iter()
-            .map(|e| Candidate {
+            .map(|(e, view)| Candidate {
                 name: e.name().to_owned(),
-                load: e.load(),
-                cached_blocks: e.matched_blocks(key, now),
+                load: view.load,
+                cached_blocks: view.cached_blocks,
             })
             .collect();
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         let Decision { order, reason } = decide(self.policy, &candidates, key.affinity, turn)?;
         let matched_blocks = candidates[order[0]].cached_blocks;
-        let mut endpoints: Vec<Arc<Endpoint>> =
-            order.into_iter().map(|i| first_choice[i].clone()).collect();
-        endpoints.extend(fallback);
+        let mut endpoints: Vec<Arc<Endpoint>> = order
+            .into_iter()
+            .map(|i| first_choice[i].0.clone())
+            .collect();
+        endpoints.extend(fallback.into_iter().map(|(e, _)| e));
         Some(Route {
             endpoints,
             reason,
@@ -352,13 +379,14 @@ impl Pool {
     /// Usable endpoints by load, for calls that any worker answers (tokenize, model info).
     pub fn least_loaded(&self) -> Vec<Arc<Endpoint>> {
         let now = Instant::now();
-        let mut endpoints: Vec<Arc<Endpoint>> = self
+        let none = RouteKey::default();
+        let mut endpoints: Vec<(Arc<Endpoint>, View)> = self
             .endpoints()
             .into_iter()
-            .filter(|e| e.usable(now))
+            .filter_map(|e| e.view(&none, now).map(|view| (e, view)))
             .collect();
-        endpoints.sort_by_key(|e| (!e.reporting(), e.load()));
-        endpoints
+        endpoints.sort_by_key(|(_, view)| (!view.reporting, view.load));
+        endpoints.into_iter().map(|(e, _)| e).collect()
     }
 
     /// Refreshes `latentserve_router_endpoints`.

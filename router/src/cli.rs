@@ -136,7 +136,7 @@ pub async fn start(args: &RouterArgs) -> anyhow::Result<RunningRouter> {
         );
         tokio::spawn(async move {
             if let Err(err) = follow_service(client, &namespace, &service, ports, pool).await {
-                tracing::error!(error = %err, %namespace, %service, "watching the workers' EndpointSlices failed; exiting");
+                tracing::error!(error = %err, %namespace, %service, "cannot watch the workers' EndpointSlices; exiting");
                 std::process::exit(1);
             }
         });

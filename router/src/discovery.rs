@@ -6,9 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use futures::TryStreamExt as _;
+use futures::StreamExt as _;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject};
+use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 
@@ -107,15 +108,13 @@ pub fn ready_endpoints<'a>(
     ready
 }
 
-/// Why following a Service's EndpointSlices stopped.
+/// Why following a Service's EndpointSlices could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {
     #[error("API discovery of discovery.k8s.io failed: {0}")]
     Discovery(#[source] kube::Error),
     #[error("the cluster serves no EndpointSlice API (discovery.k8s.io)")]
     NotServed,
-    #[error(transparent)]
-    Watch(#[from] watcher::Error),
 }
 
 /// The EndpointSlice API this cluster serves: `discovery.k8s.io/v1` from Kubernetes 1.21,
@@ -152,8 +151,10 @@ fn slice_event(event: Event<DynamicObject>) -> Option<Event<EndpointSlice>> {
     })
 }
 
-/// Keeps `pool` at the ready endpoints of Service `service` in `namespace`, until the watch
-/// fails for good (the caller logs the error and exits: the pod restarts).
+/// Keeps `pool` at the ready endpoints of Service `service` in `namespace`. A failing watch (API
+/// server restarts, lost connections, expired resource versions) is retried with backoff while
+/// the last known endpoints stay in force; only finding no EndpointSlice API at all at start is
+/// an error (the caller logs it and exits: the pod restarts).
 pub async fn follow_service(
     client: Client,
     namespace: &str,
@@ -169,9 +170,16 @@ pub async fn follow_service(
     let mut slices: BTreeMap<String, EndpointSlice> = BTreeMap::new();
     // While a relist is in progress the old set stays in force.
     let mut pending: Option<BTreeMap<String, EndpointSlice>> = None;
-    let stream = watcher::watcher(api, config);
+    let stream = watcher::watcher(api, config).default_backoff();
     futures::pin_mut!(stream);
-    while let Some(event) = stream.try_next().await? {
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(err) => {
+                tracing::warn!(error = %err, %service, "watching the workers' EndpointSlices failed; retrying");
+                continue;
+            }
+        };
         let Some(event) = slice_event(event) else {
             tracing::warn!("an EndpointSlice that does not decode was skipped");
             continue;

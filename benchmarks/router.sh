@@ -14,8 +14,11 @@
 # Usage: benchmarks/router.sh [BIN_DIR]
 #   BIN_DIR defaults to target/release (latentserve-worker and latentserve-router).
 #   Env: WORKERS (4), PREFIXES (32), PREFIX_LEN (512), INPUT_LEN (576), OUTPUT_LEN (16),
-#        REQUESTS (512), CONCURRENCY (16), THREADS (threads per worker, 1),
-#        CACHE (~/.cache/latentserve), SKIP_KILL (unset).
+#        REQUESTS (512), CONCURRENCY (16), THREADS (threads per worker, 1), KV_CACHE (latent
+#        cache per worker, 1Gi: room for every prefix everywhere; 96Mi with PREFIXES=32: each
+#        worker holds about a third of them),
+#        CACHE (~/.cache/latentserve), SKIP_KILL (unset), ONLY_PREFIX_AWARE (unset: set, only the
+#        first run, for trying a policy change).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN_DIR=${1:-target/release}
@@ -29,6 +32,7 @@ OUTPUT_LEN=${OUTPUT_LEN:-16}
 REQUESTS=${REQUESTS:-512}
 CONCURRENCY=${CONCURRENCY:-16}
 THREADS=${THREADS:-1}
+KV_CACHE=${KV_CACHE:-1Gi}
 CACHE=${CACHE:-$HOME/.cache/latentserve}
 CONFIG=benchmarks/standard-model.json
 MODEL=$CACHE/bench-standard/model
@@ -59,8 +63,10 @@ grpc_of() { echo "127.0.0.1:$((54100 + 10 * $1))"; }
 openai_of() { echo "127.0.0.1:$((54101 + 10 * $1))"; }
 metrics_of() { echo "127.0.0.1:$((54102 + 10 * $1))"; }
 start_worker() { # index
-  # Room for every prefix on every worker: the comparison is about where requests go, not eviction.
-  RUST_LOG=warn RAYON_NUM_THREADS=$THREADS "$WORKER" serve --model "$MODEL" --kv-cache-memory 1Gi \
+  # KV_CACHE=1Gi leaves room for every prefix on every worker (the comparison is about where
+  # requests go, not eviction); a smaller one makes the workers' caches together hold what one
+  # cannot, the case routing by prefix is for.
+  RUST_LOG=warn RAYON_NUM_THREADS=$THREADS "$WORKER" serve --model "$MODEL" --kv-cache-memory "$KV_CACHE" \
     --grpc-addr "$(grpc_of "$1")" --openai-addr "$(openai_of "$1")" --metrics-addr "$(metrics_of "$1")" \
     >"$logs/worker-$1.log" 2>&1 &
   worker_pids[$1]=$!
@@ -83,7 +89,21 @@ start_router() { # policy workers...
     sleep 0.1
   done
 }
-stop_router() { kill "$router_pid"; wait "$router_pid" 2>/dev/null || true; router_pid=; }
+stop_router() { # [label]: keeps the router's metrics, and prints why it sent requests where it did
+  if [ -n "${1:-}" ]; then
+    curl -sf "http://$ROUTER_METRICS/metrics" >"$logs/router-metrics-$1.txt" || true
+    python3 -c '
+import json, re, sys
+reasons = {}
+for line in open(sys.argv[2]):
+    m = re.match(r"latentserve_router_requests_total\{(.*)\} (\S+)", line)
+    if m:
+        reason = re.search(r"reason=\"([^\"]*)\"", m.group(1)).group(1)
+        reasons[reason] = reasons.get(reason, 0) + int(float(m.group(2)))
+print(json.dumps({"run": sys.argv[1], "routed_by_reason": reasons}))' "$1" "$logs/router-metrics-$1.txt" >&2 || true
+  fi
+  kill "$router_pid"; wait "$router_pid" 2>/dev/null || true; router_pid=
+}
 
 summarize() { # label
   python3 -c '
@@ -104,17 +124,18 @@ load() { # label seed target [extra bench-serve flags]
     --prefixes "$PREFIXES" --seed "$seed" --json "$@" 2>>"$logs/bench-$label.log" | summarize "$label"
 }
 
-echo "# $(date -u +%FT%TZ) $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); $WORKERS workers x $THREADS threads"
+echo "# $(date -u +%FT%TZ) $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); $WORKERS workers x $THREADS threads, $KV_CACHE latent cache each"
 all=$(seq 0 $((WORKERS - 1)))
 for i in $all; do start_worker "$i"; done
 for i in $all; do wait_ready "$(metrics_of "$i")" "worker $i"; done
 
 start_router prefix-aware $all
 load prefix-aware 101 $ROUTER_GRPC
-stop_router
+stop_router prefix-aware
+if [ -n "${ONLY_PREFIX_AWARE:-}" ]; then exit 0; fi
 start_router round-robin $all
 load round-robin 102 $ROUTER_GRPC
-stop_router
+stop_router round-robin
 pinned=""
 for i in $all; do pinned+="${pinned:+,}$(grpc_of "$i")"; done
 load pinned 103 "$pinned" --pin

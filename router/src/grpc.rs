@@ -145,6 +145,7 @@ impl Inference for RouterService {
             let sent = Instant::now();
             match first_message(endpoint, upstream_request).await {
                 Ok((first, rest)) => {
+                    in_flight.answered();
                     endpoint.mark_ok();
                     metrics
                         .upstream_seconds

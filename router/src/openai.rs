@@ -191,6 +191,7 @@ async fn generate(
                         continue;
                     }
                     first => {
+                        in_flight.answered();
                         endpoint.mark_ok();
                         metrics
                             .requests

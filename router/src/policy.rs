@@ -1,13 +1,18 @@
 //! Which worker takes a request: pure functions over what the router knows of each endpoint.
 //!
 //! `prefix-aware` (the default) is consistent hashing with bounded loads, made precise by the
-//! workers' cache reports:
+//! workers' cache reports and by what each request costs where:
 //! 1. endpoints whose load has reached the bound `ceil(LOAD_BOUND * (total load + 1) / n)` (and
 //!    at least [`MIN_LOAD_BOUND`]) are passed over, so a hot prefix spills to a second worker
 //!    instead of queueing on one;
-//! 2. among the rest, the one holding the longest cached prefix of the prompt wins;
-//! 3. ties (typically: nobody holds any of it yet) go by rendezvous hashing of the prompt's first
-//!    block, so requests with the same new prefix meet on the same worker.
+//! 2. among the rest, the cheapest wins: the prompt tokens it would have to compute (what it does
+//!    not hold of the prompt, counted [`MISS_WEIGHT`] times) plus the prefill already queued
+//!    there. A worker holding the prefix thus wins unless it is so backed up with prefill that
+//!    the request would see its first token sooner elsewhere, and a new prefix goes where the
+//!    least prefill waits;
+//! 3. ties (typically: idle workers and a new prefix) go to the longest cached prefix, then the
+//!    least loaded, then by rendezvous hashing of the prompt's first block, so requests with the
+//!    same new prefix meet on the same worker.
 //!
 //! The answer is an order, not one endpoint: retries take the next.
 
@@ -21,6 +26,10 @@ pub const LOAD_BOUND: f64 = 1.25;
 /// batches one more at the cost of its uncached tokens only, while an idle worker without the
 /// prefix would compute all of them (at low load, plain bounded loads would scatter a prefix).
 pub const MIN_LOAD_BOUND: usize = 4;
+
+/// How much more a prompt token an endpoint must compute weighs than one queued there: computing
+/// it delays everything after it on that worker, and a second copy of a prefix costs cache room.
+pub const MISS_WEIGHT: usize = 4;
 
 /// The balancing policy (`--policy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -52,6 +61,18 @@ pub struct Candidate {
     pub load: usize,
     /// Leading blocks of the prompt it holds (or was just sent) in its prefix cache.
     pub cached_blocks: usize,
+    /// Prompt tokens of requests sent to it that it has not answered yet (their prefill).
+    pub pending_tokens: usize,
+    /// Tokens of this prompt it would compute (0 when the prompt's tokens are not known).
+    pub uncached_tokens: usize,
+}
+
+impl Candidate {
+    /// What sending the request here costs, in prompt tokens (see the module docs).
+    pub fn cost(&self) -> usize {
+        self.pending_tokens
+            .saturating_add(MISS_WEIGHT.saturating_mul(self.uncached_tokens))
+    }
 }
 
 /// Why the first endpoint of a [`Decision`] was chosen (a metric label).
@@ -59,7 +80,7 @@ pub struct Candidate {
 pub enum Reason {
     /// It holds the longest cached prefix.
     Prefix,
-    /// Nobody holds any of the prefix: rendezvous hashing picked it.
+    /// Nobody holds any of the prefix: the least busy endpoint (rendezvous hashing on ties).
     Hash,
     /// Every endpoint was at the load bound: the least loaded.
     Overloaded,
@@ -126,8 +147,10 @@ pub fn decide(
                 order.into_iter().partition(|&i| candidates[i].load < bound);
             open.sort_by(|a, b| {
                 let (ca, cb) = (&candidates[*a], &candidates[*b]);
-                cb.cached_blocks
-                    .cmp(&ca.cached_blocks)
+                ca.cost()
+                    .cmp(&cb.cost())
+                    .then_with(|| cb.cached_blocks.cmp(&ca.cached_blocks))
+                    .then_with(|| ca.load.cmp(&cb.load))
                     .then_with(|| rank(cb, affinity).cmp(&rank(ca, affinity)))
             });
             full.sort_by(by_load);
@@ -157,12 +180,23 @@ fn rank(candidate: &Candidate, affinity: u64) -> u64 {
 mod tests {
     use super::*;
 
+    /// Prompts in these tests are 10 blocks of 16 tokens.
+    const PROMPT_BLOCKS: usize = 10;
+    const BLOCK_TOKENS: usize = 16;
+
     fn candidate(name: &str, load: usize, cached_blocks: usize) -> Candidate {
         Candidate {
             name: name.to_owned(),
             load,
             cached_blocks,
+            pending_tokens: 0,
+            uncached_tokens: PROMPT_BLOCKS.saturating_sub(cached_blocks) * BLOCK_TOKENS,
         }
+    }
+
+    fn pending(mut candidate: Candidate, tokens: usize) -> Candidate {
+        candidate.pending_tokens = tokens;
+        candidate
     }
 
     fn idle(n: usize) -> Vec<Candidate> {
@@ -193,6 +227,42 @@ mod tests {
                 .unwrap()
                 .order[0],
             0
+        );
+    }
+
+    #[test]
+    fn a_holder_backed_up_with_prefill_loses_to_an_idle_worker() {
+        // Holding 8 of 10 blocks saves 128 tokens, each counted MISS_WEIGHT times: worth
+        // waiting behind that many queued tokens, not more.
+        let saved = MISS_WEIGHT * 8 * BLOCK_TOKENS;
+        let holder_waits = |queued| {
+            let candidates = vec![pending(candidate("a", 2, 8), queued), candidate("b", 0, 0)];
+            decide(Policy::PrefixAware, &candidates, 7, 0).unwrap()
+        };
+        let decision = holder_waits(saved - 1);
+        assert_eq!((decision.order[0], decision.reason), (0, Reason::Prefix));
+        let decision = holder_waits(saved + 1);
+        assert_eq!((decision.order[0], decision.reason), (1, Reason::Hash));
+        assert_eq!(decision.order[1], 0, "the holder stays the retry");
+    }
+
+    #[test]
+    fn a_new_prefix_goes_where_the_least_prefill_waits() {
+        let candidates = vec![
+            pending(candidate("a", 1, 0), 500),
+            candidate("b", 3, 0),
+            pending(candidate("c", 1, 0), 40),
+        ];
+        let decision = decide(Policy::PrefixAware, &candidates, 11, 0).unwrap();
+        assert_eq!(decision.order, vec![1, 2, 0]);
+        assert_eq!(decision.reason, Reason::Hash);
+        // Without prefill queued anywhere, the least loaded.
+        let candidates = vec![candidate("a", 2, 0), candidate("b", 1, 0)];
+        assert_eq!(
+            decide(Policy::PrefixAware, &candidates, 11, 0)
+                .unwrap()
+                .order[0],
+            1
         );
     }
 

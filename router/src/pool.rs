@@ -58,6 +58,9 @@ pub struct Endpoint {
     channel: Channel,
     state: Mutex<EndpointState>,
     outstanding: AtomicUsize,
+    /// Prompt tokens of requests this router sent here that are not answered yet and were not
+    /// cached here when sent: the prefill queued ahead of a new request.
+    pending_prefill: AtomicUsize,
     stop: watch::Sender<bool>,
 }
 
@@ -84,6 +87,7 @@ impl Endpoint {
             channel,
             state: Mutex::new(EndpointState::default()),
             outstanding: AtomicUsize::new(0),
+            pending_prefill: AtomicUsize::new(0),
             stop,
         })
     }
@@ -139,15 +143,19 @@ impl Endpoint {
                 .load(Ordering::Relaxed)
                 .max(state.running + state.waiting),
             cached_blocks: matched(&state, key, now),
+            pending_tokens: self.pending_prefill.load(Ordering::Relaxed),
         })
     }
 
-    /// Counts a request as in flight here until the guard is dropped, and expects its blocks.
+    /// Counts a request as in flight here until the guard is dropped, its uncached tokens as
+    /// pending prefill until [`InFlight::answered`], and expects its blocks.
     pub fn begin(self: &Arc<Self>, key: &RouteKey, metrics: &Arc<RouterMetrics>) -> InFlight {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
         metrics.in_flight.with_label_values(&[self.name()]).inc();
         let now = Instant::now();
         let mut state = self.state();
+        let prefill = key.uncached_tokens(matched(&state, key, now));
+        self.pending_prefill.fetch_add(prefill, Ordering::Relaxed);
         if state.expected.len() > 4 * key.blocks.len() + 1024 {
             state
                 .expected
@@ -161,6 +169,7 @@ impl Endpoint {
         InFlight {
             endpoint: self.clone(),
             metrics: metrics.clone(),
+            prefill: AtomicUsize::new(prefill),
         }
     }
 
@@ -235,22 +244,34 @@ struct View {
     reporting: bool,
     load: usize,
     cached_blocks: usize,
+    pending_tokens: usize,
 }
 
 /// A request in flight on an endpoint; dropping it ends the count.
 pub struct InFlight {
     endpoint: Arc<Endpoint>,
     metrics: Arc<RouterMetrics>,
+    /// Its tokens still counted in the endpoint's pending prefill.
+    prefill: AtomicUsize,
 }
 
 impl InFlight {
     pub fn endpoint(&self) -> &Arc<Endpoint> {
         &self.endpoint
     }
+
+    /// The worker answered (first message or first chunk): its prompt is computed.
+    pub fn answered(&self) {
+        let prefill = self.prefill.swap(0, Ordering::Relaxed);
+        self.endpoint
+            .pending_prefill
+            .fetch_sub(prefill, Ordering::Relaxed);
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.answered();
         self.endpoint.outstanding.fetch_sub(1, Ordering::Relaxed);
         self.metrics
             .in_flight
@@ -359,6 +380,8 @@ impl Pool {
                 name: e.name().to_owned(),
                 load: view.load,
                 cached_blocks: view.cached_blocks,
+                pending_tokens: view.pending_tokens,
+                uncached_tokens: key.uncached_tokens(view.cached_blocks),
             })
             .collect();
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
@@ -514,6 +537,8 @@ mod tests {
         RouteKey {
             blocks: blocks.to_vec(),
             affinity: blocks.first().copied().unwrap_or_default(),
+            prompt_tokens: 16 * blocks.len() + 1,
+            block_tokens: 16,
         }
     }
 
@@ -548,6 +573,31 @@ mod tests {
         assert_eq!(endpoint.matched_blocks(&key(&[9]), later), 1);
         endpoint.lost_reports();
         assert_eq!(endpoint.matched_blocks(&key(&[9]), later), 0);
+    }
+
+    #[tokio::test]
+    async fn uncached_tokens_of_unanswered_requests_are_pending_prefill() {
+        let metrics = Arc::new(RouterMetrics::new().unwrap());
+        let endpoint = endpoint();
+        endpoint.apply(report(true, &[1, 2], &[], 0));
+        let pending = || endpoint.pending_prefill.load(Ordering::Relaxed);
+        // 4 blocks + 1 token, 2 blocks held: 33 tokens to compute.
+        let first = endpoint.begin(&key(&[1, 2, 3, 4]), &metrics);
+        assert_eq!(pending(), 33);
+        // The second finds the first's blocks expected: 1 token.
+        let second = endpoint.begin(&key(&[1, 2, 3, 4]), &metrics);
+        assert_eq!(pending(), 34);
+        first.answered();
+        first.answered();
+        assert_eq!(pending(), 1, "answered counts once");
+        drop(first);
+        assert_eq!(pending(), 1);
+        drop(second);
+        assert_eq!(
+            pending(),
+            0,
+            "a request dropped unanswered is no longer pending"
+        );
     }
 
     #[tokio::test]

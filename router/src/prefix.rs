@@ -35,6 +35,11 @@ pub struct RouteKey {
     pub blocks: Vec<u64>,
     /// The rendezvous-hashing key: the first block's hash, or a hash of the prompt's start.
     pub affinity: u64,
+    /// The prompt's length in tokens, and tokens per block (both 0 when the tokens are not
+    /// known): what an endpoint holding `n` of `blocks` still has to compute is
+    /// `prompt_tokens - n * block_tokens`.
+    pub prompt_tokens: usize,
+    pub block_tokens: usize,
 }
 
 impl RouteKey {
@@ -43,9 +48,15 @@ impl RouteKey {
         let mut hasher = DefaultHasher::new();
         prompt.hash(&mut hasher);
         Self {
-            blocks: Vec::new(),
             affinity: hasher.finish(),
+            ..Self::default()
         }
+    }
+
+    /// Tokens of the prompt an endpoint holding its first `cached_blocks` blocks must compute.
+    pub fn uncached_tokens(&self, cached_blocks: usize) -> usize {
+        self.prompt_tokens
+            .saturating_sub(cached_blocks * self.block_tokens)
     }
 }
 
@@ -133,12 +144,15 @@ impl Prompter {
                 parent = Some(hash);
             }
         }
-        match blocks.first() {
-            Some(&first) => RouteKey {
-                affinity: first,
-                blocks,
-            },
-            None => RouteKey::fallback((salt, ids)),
+        let affinity = match blocks.first() {
+            Some(&first) => first,
+            None => RouteKey::fallback((salt, ids)).affinity,
+        };
+        RouteKey {
+            blocks,
+            affinity,
+            prompt_tokens: ids.len(),
+            block_tokens: self.block_size,
         }
     }
 

@@ -243,6 +243,10 @@ pub fn build_all(spec: &ValidatedSpec<'_>, ctx: &BuildContext) -> Vec<Desired> {
             Desired::NetworkPolicy(networkpolicy::router_network_policy(spec, &ctx.policy)),
             Desired::Deployment(router::deployment(spec, ctx)),
         ]);
+        desired.extend(
+            pdb::router_disruption_budget(owner, spec.router().replicas)
+                .map(Desired::PodDisruptionBudget),
+        );
     }
     desired.extend([
         Desired::Service(service::client_service(spec)),

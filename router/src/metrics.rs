@@ -115,6 +115,10 @@ impl RouterMetrics {
             ),
             &["reason"],
         )?;
+        // Both reasons from the start, so that rate() sees the first refusal.
+        for reason in ["full", "timeout"] {
+            hold_rejected.with_label_values(&[reason]);
+        }
         let cold_start_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "latentserve_router_cold_start_seconds",

@@ -11,6 +11,7 @@ use latentserve_worker::server::connections::{ConnectionLimits, DEFAULT_MAX_CONN
 use latentserve_worker::server::tls::TlsFiles;
 
 use crate::discovery::{WorkerPorts, follow_service, static_endpoints};
+use crate::hold::{DEFAULT_HOLD_QUEUE, HoldConfig};
 use crate::metrics::RouterMetrics;
 use crate::policy::Policy;
 use crate::pool::Pool;
@@ -36,9 +37,22 @@ pub struct RouterArgs {
     /// Discover the workers from the EndpointSlices of this Service (only ready endpoints).
     #[arg(long)]
     pub endpoints_service: Option<String>,
-    /// Namespace of `--endpoints-service`.
+    /// Namespace of `--endpoints-service` and `--routing-configmap`.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub namespace: String,
+    /// Stop sending new requests to the serving groups that this ConfigMap's key
+    /// `draining-groups.json` lists (the operator's scale-down drain), e.g. demo-routing.
+    // `requires` alone is waived when `--endpoints` (which conflicts with the service) is given.
+    #[arg(long, requires = "endpoints_service", conflicts_with = "endpoints")]
+    pub routing_configmap: Option<String>,
+    /// Requests held while no worker can take them (scale from zero), e.g. 256; beyond, new ones
+    /// get RESOURCE_EXHAUSTED / 429 at once. 0: none is held, they get UNAVAILABLE / 503.
+    #[arg(long, default_value_t = DEFAULT_HOLD_QUEUE)]
+    pub hold_queue: usize,
+    /// The longest a request is held waiting for a worker (never past the client's gRPC
+    /// deadline), e.g. 5m.
+    #[arg(long, default_value = "300s", value_parser = parse_positive_duration)]
+    pub hold_timeout: Duration,
     /// The workers' gRPC port (an EndpointSlice port named `grpc` wins).
     #[arg(long, default_value_t = 50051)]
     pub worker_grpc_port: u16,
@@ -85,7 +99,23 @@ pub struct RouterArgs {
     pub drain_timeout: Duration,
 }
 
+/// A duration that is not zero: holding a request for no time is `--hold-queue 0`.
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration.is_zero() {
+        return Err(format!("`{text}`: give a duration above zero"));
+    }
+    Ok(duration)
+}
+
 impl RouterArgs {
+    fn hold(&self) -> HoldConfig {
+        HoldConfig {
+            capacity: self.hold_queue,
+            timeout: self.hold_timeout,
+        }
+    }
+
     fn ports(&self) -> WorkerPorts {
         WorkerPorts {
             grpc: self.worker_grpc_port,
@@ -123,11 +153,23 @@ impl RouterArgs {
 /// Starts the router: the pool, discovery, the servers. Used by `main` and by in-process tests.
 pub async fn start(args: &RouterArgs) -> anyhow::Result<RunningRouter> {
     let metrics = Arc::new(RouterMetrics::new().context("registering metrics")?);
-    let pool = Pool::new(args.policy, metrics);
+    let pool = Pool::new(args.policy, args.hold(), metrics);
     if let Some(service) = &args.endpoints_service {
         let client = kube::Client::try_default()
             .await
             .context("connecting to the Kubernetes API for --endpoints-service (KUBECONFIG or the pod's service account)")?;
+        if let Some(configmap) = &args.routing_configmap {
+            let (client, namespace, configmap, pool) = (
+                client.clone(),
+                args.namespace.clone(),
+                configmap.clone(),
+                pool.clone(),
+            );
+            tokio::spawn(async move {
+                crate::routing::follow_routing_configmap(client, &namespace, &configmap, pool)
+                    .await;
+            });
+        }
         let (namespace, service, ports, pool) = (
             args.namespace.clone(),
             service.clone(),
@@ -180,6 +222,8 @@ mod tests {
         assert_eq!(args.openai_addr.0.unwrap().to_string(), "0.0.0.0:8000");
         assert_eq!(args.metrics_addr.to_string(), "0.0.0.0:9090");
         assert_eq!(args.policy, Policy::PrefixAware);
+        assert_eq!(args.hold(), HoldConfig::default());
+        assert_eq!(args.routing_configmap, None);
         let off = RouterArgs::try_parse_from([
             "latentserve-router",
             "--endpoints",
@@ -190,6 +234,35 @@ mod tests {
         .unwrap();
         assert_eq!(off.addrs().openai, None);
         assert!(RouterArgs::try_parse_from(["latentserve-router"]).is_err());
+        let held = RouterArgs::try_parse_from([
+            "latentserve-router",
+            "--endpoints-service",
+            "demo-workers",
+            "--routing-configmap",
+            "demo-routing",
+            "--hold-queue",
+            "0",
+            "--hold-timeout",
+            "2m",
+        ])
+        .unwrap();
+        assert_eq!(held.routing_configmap.as_deref(), Some("demo-routing"));
+        assert_eq!(
+            held.hold(),
+            HoldConfig {
+                capacity: 0,
+                timeout: Duration::from_secs(120)
+            }
+        );
+        for refused in [
+            // The routing ConfigMap is read next to the EndpointSlices only.
+            &["--endpoints", "a:1", "--routing-configmap", "demo-routing"][..],
+            &["--endpoints", "a:1", "--hold-timeout", "0s"][..],
+            &["--endpoints", "a:1", "--hold-queue", "-1"][..],
+        ] {
+            let words = std::iter::once("latentserve-router").chain(refused.iter().copied());
+            assert!(RouterArgs::try_parse_from(words).is_err(), "{refused:?}");
+        }
         assert!(
             RouterArgs::try_parse_from([
                 "latentserve-router",

@@ -32,6 +32,25 @@ fn join(host: &str, port: u16) -> String {
     }
 }
 
+/// The serving group of a worker endpoint: the StatefulSet of its pod (`targetRef` of kind Pod,
+/// named `STS-ORDINAL`: the trailing `-ORDINAL` removed), else the endpoint's own gRPC address.
+/// A pod name without an ordinal is a group of its own.
+pub fn group_name(pod: Option<&str>, grpc: &str) -> String {
+    let Some(pod) = pod.filter(|pod| !pod.is_empty()) else {
+        return grpc.to_owned();
+    };
+    match pod.rsplit_once('-') {
+        Some((set, ordinal))
+            if !set.is_empty()
+                && !ordinal.is_empty()
+                && ordinal.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            set.to_owned()
+        }
+        _ => pod.to_owned(),
+    }
+}
+
 /// The endpoints of `--endpoints HOST:PORT,...` (the workers' gRPC addresses). Their OpenAI APIs
 /// are `openai` in the same order when given (`--openai-endpoints`), else on the same hosts at
 /// `ports.openai`.
@@ -67,6 +86,7 @@ pub fn static_endpoints(
             Ok(EndpointAddr {
                 grpc: entry.to_owned(),
                 openai: openai.filter(|_| ports.openai.is_some()),
+                group: group_name(None, entry),
             })
         })
         .collect()
@@ -98,8 +118,15 @@ pub fn ready_endpoints<'a>(
                 continue;
             }
             if let Some(address) = endpoint.addresses.first() {
+                let pod = endpoint
+                    .target_ref
+                    .as_ref()
+                    .filter(|target| target.kind.as_deref().is_none_or(|kind| kind == "Pod"))
+                    .and_then(|target| target.name.as_deref());
+                let grpc = join(address, grpc);
                 ready.insert(EndpointAddr {
-                    grpc: join(address, grpc),
+                    group: group_name(pod, &grpc),
+                    grpc,
                     openai: openai.map(|port| join(address, port)),
                 });
             }
@@ -210,6 +237,7 @@ pub async fn follow_service(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::ObjectReference;
     use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort};
 
     const PORTS: WorkerPorts = WorkerPorts {
@@ -234,7 +262,14 @@ mod tests {
         let slice = EndpointSlice {
             address_type: "IPv4".into(),
             endpoints: vec![
-                endpoint("10.0.0.1", Some(true), None),
+                Endpoint {
+                    target_ref: Some(ObjectReference {
+                        kind: Some("Pod".into()),
+                        name: Some("demo-1-0".into()),
+                        ..ObjectReference::default()
+                    }),
+                    ..endpoint("10.0.0.1", Some(true), None)
+                },
                 endpoint("10.0.0.2", None, None),
                 endpoint("10.0.0.3", Some(false), None),
                 endpoint("10.0.0.4", Some(true), Some(true)),
@@ -252,11 +287,13 @@ mod tests {
             vec![
                 EndpointAddr {
                     grpc: "10.0.0.1:6000".into(),
-                    openai: Some("10.0.0.1:8000".into())
+                    openai: Some("10.0.0.1:8000".into()),
+                    group: "demo-1".into(),
                 },
                 EndpointAddr {
                     grpc: "10.0.0.2:6000".into(),
-                    openai: Some("10.0.0.2:8000".into())
+                    openai: Some("10.0.0.2:8000".into()),
+                    group: "10.0.0.2:6000".into(),
                 },
             ]
         );
@@ -273,7 +310,8 @@ mod tests {
             ready_endpoints([&v6], none).into_iter().next().unwrap(),
             EndpointAddr {
                 grpc: "[fd00::1]:50051".into(),
-                openai: None
+                openai: None,
+                group: "[fd00::1]:50051".into(),
             }
         );
     }
@@ -301,7 +339,8 @@ mod tests {
             ready,
             vec![EndpointAddr {
                 grpc: "127.0.0.3:50051".into(),
-                openai: Some("127.0.0.3:8000".into())
+                openai: Some("127.0.0.3:8000".into()),
+                group: "127.0.0.3:50051".into(),
             }]
         );
         let broken: DynamicObject = serde_json::from_value(serde_json::json!({
@@ -317,6 +356,7 @@ mod tests {
         let list = vec!["127.0.0.1:50051".to_owned(), "[::1]:7000".to_owned()];
         let endpoints = static_endpoints(&list, &[], PORTS).unwrap();
         assert_eq!(endpoints[0].openai.as_deref(), Some("127.0.0.1:8000"));
+        assert_eq!(endpoints[1].group, "[::1]:7000", "each its own group");
         assert_eq!(endpoints[1].openai.as_deref(), Some("[::1]:8000"));
         let openai = vec!["127.0.0.1:8001".to_owned(), "[::1]:8002".to_owned()];
         let endpoints = static_endpoints(&list, &openai, PORTS).unwrap();
@@ -327,5 +367,22 @@ mod tests {
             let err = static_endpoints(&[bad.to_owned()], &[], PORTS).unwrap_err();
             assert!(err.contains(bad), "{err}");
         }
+    }
+
+    #[test]
+    fn a_group_is_the_statefulset_of_the_endpoints_pod() {
+        let address = "10.0.0.9:50051";
+        assert_eq!(group_name(Some("demo-1-0"), address), "demo-1");
+        assert_eq!(group_name(Some("demo-12-3"), address), "demo-12");
+        assert_eq!(group_name(Some("demo-0"), address), "demo");
+        // Without an ordinal the pod is a group of its own; without a pod, the address is.
+        assert_eq!(
+            group_name(Some("demo-7d9f-x2kq"), address),
+            "demo-7d9f-x2kq"
+        );
+        assert_eq!(group_name(Some("demo-"), address), "demo-");
+        assert_eq!(group_name(Some("-3"), address), "-3");
+        assert_eq!(group_name(Some(""), address), address);
+        assert_eq!(group_name(None, address), address);
     }
 }

@@ -15,6 +15,7 @@ use latentserve_proto::v1::{
 };
 use tonic::{Code, Request, Response, Status};
 
+use crate::hold::HoldError;
 use crate::pool::{Endpoint, Pool};
 use crate::prefix::{RouteKey, generate_fallback};
 
@@ -102,7 +103,17 @@ fn upstream<T: Clone>(
 }
 
 fn no_endpoint() -> Status {
-    Status::unavailable("no worker is ready to take the request; retry later")
+    Status::unavailable(HoldError::Off.to_string())
+}
+
+/// The status of a request that found no usable worker and was not (or no longer) held.
+fn not_held(err: &HoldError) -> Status {
+    let message = err.to_string();
+    match err {
+        HoldError::Off | HoldError::TimedOut(_) => Status::unavailable(message),
+        HoldError::Full { .. } => Status::resource_exhausted(message),
+        HoldError::Deadline => Status::deadline_exceeded(message),
+    }
 }
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
@@ -119,8 +130,20 @@ impl Inference for RouterService {
         let deadline = deadline_of(&request, arrival);
         let metadata = request.metadata().clone();
         let message = request.into_inner();
-        let key = route_key(&self.pool, &message).await;
         let metrics = self.pool.metrics().clone();
+        // Held before keying: at zero the prompt files arrive with the first worker.
+        let held_since = match self.pool.wait_for_endpoint(arrival, deadline).await {
+            Ok(held) => held.then_some(arrival),
+            Err(err) => {
+                metrics
+                    .requests
+                    .with_label_values(&["grpc", "none", "none", "unavailable"])
+                    .inc();
+                return Err(not_held(&err));
+            }
+        };
+        let routed = Instant::now();
+        let key = route_key(&self.pool, &message).await;
         let Some(route) = self.pool.route(&key) else {
             metrics
                 .requests
@@ -141,12 +164,15 @@ impl Inference for RouterService {
             metrics
                 .queue_seconds
                 .with_label_values(&["grpc"])
-                .observe(arrival.elapsed().as_secs_f64());
+                .observe(routed.elapsed().as_secs_f64());
             let sent = Instant::now();
             match first_message(endpoint, upstream_request).await {
                 Ok((first, rest)) => {
                     in_flight.answered();
                     endpoint.mark_ok();
+                    if first.is_some() {
+                        self.pool.first_token(endpoint, routed, held_since);
+                    }
                     metrics
                         .upstream_seconds
                         .with_label_values(&["grpc"])
@@ -260,7 +286,8 @@ async fn first_message(
     Ok((first, stream))
 }
 
-/// Sends a unary call to the least-loaded usable worker, retrying on others when one cannot take it.
+/// Sends a unary call to the least-loaded usable worker (held while there is none), retrying on
+/// others when one cannot take it.
 async fn any_worker<T, R, F, Fut>(
     pool: &Pool,
     request: Request<T>,
@@ -275,6 +302,10 @@ where
     let deadline = deadline_of(&request, arrival);
     let metadata = request.metadata().clone();
     let message = request.into_inner();
+    // Held like Generate: a client's first call at zero may well be GetModelInfo.
+    pool.wait_for_endpoint(arrival, deadline)
+        .await
+        .map_err(|err| not_held(&err))?;
     let mut last_error = no_endpoint();
     for endpoint in pool.least_loaded().iter().take(MAX_ATTEMPTS) {
         match call(endpoint.channel(), upstream(&message, &metadata, deadline)?).await {
@@ -375,6 +406,27 @@ mod tests {
         // What a worker that dies before its first message leaves behind.
         let broken = Status::unknown("h2 protocol error: error reading a body from connection");
         assert_eq!(worth_retrying(&broken), Some("transport"));
+    }
+
+    #[test]
+    fn a_request_not_held_gets_the_status_that_says_why() {
+        let cases = [
+            (HoldError::Off, Code::Unavailable),
+            (HoldError::Full { capacity: 8 }, Code::ResourceExhausted),
+            (
+                HoldError::TimedOut(Duration::from_secs(300)),
+                Code::Unavailable,
+            ),
+            (HoldError::Deadline, Code::DeadlineExceeded),
+        ];
+        for (err, code) in cases {
+            assert_eq!(not_held(&err).code(), code, "{err}");
+        }
+        assert!(
+            not_held(&HoldError::Full { capacity: 8 })
+                .message()
+                .contains("--hold-queue")
+        );
     }
 
     #[test]

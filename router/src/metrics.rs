@@ -1,13 +1,20 @@
 //! The router's Prometheus metrics (`latentserve_router_*`), listed in docs/metrics.md.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Latency buckets in seconds: sub-millisecond routing up to minute-long generations.
 const SECONDS_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0, 30.0, 60.0,
+];
+/// Cold-start buckets in seconds: a group already loading up to a node provisioned, an image
+/// pulled and a model loaded from scratch.
+const COLD_START_BUCKETS: &[f64] = &[
+    0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 240.0, 300.0, 450.0,
+    600.0,
 ];
 /// Prefix-match buckets in tokens.
 const TOKEN_BUCKETS: &[f64] = &[
@@ -30,6 +37,16 @@ pub struct RouterMetrics {
     pub endpoints: IntGaugeVec,
     /// Requests in flight through this router, by endpoint.
     pub in_flight: IntGaugeVec,
+    /// Requests held because no endpoint could take them.
+    pub held: IntGauge,
+    /// Requests not held (`full`) or no longer held (`timeout`) that then failed.
+    pub hold_rejected: IntCounterVec,
+    /// Arrival of a request that had to be held to its first token.
+    pub cold_start_seconds: Histogram,
+    /// Per serving group (the signal of `GET /v1/autoscaling`, for KEDA or an HPA).
+    pub group_in_flight: IntGaugeVec,
+    pub group_queued_prompt_tokens: IntGaugeVec,
+    pub group_cache_utilization: GaugeVec,
 }
 
 impl RouterMetrics {
@@ -87,6 +104,49 @@ impl RouterMetrics {
             ),
             &["endpoint"],
         )?;
+        let held = IntGauge::new(
+            "latentserve_router_held_requests",
+            "Requests held because no worker endpoint can take them (scale from zero).",
+        )?;
+        let hold_rejected = IntCounterVec::new(
+            Opts::new(
+                "latentserve_router_hold_rejected_total",
+                "Requests that found no usable worker and failed: the hold queue was full, or no worker became ready in time.",
+            ),
+            &["reason"],
+        )?;
+        // Both reasons from the start, so that rate() sees the first refusal.
+        for reason in ["full", "timeout"] {
+            hold_rejected.with_label_values(&[reason]);
+        }
+        let cold_start_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "latentserve_router_cold_start_seconds",
+                "Arrival of a request that had to be held to its first token.",
+            )
+            .buckets(COLD_START_BUCKETS.to_vec()),
+        )?;
+        let group_in_flight = IntGaugeVec::new(
+            Opts::new(
+                "latentserve_router_group_in_flight_requests",
+                "Requests in flight per serving group: per endpoint, the larger of what this router sent and what the worker reports.",
+            ),
+            &["group"],
+        )?;
+        let group_queued_prompt_tokens = IntGaugeVec::new(
+            Opts::new(
+                "latentserve_router_group_queued_prompt_tokens",
+                "Prompt tokens the serving group's workers report not yet prefilled.",
+            ),
+            &["group"],
+        )?;
+        let group_cache_utilization = GaugeVec::new(
+            Opts::new(
+                "latentserve_router_group_cache_utilization",
+                "Share of the serving group's latent-cache blocks in use, as its workers report.",
+            ),
+            &["group"],
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(prefix_match_tokens.clone()))?;
@@ -94,6 +154,12 @@ impl RouterMetrics {
         registry.register(Box::new(upstream_seconds.clone()))?;
         registry.register(Box::new(endpoints.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(held.clone()))?;
+        registry.register(Box::new(hold_rejected.clone()))?;
+        registry.register(Box::new(cold_start_seconds.clone()))?;
+        registry.register(Box::new(group_in_flight.clone()))?;
+        registry.register(Box::new(group_queued_prompt_tokens.clone()))?;
+        registry.register(Box::new(group_cache_utilization.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -103,6 +169,12 @@ impl RouterMetrics {
             upstream_seconds,
             endpoints,
             in_flight,
+            held,
+            hold_rejected,
+            cold_start_seconds,
+            group_in_flight,
+            group_queued_prompt_tokens,
+            group_cache_utilization,
         })
     }
 

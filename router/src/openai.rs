@@ -24,6 +24,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 
 use crate::grpc::MAX_ATTEMPTS;
+use crate::hold::HoldError;
 use crate::pool::{Endpoint, InFlight, Pool};
 use crate::prefix::{RouteKey, openai_fallback};
 
@@ -75,6 +76,26 @@ fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response
     (status, axum::Json(body)).into_response()
 }
 
+/// The answer to a request that found no usable worker and was not (or no longer) held.
+fn not_held(err: &HoldError) -> Response {
+    match err {
+        HoldError::Full { .. } => {
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                err.to_string(),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+        HoldError::Off | HoldError::TimedOut(_) | HoldError::Deadline => {
+            unavailable(&err.to_string())
+        }
+    }
+}
+
 fn unavailable(message: &str) -> Response {
     let mut response = error(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -124,13 +145,26 @@ async fn generate(
         return unavailable("the router is draining");
     }
     let metrics = proxy.pool.metrics().clone();
+    // Held before keying: at zero the prompt files arrive with the first worker. HTTP clients
+    // send no deadline; --hold-timeout bounds the wait.
+    let held_since = match proxy.pool.wait_for_endpoint(arrival, None).await {
+        Ok(held) => held.then_some(arrival),
+        Err(err) => {
+            metrics
+                .requests
+                .with_label_values(&["openai", "none", "none", "unavailable"])
+                .inc();
+            return not_held(&err);
+        }
+    };
+    let routed = Instant::now();
     let key = route_key(&proxy.pool, &body).await;
     let Some(route) = proxy.pool.route(&key) else {
         metrics
             .requests
             .with_label_values(&["openai", "none", "none", "unavailable"])
             .inc();
-        return unavailable("no worker is ready to take the request; retry later");
+        return unavailable(&HoldError::Off.to_string());
     };
     let block_size = proxy.pool.prompter().map_or(0, |p| p.block_size());
     metrics
@@ -145,7 +179,7 @@ async fn generate(
         metrics
             .queue_seconds
             .with_label_values(&["openai"])
-            .observe(arrival.elapsed().as_secs_f64());
+            .observe(routed.elapsed().as_secs_f64());
         let sent = Instant::now();
         match forward(
             &proxy.client,
@@ -198,8 +232,29 @@ async fn generate(
                             .with_label_values(&["openai", endpoint.name(), reason, "ok"])
                             .inc();
                         let first = first.and_then(Result::ok);
+                        let mut probe = None;
+                        if is_event_stream(&parts.headers) {
+                            let mut watch = TokenProbe::new(
+                                uri.path() == "/v1/chat/completions",
+                                FirstToken {
+                                    pool: proxy.pool.clone(),
+                                    endpoint: endpoint.clone(),
+                                    routed,
+                                    held_since,
+                                },
+                            );
+                            if let Some(data) = first.as_ref().and_then(Frame::data_ref) {
+                                watch.see(data);
+                            }
+                            probe = Some(watch);
+                        } else if let Some(arrival) = held_since {
+                            // A whole answer: its first token is not visible, the answer is.
+                            metrics
+                                .cold_start_seconds
+                                .observe(arrival.elapsed().as_secs_f64());
+                        }
                         let response = hyper::Response::from_parts(parts, body);
-                        return passthrough_from(response, first, Some(in_flight));
+                        return passthrough_from(response, first, Some(in_flight), probe);
                     }
                 }
             }
@@ -239,6 +294,10 @@ async fn models(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
+    // Held like completions: a client's first call at zero may well list the models.
+    if let Err(err) = proxy.pool.wait_for_endpoint(Instant::now(), None).await {
+        return not_held(&err);
+    }
     for endpoint in proxy
         .pool
         .least_loaded()
@@ -292,7 +351,73 @@ async fn forward(
 /// The worker's answer as the client's, its body streamed; the request counts as in flight on
 /// the worker until the body has been read or dropped.
 fn passthrough(response: hyper::Response<Incoming>, in_flight: Option<InFlight>) -> Response {
-    passthrough_from(response, None, in_flight)
+    passthrough_from(response, None, in_flight, None)
+}
+
+/// Whether a worker's answer is streamed (server-sent events).
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("text/event-stream"))
+}
+
+/// Where a streamed request's first token is recorded (the group's TTFT, a cold start).
+struct FirstToken {
+    pool: Arc<Pool>,
+    endpoint: Arc<Endpoint>,
+    routed: Instant,
+    held_since: Option<Instant>,
+}
+
+/// Finds the first token of a streamed answer in its server-sent events as they pass: the first
+/// event of a completion stream, the second of a chat stream (its first announces the role).
+struct TokenProbe {
+    /// Events that come before the first token's.
+    skip: usize,
+    /// Events seen whole.
+    events: usize,
+    /// The last byte seen ended a line (an event ends with an empty line, which may start in the
+    /// next frame).
+    newline: bool,
+    first_token: Option<FirstToken>,
+}
+
+impl TokenProbe {
+    fn new(chat: bool, first_token: FirstToken) -> Self {
+        Self {
+            skip: usize::from(chat),
+            events: 0,
+            newline: false,
+            first_token: Some(first_token),
+        }
+    }
+
+    /// Reads a body frame's bytes; records the first token when its event is complete.
+    fn see(&mut self, data: &[u8]) {
+        if self.first_token.is_none() {
+            return;
+        }
+        for &byte in data {
+            match byte {
+                b'\n' if self.newline => {
+                    self.newline = false;
+                    self.events += 1;
+                    if self.events > self.skip {
+                        if let Some(first) = self.first_token.take() {
+                            first
+                                .pool
+                                .first_token(&first.endpoint, first.routed, first.held_since);
+                        }
+                        return;
+                    }
+                }
+                b'\n' => self.newline = true,
+                b'\r' => {}
+                _ => self.newline = false,
+            }
+        }
+    }
 }
 
 /// [`passthrough`] of a response whose first body frame has been read already.
@@ -300,12 +425,14 @@ fn passthrough_from(
     response: hyper::Response<Incoming>,
     first: Option<Frame<Bytes>>,
     in_flight: Option<InFlight>,
+    probe: Option<TokenProbe>,
 ) -> Response {
     let (parts, body) = response.into_parts();
     let mut out = Response::new(Body::new(Guarded {
         first,
         inner: body,
         _in_flight: in_flight,
+        probe,
     }));
     *out.status_mut() = parts.status;
     for name in [
@@ -326,6 +453,8 @@ struct Guarded {
     first: Option<Frame<Bytes>>,
     inner: Incoming,
     _in_flight: Option<InFlight>,
+    /// Looks for the first token of a streamed answer.
+    probe: Option<TokenProbe>,
 }
 
 impl hyper::body::Body for Guarded {
@@ -340,7 +469,13 @@ impl hyper::body::Body for Guarded {
         if let Some(first) = this.first.take() {
             return Poll::Ready(Some(Ok(first)));
         }
-        Pin::new(&mut this.inner).poll_frame(cx)
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let (Some(probe), Poll::Ready(Some(Ok(frame)))) = (&mut this.probe, &polled)
+            && let Some(data) = frame.data_ref()
+        {
+            probe.see(data);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -366,5 +501,38 @@ mod tests {
         assert!(worth_retrying(StatusCode::BAD_REQUEST).is_none());
         assert!(worth_retrying(StatusCode::INTERNAL_SERVER_ERROR).is_none());
         assert!(worth_retrying(StatusCode::OK).is_none());
+    }
+
+    #[tokio::test]
+    async fn the_first_token_of_a_stream_is_its_first_event_or_a_chats_second() {
+        use crate::hold::HoldConfig;
+        use crate::metrics::RouterMetrics;
+        use crate::policy::Policy;
+        use crate::pool::EndpointAddr;
+
+        let metrics = Arc::new(RouterMetrics::new().unwrap());
+        let pool = Pool::new(Policy::PrefixAware, HoldConfig::default(), metrics);
+        pool.set_endpoints([EndpointAddr {
+            grpc: "127.0.0.1:1".into(),
+            openai: Some("127.0.0.1:2".into()),
+            group: "demo-0".into(),
+        }]);
+        let samples = || pool.signal().groups[0].ttft_samples;
+        let first_token = || FirstToken {
+            pool: pool.clone(),
+            endpoint: pool.endpoints()[0].clone(),
+            routed: Instant::now(),
+            held_since: None,
+        };
+        // Chat: the role announcement, then the first token's event, split across frames.
+        let mut chat = TokenProbe::new(true, first_token());
+        chat.see(b"data: {\"role\":\"assistant\"}\n\n");
+        chat.see(b"data: {\"content\":\"Hel\"}\n");
+        assert_eq!(samples(), 0);
+        chat.see(b"\ndata: {\"content\":\"lo\"}\n\n");
+        assert_eq!(samples(), 1, "one sample per request");
+        let mut completion = TokenProbe::new(false, first_token());
+        completion.see(b"data: {\"text\":\"Hi\"}\r\n\r\n");
+        assert_eq!(samples(), 2);
     }
 }

@@ -1,9 +1,11 @@
 //! The worker endpoints and what the router knows of each: the load it sent there, the load and
 //! prefix-cache blocks the worker reports (`latentserve.v1.WorkerStatus/Watch`), and whether it
-//! has just failed. Routing reads a consistent view through [`Pool::route`].
+//! has just failed. Routing reads a consistent view through [`Pool::route`]; with no usable
+//! endpoint a request waits in the pool's [`HoldQueue`] ([`Pool::wait_for_endpoint`]). Endpoints
+//! belong to serving groups; the pool sums them per group for the autoscaling signal.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -12,6 +14,11 @@ use latentserve_proto::v1::{GetPromptFilesRequest, WatchWorkerRequest, WorkerSta
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+use crate::autoscaling::{
+    AutoscalingSignal, EndpointLoad, GroupSignal, TTFT_WINDOW, TTFT_WINDOW_CAP, TtftWindow,
+    group_signals,
+};
+use crate::hold::{HoldConfig, HoldError, HoldQueue, give_up_at};
 use crate::metrics::RouterMetrics;
 use crate::policy::{Candidate, Decision, Policy, Reason, decide};
 use crate::prefix::{Prompter, RouteKey};
@@ -36,6 +43,9 @@ pub struct EndpointAddr {
     pub grpc: String,
     /// `host:port` of its OpenAI API, when it serves one.
     pub openai: Option<String>,
+    /// Its serving group: the StatefulSet of its pod, else its gRPC address
+    /// ([`crate::discovery::group_name`]).
+    pub group: String,
 }
 
 #[derive(Debug, Default)]
@@ -47,9 +57,50 @@ struct EndpointState {
     expected: HashMap<u64, Instant>,
     running: usize,
     waiting: usize,
+    queued_prompt_tokens: usize,
+    available_blocks: usize,
+    total_blocks: usize,
     draining: bool,
     failures: u32,
     failing_until: Option<Instant>,
+}
+
+/// Whether the router has a request in flight or held, and when it last had one (the signal's
+/// `idle_seconds`, which an autoscaler reads to scale to zero).
+struct Activity {
+    in_flight: AtomicUsize,
+    last_busy: Mutex<Instant>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            last_busy: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn touch(&self) {
+        *self.last_busy.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    /// Time since the router last had anything in flight or held; zero while it has.
+    fn idle(&self, held: usize, now: Instant) -> Duration {
+        if held > 0 || self.in_flight.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let last = *self.last_busy.lock().unwrap_or_else(|e| e.into_inner());
+        now.saturating_duration_since(last)
+    }
+}
+
+/// Marks the router busy until dropped (a held request, whichever way its wait ends).
+struct Busy<'a>(&'a Activity);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.touch();
+    }
 }
 
 /// One worker.
@@ -61,6 +112,10 @@ pub struct Endpoint {
     /// Prompt tokens of requests this router sent here that are not answered yet and were not
     /// cached here when sent: the prefill queued ahead of a new request.
     pending_prefill: AtomicUsize,
+    /// Its group is being scaled away (the routing ConfigMap): like a worker that reports
+    /// draining, it takes no new request.
+    group_draining: AtomicBool,
+    activity: Arc<Activity>,
     stop: watch::Sender<bool>,
 }
 
@@ -73,7 +128,7 @@ impl std::fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
-    fn new(addr: EndpointAddr) -> Result<Self, String> {
+    fn new(addr: EndpointAddr, activity: Arc<Activity>) -> Result<Self, String> {
         let channel = Channel::from_shared(format!("http://{}", addr.grpc))
             .map_err(|err| format!("`{}` is not HOST:PORT: {err}", addr.grpc))?
             .connect_timeout(CONNECT_TIMEOUT)
@@ -88,6 +143,8 @@ impl Endpoint {
             state: Mutex::new(EndpointState::default()),
             outstanding: AtomicUsize::new(0),
             pending_prefill: AtomicUsize::new(0),
+            group_draining: AtomicBool::new(false),
+            activity,
             stop,
         })
     }
@@ -119,9 +176,39 @@ impl Endpoint {
             .max(state.running + state.waiting)
     }
 
-    #[cfg(test)]
+    /// It may take a request now: neither draining nor failing.
     fn usable(&self, now: Instant) -> bool {
         self.view(&RouteKey::default(), now).is_some()
+    }
+
+    /// It takes no new request, whether its worker or its group drains.
+    fn draining(&self, state: &EndpointState) -> bool {
+        state.draining || self.group_draining.load(Ordering::Relaxed)
+    }
+
+    /// When it stops failing, if it is failing but not draining at `now`.
+    fn recovers_at(&self, now: Instant) -> Option<Instant> {
+        let state = self.state();
+        if self.draining(&state) {
+            return None;
+        }
+        state.failing_until.filter(|until| *until > now)
+    }
+
+    /// What the autoscaling signal needs of it.
+    fn load_snapshot(&self) -> EndpointLoad {
+        let state = self.state();
+        EndpointLoad {
+            group: self.addr.group.clone(),
+            reporting: state.reporting,
+            draining: self.draining(&state),
+            outstanding: self.outstanding.load(Ordering::Relaxed),
+            running: state.running,
+            waiting: state.waiting,
+            queued_prompt_tokens: state.queued_prompt_tokens,
+            available_blocks: state.available_blocks,
+            total_blocks: state.total_blocks,
+        }
     }
 
     /// Leading blocks of `key` it holds or was just sent.
@@ -133,7 +220,7 @@ impl Endpoint {
     fn view(&self, key: &RouteKey, now: Instant) -> Option<View> {
         let state = self.state();
         let failing = state.failing_until.is_some_and(|until| until > now);
-        if state.draining || failing {
+        if self.draining(&state) || failing {
             return None;
         }
         Some(View {
@@ -151,6 +238,8 @@ impl Endpoint {
     /// pending prefill until [`InFlight::answered`], and expects its blocks.
     pub fn begin(self: &Arc<Self>, key: &RouteKey, metrics: &Arc<RouterMetrics>) -> InFlight {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
+        self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.activity.touch();
         metrics.in_flight.with_label_values(&[self.name()]).inc();
         let now = Instant::now();
         let mut state = self.state();
@@ -212,6 +301,9 @@ impl Endpoint {
         state.reporting = true;
         state.running = report.running_requests as usize;
         state.waiting = report.waiting_requests as usize;
+        state.queued_prompt_tokens = report.queued_prompt_tokens as usize;
+        state.available_blocks = report.available_blocks as usize;
+        state.total_blocks = report.total_blocks as usize;
         state.draining = report.draining;
     }
 
@@ -221,6 +313,9 @@ impl Endpoint {
         state.cached.clear();
         state.running = 0;
         state.waiting = 0;
+        state.queued_prompt_tokens = 0;
+        state.available_blocks = 0;
+        state.total_blocks = 0;
         state.draining = false;
     }
 }
@@ -273,6 +368,11 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.answered();
         self.endpoint.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.activity.touch();
+        self.endpoint
+            .activity
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
         self.metrics
             .in_flight
             .with_label_values(&[self.endpoint.name()])
@@ -295,17 +395,35 @@ pub struct Pool {
     policy: Policy,
     turn: AtomicUsize,
     metrics: Arc<RouterMetrics>,
+    hold: Arc<HoldQueue>,
+    /// Groups the routing ConfigMap drains (lock order: `endpoints` first).
+    draining_groups: RwLock<BTreeSet<String>>,
+    /// Each group's recent times to first token.
+    ttft: Mutex<BTreeMap<String, TtftWindow>>,
+    activity: Arc<Activity>,
+    /// The groups the per-group gauges have label sets for.
+    gauge_groups: Mutex<BTreeSet<String>>,
 }
 
 impl Pool {
-    pub fn new(policy: Policy, metrics: Arc<RouterMetrics>) -> Arc<Self> {
+    pub fn new(policy: Policy, hold: HoldConfig, metrics: Arc<RouterMetrics>) -> Arc<Self> {
         Arc::new(Self {
             endpoints: RwLock::new(BTreeMap::new()),
             prompter: OnceLock::new(),
             policy,
             turn: AtomicUsize::new(0),
+            hold: Arc::new(HoldQueue::new(hold, metrics.held.clone())),
             metrics,
+            draining_groups: RwLock::new(BTreeSet::new()),
+            ttft: Mutex::new(BTreeMap::new()),
+            activity: Arc::new(Activity::new()),
+            gauge_groups: Mutex::new(BTreeSet::new()),
         })
+    }
+
+    /// Requests in flight through the router or held by it (a drain waits for them).
+    pub fn busy(&self) -> usize {
+        self.activity.in_flight.load(Ordering::Relaxed) + self.hold.len()
     }
 
     pub fn metrics(&self) -> &Arc<RouterMetrics> {
@@ -320,8 +438,12 @@ impl Pool {
     /// Replaces the set of endpoints: new ones are watched, gone ones stop being chosen (requests
     /// in flight on them finish).
     pub fn set_endpoints(self: &Arc<Self>, addrs: impl IntoIterator<Item = EndpointAddr>) {
-        let wanted: std::collections::BTreeSet<EndpointAddr> = addrs.into_iter().collect();
+        let wanted: BTreeSet<EndpointAddr> = addrs.into_iter().collect();
         let mut endpoints = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
+        let draining_groups = self
+            .draining_groups
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
         endpoints.retain(|addr, endpoint| {
             let keep = wanted.contains(addr);
             if !keep {
@@ -334,18 +456,162 @@ impl Pool {
             if endpoints.contains_key(&addr) {
                 continue;
             }
-            match Endpoint::new(addr.clone()) {
+            match Endpoint::new(addr.clone(), self.activity.clone()) {
                 Ok(endpoint) => {
+                    endpoint
+                        .group_draining
+                        .store(draining_groups.contains(&addr.group), Ordering::Relaxed);
                     let endpoint = Arc::new(endpoint);
-                    tracing::info!(endpoint = %endpoint.name(), "endpoint added");
+                    tracing::info!(endpoint = %endpoint.name(), group = %addr.group, "endpoint added");
                     tokio::spawn(watch_status(Arc::downgrade(self), endpoint.clone()));
                     endpoints.insert(addr, endpoint);
                 }
                 Err(err) => tracing::error!(error = %err, "endpoint ignored"),
             }
         }
+        drop(draining_groups);
         drop(endpoints);
         self.update_gauges();
+        self.wake_held();
+    }
+
+    /// Stops sending new requests to the endpoints of `groups` (and resumes for groups no longer
+    /// listed), as if their workers reported draining.
+    pub fn set_draining_groups(&self, groups: BTreeSet<String>) {
+        let endpoints = self.endpoints.read().unwrap_or_else(|e| e.into_inner());
+        let mut current = self
+            .draining_groups
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if *current == groups {
+            return;
+        }
+        tracing::info!(?groups, "draining groups changed");
+        for endpoint in endpoints.values() {
+            endpoint
+                .group_draining
+                .store(groups.contains(&endpoint.addr.group), Ordering::Relaxed);
+        }
+        *current = groups;
+        drop(current);
+        drop(endpoints);
+        self.update_gauges();
+        self.wake_held();
+    }
+
+    /// Whether some endpoint may take a request now.
+    fn any_usable(&self, now: Instant) -> bool {
+        self.endpoints().iter().any(|e| e.usable(now))
+    }
+
+    /// Wakes the held requests when an endpoint can take them (called on every change that may
+    /// make one usable: endpoints added, reports, draining groups).
+    fn wake_held(&self) {
+        if !self.hold.is_empty() && self.any_usable(Instant::now()) {
+            self.hold.wake_all();
+        }
+    }
+
+    /// Returns at once when an endpoint can take a request; else holds the request (arrived at
+    /// `arrival`, the client's `deadline` if it has one) until one can, in arrival order, within
+    /// `--hold-timeout` and the deadline. `Ok(true)`: the request was held.
+    pub async fn wait_for_endpoint(
+        &self,
+        arrival: Instant,
+        deadline: Option<Instant>,
+    ) -> Result<bool, HoldError> {
+        if self.any_usable(Instant::now()) {
+            return Ok(false);
+        }
+        let ticket = self
+            .hold
+            .join(arrival)
+            .inspect_err(|err| self.rejected(err))?;
+        let _busy = Busy(&self.activity);
+        self.activity.touch();
+        let (give_up, why) = give_up_at(arrival, deadline, self.hold.config().timeout);
+        tracing::debug!(
+            held = self.hold.len(),
+            "no usable endpoint: holding the request"
+        );
+        loop {
+            let now = Instant::now();
+            if self.any_usable(now) {
+                return Ok(true);
+            }
+            if now >= give_up {
+                self.rejected(&why);
+                return Err(why);
+            }
+            // A failing endpoint recovers at a known time; anything else wakes the queue.
+            let recovers = self
+                .endpoints()
+                .iter()
+                .filter_map(|e| e.recovers_at(now))
+                .min();
+            let wake_at = recovers.map_or(give_up, |at| at.min(give_up));
+            tokio::select! {
+                _ = ticket.woken() => {}
+                _ = tokio::time::sleep_until(wake_at.into()) => {}
+            }
+        }
+    }
+
+    fn rejected(&self, err: &HoldError) {
+        if let Some(reason) = err.reason() {
+            self.metrics
+                .hold_rejected
+                .with_label_values(&[reason])
+                .inc();
+        }
+    }
+
+    /// A request got its first token from `endpoint`: a TTFT sample of its group, from `routed`
+    /// (its arrival, or the end of its hold: the wait for a group to exist is not the group's
+    /// latency, and counting it would make a new group look slow and scale up another), and a
+    /// cold start from `held_since` when it was held.
+    pub fn first_token(&self, endpoint: &Endpoint, routed: Instant, held_since: Option<Instant>) {
+        let now = Instant::now();
+        if let Some(arrival) = held_since {
+            self.metrics
+                .cold_start_seconds
+                .observe(now.saturating_duration_since(arrival).as_secs_f64());
+        }
+        let seconds = now.saturating_duration_since(routed).as_secs_f64();
+        let mut ttft = self.ttft.lock().unwrap_or_else(|e| e.into_inner());
+        ttft.entry(endpoint.addr.group.clone())
+            .or_insert_with(|| TtftWindow::new(TTFT_WINDOW, TTFT_WINDOW_CAP))
+            .record(now, seconds);
+    }
+
+    /// Every endpoint's load, per group, with the TTFT of the groups that have samples; drops
+    /// the TTFT windows of groups that have neither endpoints nor recent samples.
+    fn groups(&self, now: Instant) -> Vec<GroupSignal> {
+        let loads: Vec<EndpointLoad> = self.endpoints().iter().map(|e| e.load_snapshot()).collect();
+        let mut windows = self.ttft.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ttft = BTreeMap::new();
+        windows.retain(|group, window| {
+            ttft.insert(group.clone(), window.quantile(now, 0.9));
+            !window.is_empty() || loads.iter().any(|l| &l.group == group)
+        });
+        drop(windows);
+        group_signals(&loads, &ttft)
+    }
+
+    /// The answer of `GET /v1/autoscaling`.
+    pub fn signal(&self) -> AutoscalingSignal {
+        let now = Instant::now();
+        let held = self.hold.len();
+        let rejected = &self.metrics.hold_rejected;
+        AutoscalingSignal {
+            window_seconds: TTFT_WINDOW.as_secs(),
+            held_requests: held,
+            oldest_held_seconds: self.hold.oldest(now).as_secs_f64(),
+            held_rejected_total: rejected.with_label_values(&["full"]).get()
+                + rejected.with_label_values(&["timeout"]).get(),
+            idle_seconds: self.activity.idle(held, now).as_secs_f64(),
+            groups: self.groups(now),
+        }
     }
 
     /// Every endpoint now.
@@ -425,10 +691,11 @@ impl Pool {
         for endpoint in &endpoints {
             let state = endpoint.state();
             let failing = state.failing_until.is_some_and(|until| until > now);
-            *counts.entry("ready").or_default() += i64::from(!failing && !state.draining);
+            let draining = endpoint.draining(&state);
+            *counts.entry("ready").or_default() += i64::from(!failing && !draining);
             *counts.entry("reporting").or_default() += i64::from(state.reporting);
             *counts.entry("failing").or_default() += i64::from(failing);
-            *counts.entry("draining").or_default() += i64::from(state.draining);
+            *counts.entry("draining").or_default() += i64::from(draining);
         }
         for (state, count) in counts {
             self.metrics
@@ -436,6 +703,43 @@ impl Pool {
                 .with_label_values(&[state])
                 .set(count);
         }
+        self.update_group_gauges(now);
+    }
+
+    /// Refreshes the per-group gauges; the label sets of groups that left are removed.
+    fn update_group_gauges(&self, now: Instant) {
+        let groups = self.groups(now);
+        let mut known = self.gauge_groups.lock().unwrap_or_else(|e| e.into_inner());
+        let current: BTreeSet<String> = groups.iter().map(|g| g.group.clone()).collect();
+        for gone in known.difference(&current) {
+            let labels = [gone.as_str()];
+            let _ = self.metrics.group_in_flight.remove_label_values(&labels);
+            let _ = self
+                .metrics
+                .group_queued_prompt_tokens
+                .remove_label_values(&labels);
+            let _ = self
+                .metrics
+                .group_cache_utilization
+                .remove_label_values(&labels);
+        }
+        for group in &groups {
+            let labels = [group.group.as_str()];
+            let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            self.metrics
+                .group_in_flight
+                .with_label_values(&labels)
+                .set(count(group.in_flight_requests));
+            self.metrics
+                .group_queued_prompt_tokens
+                .with_label_values(&labels)
+                .set(count(group.queued_prompt_tokens));
+            self.metrics
+                .group_cache_utilization
+                .with_label_values(&labels)
+                .set(group.cache_utilization);
+        }
+        *known = current;
     }
 
     fn set_prompter(&self, prompter: Prompter) {
@@ -482,6 +786,10 @@ async fn watch_status(pool: std::sync::Weak<Pool>, endpoint: Arc<Endpoint>) {
                             Ok(Some(state)) => {
                                 endpoint.apply(state);
                                 pause = WATCH_BACKOFF.0;
+                                // A first report, or the end of a drain, may free held requests.
+                                if let Some(pool) = pool.upgrade() {
+                                    pool.wake_held();
+                                }
                             }
                             Ok(None) => break,
                             Err(status) => {
@@ -525,10 +833,14 @@ mod tests {
 
     fn endpoint() -> Arc<Endpoint> {
         Arc::new(
-            Endpoint::new(EndpointAddr {
-                grpc: "127.0.0.1:1".into(),
-                openai: None,
-            })
+            Endpoint::new(
+                EndpointAddr {
+                    grpc: "127.0.0.1:1".into(),
+                    openai: None,
+                    group: "127.0.0.1:1".into(),
+                },
+                Arc::new(Activity::new()),
+            )
             .unwrap(),
         )
     }
@@ -620,10 +932,11 @@ mod tests {
     #[tokio::test]
     async fn routes_skip_failing_and_draining_endpoints_and_prefer_reporting_ones() {
         let metrics = Arc::new(RouterMetrics::new().unwrap());
-        let pool = Pool::new(Policy::PrefixAware, metrics);
+        let pool = Pool::new(Policy::PrefixAware, HoldConfig::default(), metrics);
         let addr = |port: u16| EndpointAddr {
             grpc: format!("127.0.0.1:{port}"),
             openai: None,
+            group: format!("127.0.0.1:{port}"),
         };
         pool.set_endpoints([addr(1), addr(2), addr(3)]);
         let by_port = |port: u16| {
@@ -653,5 +966,135 @@ mod tests {
         assert_eq!(pool.endpoints().len(), 1);
         pool.set_endpoints([]);
         assert!(pool.route(&key(&[7])).is_none());
+    }
+
+    fn grouped(port: u16, group: &str) -> EndpointAddr {
+        EndpointAddr {
+            grpc: format!("127.0.0.1:{port}"),
+            openai: None,
+            group: group.into(),
+        }
+    }
+
+    fn pool(hold: HoldConfig) -> Arc<Pool> {
+        Pool::new(
+            Policy::PrefixAware,
+            hold,
+            Arc::new(RouterMetrics::new().unwrap()),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_draining_group_takes_no_request_but_stays_in_the_signal() {
+        let pool = pool(HoldConfig::default());
+        pool.set_endpoints([grouped(1, "demo-0"), grouped(2, "demo-1")]);
+        pool.set_draining_groups(BTreeSet::from(["demo-1".to_owned()]));
+        let route = pool.route(&key(&[1])).unwrap();
+        assert_eq!(route.endpoints.len(), 1);
+        assert_eq!(route.endpoints[0].addr.group, "demo-0");
+        // An endpoint that joins a draining group drains at once.
+        pool.set_endpoints([
+            grouped(1, "demo-0"),
+            grouped(2, "demo-1"),
+            grouped(3, "demo-1"),
+        ]);
+        assert_eq!(pool.route(&key(&[1])).unwrap().endpoints.len(), 1);
+        let signal = pool.signal();
+        let groups: Vec<(&str, usize, usize)> = signal
+            .groups
+            .iter()
+            .map(|g| (g.group.as_str(), g.endpoints, g.draining_endpoints))
+            .collect();
+        assert_eq!(groups, [("demo-0", 1, 0), ("demo-1", 2, 2)]);
+        let text = pool.metrics().render();
+        assert!(
+            text.contains("latentserve_router_endpoints{state=\"draining\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("latentserve_router_group_in_flight_requests{group=\"demo-1\"} 0"),
+            "{text}"
+        );
+        pool.set_draining_groups(BTreeSet::new());
+        assert_eq!(pool.route(&key(&[1])).unwrap().endpoints.len(), 3);
+        // A group that leaves the pool leaves the gauges.
+        pool.set_endpoints([grouped(1, "demo-0")]);
+        let text = pool.metrics().render();
+        assert!(!text.contains("group=\"demo-1\""), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_held_request_goes_on_when_an_endpoint_appears() {
+        let pool = pool(HoldConfig::default());
+        let arrival = Instant::now();
+        // An endpoint now: not held.
+        pool.set_endpoints([grouped(1, "demo-0")]);
+        assert_eq!(pool.wait_for_endpoint(arrival, None).await, Ok(false));
+        pool.set_endpoints([]);
+        let waiting = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.wait_for_endpoint(Instant::now(), None).await })
+        };
+        for _ in 0..1000 {
+            if pool.signal().held_requests == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let signal = pool.signal();
+        assert_eq!(signal.held_requests, 1);
+        assert_eq!(signal.idle_seconds, 0.0, "a held request is activity");
+        pool.set_endpoints([grouped(1, "demo-0")]);
+        let held = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("released without waiting for a timer")
+            .unwrap();
+        assert_eq!(held, Ok(true));
+        assert_eq!(pool.signal().held_requests, 0);
+        assert_eq!(pool.metrics().held.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_hold_ends_at_the_hold_timeout_and_holding_can_be_off() {
+        let off = pool(HoldConfig {
+            capacity: 0,
+            timeout: Duration::from_secs(300),
+        });
+        assert_eq!(
+            off.wait_for_endpoint(Instant::now(), None).await,
+            Err(HoldError::Off)
+        );
+        let short = pool(HoldConfig {
+            capacity: 1,
+            timeout: Duration::from_millis(20),
+        });
+        let result = short.wait_for_endpoint(Instant::now(), None).await;
+        assert_eq!(result, Err(HoldError::TimedOut(Duration::from_millis(20))));
+        let signal = short.signal();
+        assert_eq!(signal.held_rejected_total, 1);
+        assert_eq!(signal.held_requests, 0);
+        assert!(signal.groups.is_empty());
+    }
+
+    #[tokio::test]
+    async fn first_tokens_feed_the_groups_ttft_and_cold_starts() {
+        let pool = pool(HoldConfig::default());
+        pool.set_endpoints([grouped(1, "demo-0")]);
+        let endpoint = pool.endpoints()[0].clone();
+        let arrival = Instant::now() - Duration::from_millis(300);
+        pool.first_token(&endpoint, arrival, None);
+        pool.first_token(&endpoint, arrival, Some(arrival - Duration::from_secs(60)));
+        let signal = pool.signal();
+        let group = &signal.groups[0];
+        assert_eq!(group.ttft_samples, 2);
+        assert!(group.ttft_p90_seconds.unwrap() >= 0.3);
+        assert_eq!(pool.metrics().cold_start_seconds.get_sample_count(), 1);
+        {
+            let _in_flight = endpoint.begin(&key(&[1]), pool.metrics());
+            assert_eq!(pool.signal().idle_seconds, 0.0);
+            assert_eq!(pool.signal().groups[0].in_flight_requests, 1);
+        }
+        assert_eq!(pool.busy(), 0);
     }
 }

@@ -1,5 +1,5 @@
 //! The router's ports: gRPC (`latentserve.v1.Inference`, health, reflection), the OpenAI HTTP API,
-//! and `/metrics`, `/healthz`, `/readyz`; and the SIGTERM drain.
+//! and `/metrics`, `/healthz`, `/readyz`, `/v1/autoscaling`; and the SIGTERM drain.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,7 +26,6 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::grpc::RouterService;
-use crate::metrics::RouterMetrics;
 use crate::pool::Pool;
 
 /// Where the router listens.
@@ -85,7 +84,7 @@ async fn bind(
 
 impl RunningRouter {
     /// Binds every port (0 picks a free one) and serves; ready at once (with no worker yet,
-    /// requests get UNAVAILABLE / 503 until one is).
+    /// requests are held until one is, see [`crate::hold`]).
     pub async fn start(addrs: &RouterAddrs, pool: Arc<Pool>) -> Result<Self, ServerError> {
         let (grpc_listener, grpc_addr) = bind(addrs.grpc, "the gRPC port").await?;
         let (metrics_listener, metrics_addr) = bind(addrs.metrics, "the metrics port").await?;
@@ -154,7 +153,7 @@ impl RunningRouter {
                 }
             }));
         }
-        let probes = probes(pool.metrics().clone(), ready.clone());
+        let probes = probes(pool.clone(), ready.clone());
         let server = axum::serve(metrics_listener, probes)
             .with_graceful_shutdown(wait_for(shutdown_rx.clone()));
         tasks.push(tokio::spawn(async move {
@@ -192,7 +191,7 @@ impl RunningRouter {
     }
 
     /// Stops taking requests (readiness 503, health NOT_SERVING, new requests UNAVAILABLE / 503),
-    /// waits up to `grace` for the requests in flight, then closes every port.
+    /// waits up to `grace` for the requests in flight or held, then closes every port.
     pub async fn drain(self, grace: Duration) {
         self.ready.store(false, Ordering::SeqCst);
         set_health(&self.health, ServingStatus::NotServing).await;
@@ -215,7 +214,7 @@ impl RunningRouter {
 }
 
 fn in_flight(pool: &Pool) -> usize {
-    pool.endpoints().iter().map(|e| e.outstanding()).sum()
+    pool.busy()
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {
@@ -227,11 +226,11 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
 
 #[derive(Clone)]
 struct ProbeState {
-    metrics: Arc<RouterMetrics>,
+    pool: Arc<Pool>,
     ready: Arc<AtomicBool>,
 }
 
-fn probes(metrics: Arc<RouterMetrics>, ready: Arc<AtomicBool>) -> Router {
+fn probes(pool: Arc<Pool>, ready: Arc<AtomicBool>) -> Router {
     Router::new()
         .route(
             "/metrics",
@@ -241,9 +240,15 @@ fn probes(metrics: Arc<RouterMetrics>, ready: Arc<AtomicBool>) -> Router {
                         header::CONTENT_TYPE,
                         "text/plain; version=0.0.4; charset=utf-8",
                     )],
-                    state.metrics.render(),
+                    state.pool.metrics().render(),
                 )
             }),
+        )
+        // The autoscaling signal (docs/router.md): 200 as long as the router runs, also with no
+        // worker at all, which is when the operator needs it most.
+        .route(
+            "/v1/autoscaling",
+            get(|State(state): State<ProbeState>| async move { axum::Json(state.pool.signal()) }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -256,5 +261,5 @@ fn probes(metrics: Arc<RouterMetrics>, ready: Arc<AtomicBool>) -> Router {
                 }
             }),
         )
-        .with_state(ProbeState { metrics, ready })
+        .with_state(ProbeState { pool, ready })
 }

@@ -36,6 +36,21 @@ fn populated() -> RouterMetrics {
         .in_flight
         .with_label_values(&["10.0.0.1:50051"])
         .set(2);
+    metrics.held.set(3);
+    metrics.hold_rejected.with_label_values(&["full"]).inc();
+    metrics.cold_start_seconds.observe(42.0);
+    metrics
+        .group_in_flight
+        .with_label_values(&["demo-0"])
+        .set(5);
+    metrics
+        .group_queued_prompt_tokens
+        .with_label_values(&["demo-0"])
+        .set(1200);
+    metrics
+        .group_cache_utilization
+        .with_label_values(&["demo-0"])
+        .set(0.42);
     metrics
 }
 

@@ -11,6 +11,7 @@ use latentserve_proto::v1::{
     SamplingParams, StoppingCriteria, TokenIds, TokenizeRequest, generate_request,
 };
 use latentserve_router::cli::{RouterArgs, start as start_router};
+use latentserve_router::pool::EndpointAddr;
 use latentserve_router::server::RunningRouter;
 use latentserve_worker::cli::WeightDtype;
 use latentserve_worker::cli::parse::OptionalAddr;
@@ -67,6 +68,11 @@ async fn workers(n: usize) -> Vec<Serving> {
 }
 
 async fn router_for(workers: &[Serving], policy: &str) -> RunningRouter {
+    router_with(workers, policy, &[]).await
+}
+
+/// A router in front of `workers`, with more flags.
+async fn router_with(workers: &[Serving], policy: &str, flags: &[&str]) -> RunningRouter {
     let grpc: Vec<String> = workers
         .iter()
         .map(|w| w.server.grpc_addr.to_string())
@@ -75,12 +81,13 @@ async fn router_for(workers: &[Serving], policy: &str) -> RunningRouter {
         .iter()
         .map(|w| w.server.openai_addr.expect("openai port").to_string())
         .collect();
-    let args = RouterArgs::try_parse_from([
+    let (grpc, openai) = (grpc.join(","), openai.join(","));
+    let words = [
         "latentserve-router",
         "--endpoints",
-        &grpc.join(","),
+        &grpc,
         "--openai-endpoints",
-        &openai.join(","),
+        &openai,
         "--grpc-addr",
         "127.0.0.1:0",
         "--openai-addr",
@@ -89,8 +96,8 @@ async fn router_for(workers: &[Serving], policy: &str) -> RunningRouter {
         "127.0.0.1:0",
         "--policy",
         policy,
-    ])
-    .expect("router flags");
+    ];
+    let args = RouterArgs::try_parse_from(words.iter().chain(flags)).expect("router flags");
     let router = start_router(&args).await.expect("router starts");
     // Bounded wait until every worker reports and the prompt files have arrived.
     let until = Instant::now() + Duration::from_secs(30);
@@ -323,7 +330,8 @@ async fn requests_sharing_a_prefix_meet_where_it_is_cached() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_goes_away_costs_no_request_that_had_not_started() {
     let mut workers = workers(2).await;
-    let router = router_for(&workers, "prefix-aware").await;
+    // Holding off: with no worker left, requests fail at once (the behaviour before holding).
+    let router = router_with(&workers, "prefix-aware", &["--hold-queue", "0"]).await;
     let mut routed = client(router.grpc_addr).await;
     // Stop the second worker: its ports close; the router still lists it until it fails.
     let gone = workers.pop().expect("two workers");
@@ -375,4 +383,192 @@ async fn a_worker_that_goes_away_costs_no_request_that_had_not_started() {
     let drained = tokio::spawn(router.drain(Duration::from_secs(5)));
     drained.await.unwrap();
     assert!(tokio::net::TcpStream::connect(metrics_addr).await.is_err());
+}
+
+/// The pool entry of a worker, as `--endpoints` makes it (its own group).
+fn endpoint_of(worker: &Serving) -> EndpointAddr {
+    let grpc = worker.server.grpc_addr.to_string();
+    EndpointAddr {
+        group: grpc.clone(),
+        grpc,
+        openai: worker.server.openai_addr.map(|a| a.to_string()),
+    }
+}
+
+async fn signal(metrics_addr: SocketAddr) -> serde_json::Value {
+    let (status, body) = http(metrics_addr, "GET", "/v1/autoscaling", "").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("json")
+}
+
+/// Bounded wait until the router holds `n` requests.
+async fn until_held(metrics_addr: SocketAddr, n: u64) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while signal(metrics_addr).await["held_requests"] != n {
+        assert!(Instant::now() < until, "never {n} held requests");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const COMPLETION: &str = r#"{"model":"demo","prompt":[5,6,7,8,9,10],"max_tokens":2}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_at_zero_are_held_until_a_worker_comes_and_the_queue_is_bounded() {
+    let workers = workers(1).await;
+    let router = router_with(&workers, "prefix-aware", &["--hold-queue", "2"]).await;
+    // Scaled to zero: the router stays ready and says so in its signal.
+    router.pool().set_endpoints([]);
+    let zero = signal(router.metrics_addr).await;
+    assert_eq!(zero["groups"], serde_json::json!([]));
+    assert_eq!(zero["held_requests"], 0);
+    assert_eq!(http(router.metrics_addr, "GET", "/readyz", "").await.0, 200);
+
+    let grpc = router.grpc_addr;
+    let held_grpc =
+        tokio::spawn(async move { generate(&mut client(grpc).await, ids(&prompt(1, 0), 2)).await });
+    until_held(router.metrics_addr, 1).await;
+    let openai = router.openai_addr.expect("openai port");
+    let held_openai =
+        tokio::spawn(async move { http(openai, "POST", "/v1/completions", COMPLETION).await });
+    until_held(router.metrics_addr, 2).await;
+
+    // The queue is full: refused at once, naming the bound and the flag.
+    let err = generate(&mut client(grpc).await, ids(&prompt(2, 0), 2))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("--hold-queue"), "{err:?}");
+    let (status, body) = http(openai, "POST", "/v1/completions", COMPLETION).await;
+    assert_eq!(status, 429, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).expect("a JSON error");
+    let message = body["error"]["message"].as_str().expect("a message");
+    assert!(
+        message.contains("2 requests") && message.contains("--hold-queue"),
+        "{message}"
+    );
+    let held = signal(router.metrics_addr).await;
+    assert_eq!(held["held_requests"], 2);
+    assert_eq!(held["held_rejected_total"], 2);
+    assert_eq!(held["idle_seconds"], 0.0);
+    assert!(held["oldest_held_seconds"].as_f64().expect("a number") >= 0.0);
+
+    // A worker appears: both held requests are answered.
+    router.pool().set_endpoints([endpoint_of(&workers[0])]);
+    let (tokens, _) = tokio::time::timeout(Duration::from_secs(60), held_grpc)
+        .await
+        .expect("released")
+        .unwrap()
+        .expect("answered");
+    assert_eq!(tokens.len(), 2);
+    let (status, body) = held_openai.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(signal(router.metrics_addr).await["held_requests"], 0);
+    let text = metrics(router.metrics_addr).await;
+    assert!(
+        text.contains("latentserve_router_cold_start_seconds_count 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("latentserve_router_hold_rejected_total{reason=\"full\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("latentserve_router_held_requests 0"),
+        "{text}"
+    );
+    router.drain(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_ends_at_its_deadline_or_the_hold_timeout_not_in_a_hang() {
+    let workers = workers(1).await;
+    let router = router_for(&workers, "prefix-aware").await;
+    router.pool().set_endpoints([]);
+    let mut routed = client(router.grpc_addr).await;
+    let mut request = tonic::Request::new(ids(&prompt(1, 0), 2));
+    request.set_timeout(Duration::from_secs(2));
+    let err = tokio::time::timeout(Duration::from_secs(60), routed.generate(request))
+        .await
+        .expect("not a hang")
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    assert_eq!(signal(router.metrics_addr).await["held_requests"], 0);
+
+    // Over HTTP there is no deadline: --hold-timeout ends the wait, with a 503.
+    let short = router_with(&workers, "prefix-aware", &["--hold-timeout", "1s"]).await;
+    short.pool().set_endpoints([]);
+    let openai = short.openai_addr.expect("openai port");
+    let (status, body) = http(openai, "POST", "/v1/completions", COMPLETION).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("--hold-timeout"), "{body}");
+    let text = metrics(short.metrics_addr).await;
+    assert!(
+        text.contains("latentserve_router_hold_rejected_total{reason=\"timeout\"} 1"),
+        "{text}"
+    );
+    router.drain(Duration::from_secs(5)).await;
+    short.drain(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_autoscaling_signal_describes_the_group_after_requests() {
+    let workers = workers(1).await;
+    let router = router_for(&workers, "prefix-aware").await;
+    let mut routed = client(router.grpc_addr).await;
+    for prefix in 0..5 {
+        generate(&mut routed, ids(&prompt(prefix, 0), 2))
+            .await
+            .unwrap();
+    }
+    let openai = router.openai_addr.expect("openai port");
+    let streamed = COMPLETION.replace("\"max_tokens\":2", "\"max_tokens\":2,\"stream\":true");
+    let (status, events) = http(openai, "POST", "/v1/completions", &streamed).await;
+    assert_eq!(status, 200, "{events}");
+
+    // Bounded wait for the worker's last report (it is idle again) and the router's counts.
+    let until = Instant::now() + Duration::from_secs(30);
+    let group = loop {
+        let signal = signal(router.metrics_addr).await;
+        assert_eq!(signal["window_seconds"], 60);
+        assert_eq!(signal["held_requests"], 0);
+        assert_eq!(signal["oldest_held_seconds"], 0.0);
+        let groups = signal["groups"].as_array().expect("groups").clone();
+        assert_eq!(groups.len(), 1, "{signal}");
+        let group = groups[0].clone();
+        if group["in_flight_requests"] == 0 && group["running_requests"] == 0 {
+            assert!(signal["idle_seconds"].as_f64().expect("a number") >= 0.0);
+            break group;
+        }
+        assert!(Instant::now() < until, "never idle: {signal}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let name = workers[0].server.grpc_addr.to_string();
+    assert_eq!(group["group"], name.as_str());
+    assert_eq!(group["endpoints"], 1);
+    assert_eq!(group["reporting_endpoints"], 1);
+    assert_eq!(group["draining_endpoints"], 0);
+    assert_eq!(group["waiting_requests"], 0);
+    assert_eq!(group["queued_prompt_tokens"], 0);
+    assert_eq!(
+        group["ttft_samples"], 6,
+        "five over gRPC, one streamed: {group}"
+    );
+    let p90 = group["ttft_p90_seconds"].as_f64().expect("a p90");
+    assert!(p90 > 0.0 && p90.is_finite(), "{group}");
+    let utilization = group["cache_utilization"].as_f64().expect("a number");
+    assert!((0.0..=1.0).contains(&utilization), "{group}");
+
+    router.pool().update_gauges();
+    let text = metrics(router.metrics_addr).await;
+    for family in [
+        "latentserve_router_group_in_flight_requests",
+        "latentserve_router_group_queued_prompt_tokens",
+        "latentserve_router_group_cache_utilization",
+    ] {
+        assert!(
+            text.contains(&format!("{family}{{group=\"{name}\"}}")),
+            "{family}: {text}"
+        );
+    }
+    router.drain(Duration::from_secs(5)).await;
 }

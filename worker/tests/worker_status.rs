@@ -78,3 +78,51 @@ async fn a_router_learns_the_prompt_files_and_every_cached_block() {
         .expect("the drain ends")
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_prompt_tokens_count_the_prefill_left_and_are_zero_when_idle() {
+    let mut serve_args = args("v3-tiny-f32");
+    serve_args.block_size = 4;
+    // Eight tokens a step: a 40-token prompt takes five steps to prefill.
+    serve_args.max_tokens_per_step = 8;
+    let serving = serve(&serve_args).await;
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", serving.server.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut states = WorkerStatusClient::new(channel)
+        .watch(WatchWorkerRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let snapshot = states.message().await.unwrap().expect("a snapshot");
+    assert_eq!(snapshot.queued_prompt_tokens, 0, "idle: nothing to prefill");
+
+    let prompt: Vec<u32> = (5..45).collect();
+    let mut inference = client(&serving).await;
+    generate(&mut inference, greedy_request(&prompt, 2))
+        .await
+        .unwrap();
+    // Every step's report is buffered for the watcher: read them up to the idle one.
+    let mut queued = Vec::new();
+    loop {
+        let state = tokio::time::timeout(Duration::from_secs(10), states.message())
+            .await
+            .expect("a report within 10 s")
+            .unwrap()
+            .expect("the stream goes on");
+        queued.push(state.queued_prompt_tokens);
+        if state.running_requests == 0 && state.waiting_requests == 0 {
+            assert_eq!(state.queued_prompt_tokens, 0, "idle again: {queued:?}");
+            break;
+        }
+    }
+    assert!(
+        queued.iter().any(|&q| q > 0),
+        "a chunked prefill shows its remaining tokens: {queued:?}"
+    );
+    assert!(queued.iter().all(|&q| q <= 40), "{queued:?}");
+    drain(serving).await;
+}

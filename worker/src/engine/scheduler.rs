@@ -85,6 +85,16 @@ impl Sequence {
     fn is_decode(&self) -> bool {
         self.pending() == 1
     }
+
+    /// Tokens its prefill still has to run: all pending ones, except the single newest token of
+    /// a request that is decoding (a preempted request recomputes what it had generated, too).
+    fn prefill_left(&self) -> usize {
+        if self.generated() > 0 && self.is_decode() {
+            0
+        } else {
+            self.pending()
+        }
+    }
 }
 
 /// One running request's share of a step: its next `tokens` positions.
@@ -189,6 +199,12 @@ impl<E: ModelExecutor> Scheduler<E> {
         Occupancy {
             running: self.running.len(),
             waiting: self.waiting.len(),
+            queued_prompt_tokens: self
+                .running
+                .iter()
+                .chain(&self.waiting)
+                .map(Sequence::prefill_left)
+                .sum(),
             cache_usage_ratio: self.blocks.usage_ratio(),
         }
     }
@@ -983,6 +999,29 @@ mod tests {
         run_to_end(&mut chunked);
         assert_eq!(collect(&mut short).0, alone(b"hi", greedy(), 20));
         assert_eq!(collect(&mut long).0, alone(&long_prompt, greedy(), 3));
+    }
+
+    #[test]
+    fn queued_prompt_tokens_are_what_chunked_prefill_still_has_to_run() {
+        let mut chunked = scheduler(64, 4, 8, false);
+        assert_eq!(chunked.occupancy().queued_prompt_tokens, 0);
+        let mut short = submit(&mut chunked, request(b"hi", 4, greedy()));
+        let long_prompt = b"a prompt of thirty-two bytes....".to_vec();
+        assert_eq!(long_prompt.len(), 32);
+        let mut long = submit(&mut chunked, request(&long_prompt, 2, greedy()));
+        assert_eq!(chunked.occupancy().queued_prompt_tokens, 2 + 32);
+        // Each step runs 8 tokens: the short prompt and 6 of the long one, then 1 decode token
+        // and 7 more of it, and so on; decoding requests owe nothing.
+        let mut seen = vec![chunked.occupancy().queued_prompt_tokens];
+        while chunked.has_work() {
+            chunked.step();
+            seen.push(chunked.occupancy().queued_prompt_tokens);
+        }
+        assert_eq!(seen[1], 32 - 6);
+        assert!(seen.windows(2).all(|w| w[1] <= w[0]), "{seen:?}");
+        assert_eq!(seen.last(), Some(&0));
+        collect(&mut short);
+        collect(&mut long);
     }
 
     #[test]

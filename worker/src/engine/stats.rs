@@ -41,6 +41,8 @@ pub struct Completion {
 pub struct Occupancy {
     pub running: usize,
     pub waiting: usize,
+    /// Prompt tokens the running and waiting requests still have to prefill.
+    pub queued_prompt_tokens: usize,
     /// Share of the latent cache pool in use, 0..=1.
     pub cache_usage_ratio: f64,
 }
@@ -168,6 +170,7 @@ mod tests {
             occupancy: Occupancy {
                 running: 2,
                 waiting: 4,
+                queued_prompt_tokens: 64,
                 cache_usage_ratio: 0.25,
             },
         };

@@ -18,15 +18,29 @@ pub struct EngineReport {
     pub cached_removed: Vec<u64>,
     pub running: usize,
     pub waiting: usize,
+    /// Prompt tokens not yet prefilled (see [`Occupancy::queued_prompt_tokens`]).
+    pub queued_prompt_tokens: usize,
     pub available_blocks: usize,
     pub total_blocks: usize,
+}
+
+/// The load figures of a report, to tell whether anything changed since the last one.
+type Load = (usize, usize, usize, usize);
+
+fn load_of(report: &EngineReport) -> Load {
+    (
+        report.running,
+        report.waiting,
+        report.queued_prompt_tokens,
+        report.available_blocks,
+    )
 }
 
 /// The engine's watchers and what they were last told.
 #[derive(Default)]
 pub struct Watchers {
     senders: Vec<mpsc::Sender<EngineReport>>,
-    last: Option<(usize, usize, usize)>,
+    last: Option<Load>,
 }
 
 impl Watchers {
@@ -47,11 +61,7 @@ impl Watchers {
         };
         // The first watcher's snapshot is what was last told; later ones must not hide a load
         // change from the watchers before them.
-        self.last.get_or_insert((
-            snapshot.running,
-            snapshot.waiting,
-            snapshot.available_blocks,
-        ));
+        self.last.get_or_insert(load_of(&snapshot));
         if sender.try_send(snapshot).is_ok() {
             self.senders.push(sender);
         }
@@ -70,7 +80,7 @@ impl Watchers {
             cached_removed: changes.removed,
             ..load_report(blocks, occupancy)
         };
-        let load = (report.running, report.waiting, report.available_blocks);
+        let load = load_of(&report);
         if changes_nothing(&report) && self.last == Some(load) {
             return;
         }
@@ -96,6 +106,7 @@ fn load_report(blocks: &BlockManager, occupancy: Occupancy) -> EngineReport {
     EngineReport {
         running: occupancy.running,
         waiting: occupancy.waiting,
+        queued_prompt_tokens: occupancy.queued_prompt_tokens,
         available_blocks: blocks.num_available_blocks(),
         total_blocks: blocks.num_blocks(),
         ..EngineReport::default()
@@ -140,9 +151,17 @@ mod tests {
             report.cached_added,
             vec![block_hash(Some(block_hash(None, &[1, 2])), &[3, 4])]
         );
-        // A load change alone is reported too.
+        // A load change alone is reported too, and so is prefill progress alone.
         watchers.publish(&mut blocks, occupancy(0));
         assert_eq!(reports.try_recv().unwrap().running, 0);
+        let prefilling = Occupancy {
+            queued_prompt_tokens: 40,
+            ..occupancy(0)
+        };
+        watchers.publish(&mut blocks, prefilling);
+        assert_eq!(reports.try_recv().unwrap().queued_prompt_tokens, 40);
+        watchers.publish(&mut blocks, prefilling);
+        assert!(reports.try_recv().is_err());
     }
 
     #[test]

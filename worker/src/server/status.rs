@@ -103,5 +103,6 @@ fn worker_state(report: EngineReport) -> WorkerState {
         available_blocks: count(report.available_blocks),
         total_blocks: count(report.total_blocks),
         draining: false,
+        queued_prompt_tokens: count(report.queued_prompt_tokens),
     }
 }

@@ -259,6 +259,8 @@ pub struct OperatorOptions<'a> {
     /// `Some(lease name)` turns on leader election; the identity becomes `identity`.
     pub leader_lease: Option<&'a str>,
     pub identity: &'a str,
+    /// More `run` flags (e.g. `--autoscale-interval 2s`).
+    pub extra_args: &'a [&'a str],
 }
 
 impl OperatorProcess {
@@ -285,6 +287,7 @@ impl OperatorProcess {
         if let Some(lease) = options.leader_lease {
             command.args(["--leader-election", "--leader-election-id", lease]);
         }
+        command.args(options.extra_args);
         let child = command.spawn().context("starting latentserve-operator")?;
         Ok(Self {
             child,

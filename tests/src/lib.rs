@@ -2,6 +2,7 @@
 
 pub mod k8s;
 pub mod node_agent;
+pub mod pods;
 
 use std::path::PathBuf;
 use std::process::Command;

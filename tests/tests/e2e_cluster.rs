@@ -39,6 +39,7 @@ use latentserve_e2e::k8s::{
 };
 use latentserve_e2e::node_agent::credentials::ClusterAccess;
 use latentserve_e2e::node_agent::runtime::{AgentConfig, NodeAgent, wait_for};
+use latentserve_e2e::pods::{get_from_metrics_port, grpc_address, metric_sum, pod_port, pod_ready};
 use latentserve_e2e::{bin_dir, workspace_binary};
 use latentserve_operator::crd::ModelDeployment;
 use latentserve_proto::v1::inference_client::InferenceClient;
@@ -321,6 +322,7 @@ async fn scenario(started: &mut Started) -> anyhow::Result<()> {
         namespace: &model_ns,
         leader_lease: None,
         identity: "e2e",
+        extra_args: &[],
     })?;
     operator.ensure_running()?;
     started.operator = Some(operator);
@@ -686,13 +688,6 @@ async fn service_account_kubeconfig(
     Ok(path)
 }
 
-fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 fn restart_count(pod: &Pod) -> i32 {
     pod.status
         .as_ref()
@@ -732,28 +727,6 @@ async fn wait_for_model(
     }
 }
 
-/// `podIP:port` of the pod's container port `name`.
-fn pod_port(pod: &Pod, name: &str) -> anyhow::Result<String> {
-    let ip = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.pod_ip.clone())
-        .with_context(|| format!("{} has no podIP", pod.name_any()))?;
-    let port = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.containers.first())
-        .and_then(|c| c.ports.as_ref())
-        .and_then(|ports| ports.iter().find(|p| p.name.as_deref() == Some(name)))
-        .map(|p| p.container_port)
-        .with_context(|| format!("{} has no {name} port", pod.name_any()))?;
-    Ok(format!("{ip}:{port}"))
-}
-
-fn grpc_address(pod: &Pod) -> anyhow::Result<String> {
-    pod_port(pod, "grpc")
-}
-
 async fn grpc_health(
     address: &str,
 ) -> anyhow::Result<tonic_health::pb::health_check_response::ServingStatus> {
@@ -773,26 +746,7 @@ async fn grpc_health(
 
 /// The pod's `/metrics` text, fetched over plain HTTP/1.1.
 async fn metrics_of(pod: &Pod) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let address = pod_port(pod, "metrics")?;
-    let mut stream = tokio::net::TcpStream::connect(&address)
-        .await
-        .with_context(|| format!("connecting to {address}"))?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: worker\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut response = String::new();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        stream.read_to_string(&mut response),
-    )
-    .await
-    .context("/metrics did not answer within 10 s")??;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    ensure!(head.starts_with("HTTP/1.1 200"), "/metrics answered {head}");
-    Ok(body.to_owned())
+    get_from_metrics_port(pod, "/metrics").await
 }
 
 /// The `/metrics` text of every pod, concatenated (sums over it add up the pods).
@@ -846,23 +800,6 @@ async fn openai_chat(pod: &Pod, model: &str, question: &str) -> anyhow::Result<S
 }
 
 /// The sum of every sample of a metric family (all label sets).
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let rest = line.strip_prefix(name)?;
-            let value = if rest.starts_with('{') {
-                rest.rsplit_once('}')?.1
-            } else if rest.starts_with(' ') {
-                rest
-            } else {
-                return None;
-            };
-            value.split_whitespace().next()?.parse::<f64>().ok()
-        })
-        .sum()
-}
-
 /// Whether the built worker has the `serve` subcommand that the operator's pods run.
 fn worker_serves() -> anyhow::Result<bool> {
     let output = workspace_binary("latentserve-worker")?

@@ -97,6 +97,7 @@ async fn apply_to_children_latency_and_steady_state_with_fifty_deployments() {
         namespace: &namespace,
         leader_lease: None,
         identity: "op-bench",
+        extra_args: &[],
     })
     .unwrap();
     wait_for("operator metrics", Duration::from_secs(30), || async {

@@ -56,6 +56,7 @@ impl Setup {
             namespace: &self.namespace,
             leader_lease: lease,
             identity,
+            extra_args: &[],
         })
         .expect("operator starts")
     }

@@ -719,6 +719,8 @@ const ROUTER_ADDRESS: &str = "10.0.0.9:9090";
 #[derive(Default)]
 struct FakeRouters {
     reports: std::sync::Mutex<std::collections::HashMap<String, RouterReport>>,
+    /// Reports asked for so far.
+    calls: std::sync::atomic::AtomicUsize,
 }
 
 impl FakeRouters {
@@ -736,6 +738,8 @@ impl ReportSource for FakeRouters {
         address: &'a str,
     ) -> Pin<Box<dyn Future<Output = Result<RouterReport, FetchError>> + Send + 'a>> {
         Box::pin(async move {
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.reports
                 .lock()
                 .unwrap()
@@ -770,6 +774,16 @@ fn setup_autoscaled(
     groups: &[i32],
     routers: Arc<FakeRouters>,
 ) -> (FakeApi, Arc<Context>) {
+    setup_autoscaled_every(md, groups, routers, Duration::ZERO)
+}
+
+/// As [`setup_autoscaled`], with one pass per `interval`.
+fn setup_autoscaled_every(
+    md: &ModelDeployment,
+    groups: &[i32],
+    routers: Arc<FakeRouters>,
+    interval: Duration,
+) -> (FakeApi, Arc<Context>) {
     let fake = FakeApi::new();
     fake.insert(MODEL_DEPLOYMENTS, serde_json::to_value(md).unwrap());
     for &group in groups {
@@ -800,8 +814,7 @@ fn setup_autoscaled(
         Arc::new(Metrics::new()),
         Arc::new(NoWorkers),
     )
-    // Every reconcile is a pass: the tests step through them.
-    .with_autoscaler(Duration::ZERO, routers);
+    .with_autoscaler(interval, routers);
     (fake, Arc::new(ctx))
 }
 
@@ -1027,4 +1040,38 @@ async fn held_requests_scale_from_zero() {
     let autoscaling = stored(&fake).status.unwrap().autoscaling.unwrap();
     assert_eq!(autoscaling.held_requests, 2);
     assert_eq!(autoscaling.desired_replicas, 1);
+}
+
+#[tokio::test]
+async fn reconciles_within_the_interval_reuse_the_last_pass() {
+    let md = autoscaled_demo();
+    let routers = Arc::new(FakeRouters::default());
+    routers.answer(report(0, 0.0, &[(0, 10)]));
+    let interval = Duration::from_secs(3600);
+    let (fake, ctx) = setup_autoscaled_every(&md, &[0], routers.clone(), interval);
+    let first = reconcile_once(&md, &ctx).await.unwrap();
+    assert_eq!(first, Action::requeue(interval));
+    assert_eq!(routers.calls.load(std::sync::atomic::Ordering::Relaxed), 1);
+    fake.take_requests();
+
+    // A watch event (here: the status the first pass wrote) within the interval: the same groups,
+    // no second read of the routers, no second Event, and the requeue keeps the pass's schedule.
+    routers.answer(report(0, 0.0, &[(0, 0)]));
+    let again = reconcile_once(&stored(&fake), &ctx).await.unwrap();
+    assert_eq!(routers.calls.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let requests = fake.take_requests();
+    assert!(!event_posted(&requests, "ScaledUp") && !event_posted(&requests, "ScaledDown"));
+    assert!(paths(&requests, "DELETE").is_empty());
+    assert!(fake.get(STATEFUL_SETS, "demo-2").is_some());
+    assert_ne!(
+        again,
+        Action::requeue(interval),
+        "the pass's schedule, not a new one"
+    );
+
+    // A new generation is looked at at once.
+    let mut changed = stored(&fake);
+    changed.metadata.generation = Some(4);
+    reconcile_once(&changed, &ctx).await.unwrap();
+    assert_eq!(routers.calls.load(std::sync::atomic::Ordering::Relaxed), 2);
 }

@@ -8,7 +8,7 @@
 //! changed, the status was written) reuse the last decision, so that watch events neither speed
 //! the windows up nor make a status write trigger another read of the routers.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -42,6 +42,8 @@ pub const DRAIN_SETTLE: Duration = Duration::from_secs(10);
 /// A drain ends at the latest after the workers' own drain timeout: by then whatever a router
 /// still counts is finished by the workers' SIGTERM drain.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(statefulset::DRAIN_SECONDS.unsigned_abs());
+/// See [`forget_stale`].
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
 /// The groups the builders get, and what the status reports.
 #[derive(Debug, Clone, PartialEq)]
@@ -249,12 +251,13 @@ pub async fn autoscale(
         },
     );
     announce(md, ctx, owner, from, to, &decision).await;
-    {
-        let mut memory = ctx
+    let forgotten = {
+        let mut memories = ctx
             .autoscalers
             .lock()
             .expect("autoscaler memory is never poisoned");
-        let memory = memory.entry(object).or_default();
+        let forgotten = forget_stale(&mut memories, ctx.autoscale_interval, Instant::now());
+        let memory = memories.entry(object).or_default();
         if let Some(groups) = decision.recommendation {
             decide::remember(
                 &mut memory.history,
@@ -267,8 +270,40 @@ pub async fn autoscale(
             at: Instant::now(),
             result: result.clone(),
         });
+        forgotten
+    };
+    for stale in forgotten {
+        if let Some((namespace, name)) = stale.split_once('/') {
+            ctx.metrics.forget_autoscaler(namespace, name);
+        }
     }
     Ok(result)
+}
+
+/// Drops the memory of objects that no pass looked at for [`FORGET_AFTER`] (or ten intervals,
+/// if longer), and returns their keys. Every object under autoscaling is looked at every
+/// interval, so these were deleted (the controller does not reconcile a deleted object, so
+/// [`forget`] never ran for it) or have been paused that long.
+fn forget_stale(
+    memories: &mut HashMap<String, Memory>,
+    interval: Duration,
+    now: Instant,
+) -> Vec<String> {
+    let limit = FORGET_AFTER.max(interval.saturating_mul(10));
+    let stale: Vec<String> = memories
+        .iter()
+        .filter(|(_, memory)| {
+            memory
+                .last
+                .as_ref()
+                .is_none_or(|last| now.saturating_duration_since(last.at) > limit)
+        })
+        .map(|(key, _)| key.clone())
+        .collect();
+    for key in &stale {
+        memories.remove(key);
+    }
+    stale
 }
 
 /// Events for a change of the serving groups: `ScaledUp`, `ScaledDown`, and `DrainingGroup` per
@@ -375,4 +410,46 @@ async fn read_signal(ctx: &Context, owner: &Owner) -> Result<Option<Signal>, Err
         }
     }
     Ok(signal::combine(&owner.name, &reports))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memories_of_objects_no_pass_looked_at_for_long_are_dropped() {
+        // Instants from `start` on only: one before the process (or the machine) started may
+        // not exist.
+        let start = Instant::now();
+        let now = start + Duration::from_secs(7200);
+        let evaluated = |at: Instant| Memory {
+            history: vec![],
+            last: Some(Evaluation {
+                generation: Some(1),
+                at,
+                result: Autoscaled {
+                    serving: BTreeSet::new(),
+                    draining: BTreeMap::new(),
+                    view: AutoscalingView {
+                        serving: BTreeSet::new(),
+                        status: AutoscalingStatus::default(),
+                    },
+                    next_pass: Duration::ZERO,
+                },
+            }),
+        };
+        let mut memories = HashMap::from([
+            (
+                "models/live".to_owned(),
+                evaluated(now - Duration::from_secs(20)),
+            ),
+            ("models/gone".to_owned(), evaluated(start)),
+        ]);
+        let forgotten = forget_stale(&mut memories, DEFAULT_INTERVAL, now);
+        assert_eq!(forgotten, ["models/gone"]);
+        assert!(memories.contains_key("models/live"));
+        // A long interval stretches the limit: ten of them.
+        let mut memories = HashMap::from([("models/slow".to_owned(), evaluated(start))]);
+        assert!(forget_stale(&mut memories, Duration::from_secs(900), now).is_empty());
+    }
 }

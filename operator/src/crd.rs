@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Affinity, Toleration};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -48,7 +48,9 @@ pub const MAX_TOTAL_PODS: i32 = 1024;
 )]
 #[x_kube(
     validation = Rule::new("self.replicas * self.expertShards <= 1024").message("replicas x expertShards must be at most 1024 pods"),
-    validation = Rule::new("!has(self.resources) || !has(self.resources.gpus) || self.resources.gpus == 0 || !has(self.resources.limits) || !((has(self.resources.gpuResourceName) ? self.resources.gpuResourceName : 'nvidia.com/gpu') in self.resources.limits)").message("resources.gpus and resources.limits must not both set the GPU resource")
+    validation = Rule::new("!has(self.resources) || !has(self.resources.gpus) || self.resources.gpus == 0 || !has(self.resources.limits) || !((has(self.resources.gpuResourceName) ? self.resources.gpuResourceName : 'nvidia.com/gpu') in self.resources.limits)").message("resources.gpus and resources.limits must not both set the GPU resource"),
+    validation = Rule::new("!has(self.autoscaling) || self.autoscaling.maxReplicas * self.expertShards <= 1024").message("autoscaling.maxReplicas x expertShards must be at most 1024 pods"),
+    validation = Rule::new("!has(self.autoscaling) || !has(self.router) || self.router.replicas >= 1").message("autoscaling needs the router (router.replicas >= 1): the operator reads the signal from it, and it holds requests while no group runs")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ModelDeploymentSpec {
@@ -109,6 +111,112 @@ pub struct ModelDeploymentSpec {
     /// that cert-manager keeps; unset: plain text. The metrics port stays plain HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,
+    /// The operator sets the number of serving groups from what the router measures, between
+    /// minReplicas and maxReplicas (0 allowed: the router holds requests while no group runs).
+    /// While set, `replicas` and the scale subresource are ignored. Needs the router.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+/// `spec.autoscaling`: serving groups follow a per-group target, as the Kubernetes HPA does for
+/// pods, with the signal read from the router.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must be at most maxReplicas"))]
+pub struct AutoscalingSpec {
+    /// The fewest serving groups; 0 lets the deployment scale to zero after `scaleToZeroAfter`
+    /// without requests.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 0, max = 1024))]
+    pub min_replicas: i32,
+    /// The most serving groups (`maxReplicas x expertShards` pods at most 1024).
+    #[schemars(range(min = 1, max = 1024))]
+    pub max_replicas: i32,
+    /// The per-group average the autoscaler keeps the chosen signal at.
+    pub target: AutoscalingTarget,
+    /// Scale up only to the lowest group count recommended within this window (a duration such
+    /// as `0s`, `30s`, `5m`, `1h30m`).
+    #[serde(default = "default_scale_up_stabilization")]
+    #[schemars(length(min = 2, max = 32), regex(pattern = r"^([0-9]+(h|m|s))+$"))]
+    pub scale_up_stabilization: String,
+    /// Scale down only to the highest group count recommended within this window.
+    #[serde(default = "default_scale_down_delay")]
+    #[schemars(length(min = 2, max = 32), regex(pattern = r"^([0-9]+(h|m|s))+$"))]
+    pub scale_down_delay: String,
+    /// With `minReplicas: 0`, the last group goes once no router has had a request in flight or
+    /// held for this long.
+    #[serde(default = "default_scale_to_zero_after")]
+    #[schemars(length(min = 2, max = 32), regex(pattern = r"^([0-9]+(h|m|s))+$"))]
+    pub scale_to_zero_after: String,
+    /// No change while the signal is within this fraction of the target (0.1: 10%).
+    #[serde(default = "default_tolerance")]
+    #[schemars(range(min = 0.0, max = 0.99))]
+    pub tolerance: f64,
+}
+
+/// The signal the autoscaler holds at `value` per serving group.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.value > 0.0").message("target.value must be above 0"),
+    validation = Rule::new("self.metric != 'CacheUtilization' || self.value <= 1.0").message("a CacheUtilization target is a fraction: at most 1")
+)]
+pub struct AutoscalingTarget {
+    /// The per-group signal, as the router measures it.
+    pub metric: AutoscalingMetric,
+    /// The per-group average to keep: tokens, requests, a fraction (0-1] or seconds. Above 0.
+    pub value: f64,
+}
+
+/// What the router measures per serving group.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AutoscalingMetric {
+    /// Prompt tokens not yet prefilled (waiting requests and the rest of running ones).
+    QueuedPromptTokens,
+    /// Requests in flight to the group's workers.
+    InFlightRequests,
+    /// Used fraction of the group's latent cache blocks (0-1).
+    CacheUtilization,
+    /// p90 time to first token of the group's requests in the router's window, in seconds.
+    TtftP90Seconds,
+}
+
+impl AutoscalingMetric {
+    pub const ALL: [AutoscalingMetric; 4] = [
+        AutoscalingMetric::QueuedPromptTokens,
+        AutoscalingMetric::InFlightRequests,
+        AutoscalingMetric::CacheUtilization,
+        AutoscalingMetric::TtftP90Seconds,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AutoscalingMetric::QueuedPromptTokens => "QueuedPromptTokens",
+            AutoscalingMetric::InFlightRequests => "InFlightRequests",
+            AutoscalingMetric::CacheUtilization => "CacheUtilization",
+            AutoscalingMetric::TtftP90Seconds => "TtftP90Seconds",
+        }
+    }
+}
+
+fn default_min_replicas() -> i32 {
+    1
+}
+
+fn default_scale_up_stabilization() -> String {
+    "0s".to_owned()
+}
+
+fn default_scale_down_delay() -> String {
+    "5m".to_owned()
+}
+
+fn default_scale_to_zero_after() -> String {
+    "10m".to_owned()
+}
+
+fn default_tolerance() -> f64 {
+    0.1
 }
 
 /// TLS for clients of the workers.
@@ -426,6 +534,51 @@ pub struct ModelDeploymentStatus {
     /// The router Deployment; absent while the router is off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router: Option<RouterStatus>,
+    /// What the autoscaler saw and decided; absent without `spec.autoscaling`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+/// The autoscaler's view of one ModelDeployment.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// Serving groups that exist and are not draining.
+    pub current_replicas: i32,
+    /// Serving groups the autoscaler wants.
+    pub desired_replicas: i32,
+    /// The signal (`spec.autoscaling.target.metric`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<AutoscalingMetric>,
+    /// The signal's average over the ready groups; absent while there is none to measure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    /// `spec.autoscaling.target.value`.
+    pub target: f64,
+    /// Requests the routers hold because no group can take them.
+    pub held_requests: i64,
+    /// Groups (StatefulSet names) that get no new requests and go once they are idle.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draining_groups: Vec<String>,
+    /// When the group count last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
+    /// The last change of the group count, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_decision: Option<ScalingDecision>,
+}
+
+/// One change of the group count.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingDecision {
+    /// Serving groups before.
+    pub from: i32,
+    /// Serving groups after.
+    pub to: i32,
+    /// The signal, the target and the rule that decided.
+    pub reason: String,
+    pub time: Time,
 }
 
 /// The router pods as the operator observed them.
@@ -616,11 +769,55 @@ mod tests {
     #[test]
     fn cel_rules_are_present_and_can_be_left_out() {
         let with = serde_json::to_string(&crd()).unwrap();
-        assert_eq!(with.matches("x-kubernetes-validations").count(), 2);
+        // The spec's, extraArgs', autoscaling's and its target's.
+        assert_eq!(with.matches("x-kubernetes-validations").count(), 4);
         assert!(with.contains("self.replicas * self.expertShards <= 1024"));
+        assert!(with.contains("self.minReplicas <= self.maxReplicas"));
+        assert!(with.contains("self.router.replicas >= 1"));
         let without = serde_json::to_string(&crd_without_cel()).unwrap();
         assert!(!without.contains("x-kubernetes-validations"));
         assert!(!crd_yaml(false).contains("x-kubernetes-validations"));
+    }
+
+    #[test]
+    fn autoscaling_has_its_defaults_bounds_and_metrics_in_the_schema() {
+        let schema = schema_of(&crd());
+        let autoscaling = &schema["properties"]["spec"]["properties"]["autoscaling"];
+        assert_eq!(
+            autoscaling["required"],
+            serde_json::json!(["maxReplicas", "target"])
+        );
+        let fields = &autoscaling["properties"];
+        assert_eq!(fields["minReplicas"]["default"], 1);
+        assert_eq!(fields["minReplicas"]["minimum"], 0.0);
+        assert_eq!(fields["maxReplicas"]["minimum"], 1.0);
+        assert_eq!(fields["scaleUpStabilization"]["default"], "0s");
+        assert_eq!(fields["scaleDownDelay"]["default"], "5m");
+        assert_eq!(fields["scaleToZeroAfter"]["default"], "10m");
+        assert_eq!(fields["tolerance"]["default"], 0.1);
+        assert_eq!(
+            fields["target"]["properties"]["metric"]["enum"],
+            serde_json::json!([
+                "QueuedPromptTokens",
+                "InFlightRequests",
+                "CacheUtilization",
+                "TtftP90Seconds"
+            ])
+        );
+        let status = &schema["properties"]["status"]["properties"]["autoscaling"]["properties"];
+        for field in [
+            "currentReplicas",
+            "desiredReplicas",
+            "metric",
+            "value",
+            "target",
+            "heldRequests",
+            "drainingGroups",
+            "lastScaleTime",
+            "lastDecision",
+        ] {
+            assert!(status[field].is_object(), "status.autoscaling.{field}");
+        }
     }
 
     #[test]
@@ -636,6 +833,7 @@ mod tests {
         assert_eq!(md.spec.expert_shards, 1);
         assert!(!md.spec.paused);
         assert_eq!(md.spec.router, None);
+        assert_eq!(md.spec.autoscaling, None);
         assert_eq!(
             md.router(),
             RouterSpec {

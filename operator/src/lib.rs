@@ -8,9 +8,11 @@
 //! into the controller. [`worker_args`] and [`router_args`] are the one places that spell the
 //! worker's and the router's flags,
 //! [`discovery`] adapts the builders to the cluster, [`leader`] elects one active process,
-//! [`policy`] holds the installer's allow-lists, [`metrics`] serves Prometheus and health endpoints, and [`capacity`] reads the cache figures
-//! from a worker.
+//! [`policy`] holds the installer's allow-lists, [`metrics`] serves Prometheus and health endpoints, [`capacity`] reads the cache figures
+//! from a worker, and [`autoscaling`] decides the number of serving groups from the router's
+//! signal (`spec.autoscaling`).
 
+pub mod autoscaling;
 pub mod capacity;
 pub mod crd;
 pub mod discovery;

@@ -3,11 +3,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
+use latentserve_operator::autoscaling::{self, fetch::HttpReports};
 use latentserve_operator::capacity::GrpcModelInfo;
 use latentserve_operator::crd;
 use latentserve_operator::discovery::Features;
@@ -84,9 +86,22 @@ struct RunArgs {
         default_value = ""
     )]
     metrics_namespace_selector: String,
+    /// How often the autoscaler reads the routers and decides, per ModelDeployment with
+    /// spec.autoscaling (a duration: 15s, 1m).
+    #[arg(long, default_value = "15s", value_parser = parse_interval)]
+    autoscale_interval: Duration,
     /// Log line format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+}
+
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    match autoscaling::parse_duration(text) {
+        Some(interval) if !interval.is_zero() => Ok(interval),
+        _ => Err(format!(
+            "{text:?} is not a positive duration such as 15s or 1m"
+        )),
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -139,28 +154,31 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(address = %bound, "serving /metrics, /healthz and /readyz");
     metrics.set_ready(true);
 
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        BuildContext {
-            policy: Policy {
-                allowed_host_path_prefixes: nonempty(args.allowed_host_path_prefixes),
-                allowed_images: nonempty(args.allowed_images.unwrap_or_else(|| {
-                    vec![policy::image_repository(&args.worker_image).to_owned()]
-                })),
-                metrics_namespace_selector: policy::parse_selector(
-                    &args.metrics_namespace_selector,
-                )
-                .map_err(anyhow::Error::msg)
-                .context("--metrics-namespace-selector")?,
-                operator_namespace: std::env::var("POD_NAMESPACE").ok(),
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            BuildContext {
+                policy: Policy {
+                    allowed_host_path_prefixes: nonempty(args.allowed_host_path_prefixes),
+                    allowed_images: nonempty(args.allowed_images.unwrap_or_else(|| {
+                        vec![policy::image_repository(&args.worker_image).to_owned()]
+                    })),
+                    metrics_namespace_selector: policy::parse_selector(
+                        &args.metrics_namespace_selector,
+                    )
+                    .map_err(anyhow::Error::msg)
+                    .context("--metrics-namespace-selector")?,
+                    operator_namespace: std::env::var("POD_NAMESPACE").ok(),
+                },
+                worker_image: args.worker_image,
+                router_image: args.router_image,
+                features,
             },
-            worker_image: args.worker_image,
-            router_image: args.router_image,
-            features,
-        },
-        metrics.clone(),
-        Arc::new(GrpcModelInfo::default()),
-    ));
+            metrics.clone(),
+            Arc::new(GrpcModelInfo::default()),
+        )
+        .with_autoscaler(args.autoscale_interval, Arc::new(HttpReports::default())),
+    );
 
     if !args.leader_election {
         metrics.leader.set(1);

@@ -13,10 +13,11 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
-use crate::crd::ModelDeploymentStatus;
+use crate::crd::{AutoscalingMetric, ModelDeploymentStatus};
 
 pub struct Metrics {
     registry: Registry,
@@ -25,6 +26,14 @@ pub struct Metrics {
     pub reconcile_duration: HistogramVec,
     deployments: IntGaugeVec,
     pub leader: IntGauge,
+    /// Per autoscaled ModelDeployment (`namespace`, `name`).
+    autoscaler_desired: IntGaugeVec,
+    autoscaler_current: IntGaugeVec,
+    /// Also `metric`: the signal the autoscaler holds at its target.
+    autoscaler_signal: GaugeVec,
+    /// Also `direction` (`up`, `down`).
+    autoscaler_decisions: IntCounterVec,
+    autoscaler_signal_errors: IntCounterVec,
     /// Latest condition statuses per ModelDeployment (`namespace/name`), summed into `deployments`.
     conditions: Mutex<BTreeMap<String, Vec<(String, String)>>>,
     ready: AtomicBool,
@@ -73,12 +82,58 @@ impl Metrics {
             "1 while this process holds the leader lease and reconciles",
         )
         .expect("valid metric");
+        let object = ["namespace", "name"];
+        let autoscaler_desired = IntGaugeVec::new(
+            Opts::new(
+                "latentserve_operator_autoscaler_desired_groups",
+                "Serving groups the autoscaler wants",
+            ),
+            &object,
+        )
+        .expect("valid metric");
+        let autoscaler_current = IntGaugeVec::new(
+            Opts::new(
+                "latentserve_operator_autoscaler_current_groups",
+                "Serving groups that exist and do not drain, as the autoscaler last saw them",
+            ),
+            &object,
+        )
+        .expect("valid metric");
+        let autoscaler_signal = GaugeVec::new(
+            Opts::new(
+                "latentserve_operator_autoscaler_signal_value",
+                "The target metric's average over the ready serving groups",
+            ),
+            &["namespace", "name", "metric"],
+        )
+        .expect("valid metric");
+        let autoscaler_decisions = IntCounterVec::new(
+            Opts::new(
+                "latentserve_operator_autoscaler_decisions_total",
+                "Changes of the serving group count the autoscaler decided, by direction",
+            ),
+            &["namespace", "name", "direction"],
+        )
+        .expect("valid metric");
+        let autoscaler_signal_errors = IntCounterVec::new(
+            Opts::new(
+                "latentserve_operator_autoscaler_signal_errors_total",
+                "Router pods whose autoscaling report could not be read",
+            ),
+            &object,
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_errors.clone()),
             Box::new(reconcile_duration.clone()),
             Box::new(deployments.clone()),
             Box::new(leader.clone()),
+            Box::new(autoscaler_desired.clone()),
+            Box::new(autoscaler_current.clone()),
+            Box::new(autoscaler_signal.clone()),
+            Box::new(autoscaler_decisions.clone()),
+            Box::new(autoscaler_signal_errors.clone()),
         ] {
             registry
                 .register(collector)
@@ -91,6 +146,11 @@ impl Metrics {
             reconcile_duration,
             deployments,
             leader,
+            autoscaler_desired,
+            autoscaler_current,
+            autoscaler_signal,
+            autoscaler_decisions,
+            autoscaler_signal_errors,
             conditions: Mutex::new(BTreeMap::new()),
             ready: AtomicBool::new(false),
         }
@@ -121,6 +181,67 @@ impl Metrics {
         }
     }
 
+    /// Records one autoscaler pass of `namespace/name`.
+    pub fn record_autoscaler(&self, namespace: &str, name: &str, pass: &AutoscalerPass<'_>) {
+        let AutoscalerPass {
+            current,
+            desired,
+            metric,
+            value,
+            direction,
+        } = *pass;
+        let object = [namespace, name];
+        self.autoscaler_current
+            .with_label_values(&object)
+            .set(i64::from(current));
+        self.autoscaler_desired
+            .with_label_values(&object)
+            .set(i64::from(desired));
+        // One series per object: the one of the metric in use.
+        for other in AutoscalingMetric::ALL {
+            if other != metric || value.is_none() {
+                let _ =
+                    self.autoscaler_signal
+                        .remove_label_values(&[namespace, name, other.as_str()]);
+            }
+        }
+        if let Some(value) = value {
+            self.autoscaler_signal
+                .with_label_values(&[namespace, name, metric.as_str()])
+                .set(value);
+        }
+        if let Some(direction) = direction {
+            self.autoscaler_decisions
+                .with_label_values(&[namespace, name, direction])
+                .inc();
+        }
+    }
+
+    /// Counts a router pod whose report could not be read.
+    pub fn autoscaler_signal_error(&self, namespace: &str, name: &str) {
+        self.autoscaler_signal_errors
+            .with_label_values(&[namespace, name])
+            .inc();
+    }
+
+    /// Drops the autoscaler's series of `namespace/name` (deleted, or autoscaling turned off).
+    pub fn forget_autoscaler(&self, namespace: &str, name: &str) {
+        let object = [namespace, name];
+        let _ = self.autoscaler_current.remove_label_values(&object);
+        let _ = self.autoscaler_desired.remove_label_values(&object);
+        let _ = self.autoscaler_signal_errors.remove_label_values(&object);
+        for metric in AutoscalingMetric::ALL {
+            let _ = self
+                .autoscaler_signal
+                .remove_label_values(&[namespace, name, metric.as_str()]);
+        }
+        for direction in ["up", "down"] {
+            let _ = self
+                .autoscaler_decisions
+                .remove_label_values(&[namespace, name, direction]);
+        }
+    }
+
     /// Marks the process ready (`/readyz`): it reached the API server and runs or waits for the
     /// lease.
     pub fn set_ready(&self, ready: bool) {
@@ -132,6 +253,18 @@ impl Metrics {
             .encode_to_string(&self.registry.gather())
             .expect("metrics encode as text")
     }
+}
+
+/// What one autoscaler pass reports to the metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct AutoscalerPass<'a> {
+    pub current: i32,
+    pub desired: i32,
+    pub metric: AutoscalingMetric,
+    /// `None`: nothing measured; the signal's series goes.
+    pub value: Option<f64>,
+    /// `up` or `down` when the count changes.
+    pub direction: Option<&'a str>,
 }
 
 impl Default for Metrics {
@@ -215,6 +348,7 @@ mod tests {
             &crate::status::RouterObservation::default(),
             &Outcome::Applied,
             None,
+            None,
             &Time(Timestamp::UNIX_EPOCH),
         );
         metrics.set_conditions("models/demo", Some(&status));
@@ -240,5 +374,40 @@ mod tests {
             !body.contains("latentserve_operator_deployments{"),
             "{body}"
         );
+
+        let pass = AutoscalerPass {
+            current: 1,
+            desired: 3,
+            metric: AutoscalingMetric::InFlightRequests,
+            value: Some(12.5),
+            direction: Some("up"),
+        };
+        metrics.record_autoscaler("models", "demo", &pass);
+        metrics.autoscaler_signal_error("models", "demo");
+        let (_, body) = get(address, "/metrics").await;
+        for line in [
+            r#"latentserve_operator_autoscaler_current_groups{name="demo",namespace="models"} 1"#,
+            r#"latentserve_operator_autoscaler_desired_groups{name="demo",namespace="models"} 3"#,
+            r#"latentserve_operator_autoscaler_signal_value{metric="InFlightRequests",name="demo",namespace="models"} 12.5"#,
+            r#"latentserve_operator_autoscaler_decisions_total{direction="up",name="demo",namespace="models"} 1"#,
+            r#"latentserve_operator_autoscaler_signal_errors_total{name="demo",namespace="models"} 1"#,
+        ] {
+            assert!(body.contains(line), "{line} in {body}");
+        }
+        let steady = AutoscalerPass {
+            current: 3,
+            value: None,
+            direction: None,
+            ..pass
+        };
+        metrics.record_autoscaler("models", "demo", &steady);
+        let (_, body) = get(address, "/metrics").await;
+        assert!(
+            !body.contains("autoscaler_signal_value{"),
+            "no signal, no series"
+        );
+        metrics.forget_autoscaler("models", "demo");
+        let (_, body) = get(address, "/metrics").await;
+        assert!(!body.contains("latentserve_operator_autoscaler_"), "{body}");
     }
 }

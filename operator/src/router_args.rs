@@ -9,6 +9,8 @@ pub const ROUTER_BINARY: &str = "latentserve-router";
 
 /// Discover the workers from the EndpointSlices of this Service (its ready endpoints only).
 pub const ENDPOINTS_SERVICE: &str = "--endpoints-service";
+/// The ConfigMap (in `$POD_NAMESPACE`) that names the groups to drain (`draining-groups.json`).
+pub const ROUTING_CONFIGMAP: &str = "--routing-configmap";
 pub const WORKER_GRPC_PORT: &str = "--worker-grpc-port";
 /// `0`: the workers serve no OpenAI HTTP API.
 pub const WORKER_OPENAI_PORT: &str = "--worker-openai-port";
@@ -30,6 +32,8 @@ pub const TLS_CLIENT_CA: &str = "--tls-client-ca";
 pub struct RouterArgs {
     /// The headless Service over the worker pods.
     pub endpoints_service: String,
+    /// The ConfigMap of the draining groups.
+    pub routing_configmap: String,
     pub worker_grpc_port: i32,
     /// `None` when the workers serve no OpenAI HTTP API.
     pub worker_openai_port: Option<i32>,
@@ -51,6 +55,7 @@ impl RouterArgs {
             args.push(value);
         };
         flag(ENDPOINTS_SERVICE, self.endpoints_service.clone());
+        flag(ROUTING_CONFIGMAP, self.routing_configmap.clone());
         flag(WORKER_GRPC_PORT, self.worker_grpc_port.to_string());
         flag(
             WORKER_OPENAI_PORT,
@@ -80,6 +85,7 @@ mod tests {
     fn without_an_openai_port_both_sides_say_so() {
         let args = RouterArgs {
             endpoints_service: "demo-workers".into(),
+            routing_configmap: "demo-routing".into(),
             worker_grpc_port: 50051,
             worker_openai_port: None,
             grpc_addr: "0.0.0.0:50051".into(),
@@ -95,6 +101,8 @@ mod tests {
             [
                 "--endpoints-service",
                 "demo-workers",
+                "--routing-configmap",
+                "demo-routing",
                 "--worker-grpc-port",
                 "50051",
                 "--worker-openai-port",

@@ -2,13 +2,15 @@
 //! previous status (whose condition `lastTransitionTime`s move only on a real change). Pure: the
 //! clock comes in as an argument.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::crd::{Capacity, ModelDeployment, ModelDeploymentStatus, RouterStatus};
+use crate::crd::{
+    AutoscalingStatus, Capacity, ModelDeployment, ModelDeploymentStatus, RouterStatus,
+};
 use crate::resources::{DEFAULT_SERVICE_PORT, HTTP_PORT, LABEL_GROUP, Owner};
 use crate::validate::InvalidSpec;
 
@@ -17,6 +19,8 @@ pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 /// Set while the router is on (`spec.router.replicas` > 0).
 pub const ROUTER_READY: &str = "RouterReady";
+/// Set while `spec.autoscaling` is: whether the autoscaler owns the group count.
+pub const AUTOSCALING_ACTIVE: &str = "AutoscalingActive";
 
 /// Container waiting reasons that will not fix themselves.
 const STUCK_REASONS: &[&str] = &[
@@ -175,6 +179,14 @@ fn failing_reason(pod: &Pod) -> Option<String> {
     None
 }
 
+/// What the autoscaler decided in this reconcile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoscalingView {
+    /// The groups that should serve: the desired ones (draining groups are not among them).
+    pub serving: BTreeSet<i32>,
+    pub status: AutoscalingStatus,
+}
+
 /// What the reconcile did this time.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -211,22 +223,36 @@ fn condition(
 }
 
 /// The status that the observations call for. `router` is what was seen of the router; it
-/// counts only while `spec.router.replicas` > 0.
+/// counts only while `spec.router.replicas` > 0. `autoscaling` is what the autoscaler decided
+/// in this reconcile (under `spec.autoscaling`, when it ran): its groups are the desired ones,
+/// otherwise groups `0..spec.replicas` are.
 pub fn compute(
     md: &ModelDeployment,
     groups: &[GroupObservation],
     router: &RouterObservation,
     outcome: &Outcome,
     capacity: Option<Capacity>,
+    autoscaling: Option<&AutoscalingView>,
     now: &Time,
 ) -> ModelDeploymentStatus {
     let owner = Owner::of(md);
     let generation = md.metadata.generation;
-    let desired = md.spec.replicas;
+    let autoscaled = md.spec.autoscaling.is_some();
+    let wanted: BTreeSet<i32> = match autoscaling {
+        Some(view) => view.serving.clone(),
+        // Not evaluated (paused, invalid, failed): the groups there are.
+        None if autoscaled => groups.iter().map(|g| g.group).collect(),
+        None => (0..md.spec.replicas).collect(),
+    };
+    let desired = wanted.len() as i32;
     let shards = md.spec.expert_shards;
     let routers = md.router().replicas.max(0);
     let router = (routers > 0).then_some(router);
-    let current: Vec<_> = groups.iter().filter(|g| g.group < desired).collect();
+    let current: Vec<_> = groups
+        .iter()
+        .filter(|g| wanted.contains(&g.group))
+        .collect();
+    let draining = groups.len() - current.len();
     let ready = current.iter().filter(|g| g.ready(shards)).count() as i32;
     let failing: Vec<String> = groups
         .iter()
@@ -247,7 +273,11 @@ pub fn compute(
             AVAILABLE,
             false,
             "ScaledToZero",
-            "spec.replicas is 0".to_owned(),
+            if autoscaled {
+                "spec.autoscaling scaled to zero groups: the router holds requests, and the first one starts a group".to_owned()
+            } else {
+                "spec.replicas is 0".to_owned()
+            },
             generation,
             now,
         )
@@ -311,24 +341,30 @@ pub fn compute(
             generation,
             now,
         ),
-        _ => condition(
-            PROGRESSING,
-            true,
-            if current.iter().any(|g| !g.rolled_out) || router.is_some_and(|r| !r.rolled_out) {
+        _ => {
+            let rolling_out =
+                current.iter().any(|g| !g.rolled_out) || router.is_some_and(|r| !r.rolled_out);
+            let reason = if rolling_out {
                 "RollingOut"
+            } else if autoscaled && ready == desired && draining > 0 {
+                "DrainingGroups"
             } else {
                 "WaitingForShards"
-            },
-            match router {
+            };
+            let mut message = match router {
                 Some(r) => format!(
                     "{ready}/{desired} serving groups ready, {}",
                     routers_ready(r)
                 ),
                 None => format!("{ready}/{desired} serving groups ready"),
-            },
-            generation,
-            now,
-        ),
+            };
+            if autoscaled && draining > 0 {
+                message.push_str(&format!(
+                    ", {draining} draining (no new requests; removed once idle)"
+                ));
+            }
+            condition(PROGRESSING, true, reason, message, generation, now)
+        }
     };
 
     let degraded = match outcome {
@@ -396,9 +432,59 @@ pub fn compute(
     });
 
     let previous = md.status.as_ref();
+    let autoscaling_active = md.spec.autoscaling.as_ref().map(|spec| {
+        let bounds = format!("between {} and {}", spec.min_replicas, spec.max_replicas);
+        match autoscaling {
+            Some(view) if view.status.desired_replicas == md.spec.replicas => condition(
+                AUTOSCALING_ACTIVE,
+                true,
+                "ReplicasManaged",
+                format!(
+                    "spec.autoscaling owns the number of serving groups ({}, {bounds}); \
+                     spec.replicas and the scale subresource are ignored",
+                    view.status.desired_replicas
+                ),
+                generation,
+                now,
+            ),
+            Some(view) => condition(
+                AUTOSCALING_ACTIVE,
+                true,
+                "ManualScaleIgnored",
+                format!(
+                    "spec.replicas is {} but spec.autoscaling owns the number of serving groups \
+                     ({}, {bounds}): kubectl scale and edits of spec.replicas are ignored; \
+                     remove spec.autoscaling to scale by hand",
+                    md.spec.replicas, view.status.desired_replicas
+                ),
+                generation,
+                now,
+            ),
+            None => {
+                let (reason, message) = match outcome {
+                    Outcome::Paused => (
+                        "Paused",
+                        "spec.paused is set: the autoscaler changes nothing".to_owned(),
+                    ),
+                    Outcome::Invalid(err) => {
+                        (err.reason, "the spec is invalid: see Degraded".to_owned())
+                    }
+                    Outcome::Failed { reason, .. } => (
+                        *reason,
+                        "the autoscaler could not run: see Degraded".to_owned(),
+                    ),
+                    Outcome::Applied => {
+                        ("NotEvaluated", "the autoscaler has not run yet".to_owned())
+                    }
+                };
+                condition(AUTOSCALING_ACTIVE, false, reason, message, generation, now)
+            }
+        }
+    });
     let conditions = [available, progressing, degraded]
         .into_iter()
         .chain(router_ready)
+        .chain(autoscaling_active)
         .map(|c| keep_transition_time(c, previous.map(|p| p.conditions.as_slice()).unwrap_or(&[])))
         .collect();
 
@@ -423,6 +509,12 @@ pub fn compute(
             replicas: routers,
             ready_replicas: r.ready_pods,
         }),
+        autoscaling: match autoscaling {
+            Some(view) => Some(view.status.clone()),
+            // Kept while the autoscaler does not run, so its last decision stays visible.
+            None if autoscaled => previous.and_then(|p| p.autoscaling.clone()),
+            None => None,
+        },
     }
 }
 
@@ -489,6 +581,7 @@ mod tests {
             &serving_router(),
             &Outcome::Applied,
             None,
+            None,
             &at(1),
         );
         assert_eq!(status.ready_replicas, 0);
@@ -502,6 +595,7 @@ mod tests {
             &[group(0, 2)],
             &serving_router(),
             &Outcome::Applied,
+            None,
             None,
             &at(1),
         );
@@ -524,6 +618,7 @@ mod tests {
             &[group(0, 2)],
             &serving_router(),
             &Outcome::Applied,
+            None,
             None,
             &at(1),
         );
@@ -551,6 +646,7 @@ mod tests {
             &serving_router(),
             &Outcome::Applied,
             None,
+            None,
             &at(100),
         );
         md.status = Some(first.clone());
@@ -560,6 +656,7 @@ mod tests {
             &serving_router(),
             &Outcome::Applied,
             None,
+            None,
             &at(200),
         );
         assert_eq!(same, first, "a repeated observation changes nothing");
@@ -568,6 +665,7 @@ mod tests {
             &[group(0, 1)],
             &serving_router(),
             &Outcome::Applied,
+            None,
             None,
             &at(300),
         );
@@ -592,6 +690,7 @@ mod tests {
             &serving_router(),
             &Outcome::Invalid(err),
             None,
+            None,
             &at(1),
         );
         let degraded = find(&status, DEGRADED).unwrap();
@@ -612,12 +711,21 @@ mod tests {
             &serving_router(),
             &Outcome::Paused,
             None,
+            None,
             &at(1),
         );
         assert_eq!(status_of(&status, PROGRESSING), ("False", "Paused"));
         assert_eq!(status_of(&status, AVAILABLE), ("True", "GroupsReady"));
         md.spec.replicas = 0;
-        let status = compute(&md, &[], &serving_router(), &Outcome::Applied, None, &at(1));
+        let status = compute(
+            &md,
+            &[],
+            &serving_router(),
+            &Outcome::Applied,
+            None,
+            None,
+            &at(1),
+        );
         assert_eq!(status_of(&status, AVAILABLE), ("False", "ScaledToZero"));
     }
 
@@ -629,6 +737,7 @@ mod tests {
             &[group(0, 2), group(1, 2)],
             &serving_router(),
             &Outcome::Applied,
+            None,
             None,
             &at(1),
         );
@@ -646,6 +755,7 @@ mod tests {
             &[group(0, 2)],
             &starting,
             &Outcome::Applied,
+            None,
             None,
             &at(1),
         );
@@ -665,6 +775,7 @@ mod tests {
             &[group(0, 2)],
             &serving_router(),
             &Outcome::Applied,
+            None,
             None,
             &at(1),
         );
@@ -691,6 +802,7 @@ mod tests {
             &crashing,
             &Outcome::Applied,
             None,
+            None,
             &at(1),
         );
         assert_eq!(status_of(&status, DEGRADED), ("True", "RouterFailing"));
@@ -707,12 +819,136 @@ mod tests {
             &starting,
             &Outcome::Applied,
             None,
+            None,
             &at(1),
         );
         assert_eq!(status_of(&status, AVAILABLE), ("True", "GroupsReady"));
         assert_eq!(status_of(&status, PROGRESSING), ("False", "Complete"));
         assert!(find(&status, ROUTER_READY).is_none());
         assert_eq!(status.router, None);
+    }
+
+    fn autoscaled(replicas: i32) -> ModelDeployment {
+        let mut md = demo();
+        md.spec.replicas = replicas;
+        md.spec.autoscaling = Some(
+            serde_json::from_value(serde_json::json!({
+                "minReplicas": 0,
+                "maxReplicas": 4,
+                "target": {"metric": "InFlightRequests", "value": 4},
+            }))
+            .unwrap(),
+        );
+        md
+    }
+
+    fn view(serving: &[i32], desired: i32) -> AutoscalingView {
+        AutoscalingView {
+            serving: serving.iter().copied().collect(),
+            status: AutoscalingStatus {
+                current_replicas: serving.len() as i32,
+                desired_replicas: desired,
+                target: 4.0,
+                ..AutoscalingStatus::default()
+            },
+        }
+    }
+
+    #[test]
+    fn under_autoscaling_the_autoscalers_groups_are_the_desired_ones() {
+        let md = autoscaled(1);
+        // Groups 0 and 2 serve, 1 drains.
+        let groups = [group(0, 2), group(1, 2), group(2, 2)];
+        let decided = view(&[0, 2], 2);
+        let status = compute(
+            &md,
+            &groups,
+            &serving_router(),
+            &Outcome::Applied,
+            None,
+            Some(&decided),
+            &at(1),
+        );
+        assert_eq!(status.ready_replicas, 2);
+        assert_eq!(status.replicas, 3, "the draining group still exists");
+        assert_eq!(status_of(&status, PROGRESSING), ("True", "DrainingGroups"));
+        assert_eq!(status_of(&status, AVAILABLE), ("True", "GroupsReady"));
+        assert_eq!(
+            status_of(&status, AUTOSCALING_ACTIVE),
+            ("True", "ManualScaleIgnored")
+        );
+        let message = &find(&status, AUTOSCALING_ACTIVE).unwrap().message;
+        assert!(message.contains("remove spec.autoscaling"), "{message}");
+        assert_eq!(status.autoscaling, Some(decided.status.clone()));
+
+        let md = autoscaled(2);
+        let status = compute(
+            &md,
+            &[group(0, 2), group(2, 2)],
+            &serving_router(),
+            &Outcome::Applied,
+            None,
+            Some(&decided),
+            &at(1),
+        );
+        assert_eq!(
+            status_of(&status, AUTOSCALING_ACTIVE),
+            ("True", "ReplicasManaged")
+        );
+        assert_eq!(status_of(&status, PROGRESSING), ("False", "Complete"));
+
+        let zero = view(&[], 0);
+        let status = compute(
+            &md,
+            &[],
+            &serving_router(),
+            &Outcome::Applied,
+            None,
+            Some(&zero),
+            &at(1),
+        );
+        assert_eq!(status_of(&status, AVAILABLE), ("False", "ScaledToZero"));
+        assert!(
+            find(&status, AVAILABLE)
+                .unwrap()
+                .message
+                .contains("the router holds requests")
+        );
+    }
+
+    #[test]
+    fn a_paused_autoscaler_says_so_and_keeps_its_last_decision() {
+        let mut md = autoscaled(1);
+        let decided = view(&[0], 1);
+        md.status = Some(ModelDeploymentStatus {
+            autoscaling: Some(decided.status.clone()),
+            ..ModelDeploymentStatus::default()
+        });
+        let status = compute(
+            &md,
+            &[group(0, 2)],
+            &serving_router(),
+            &Outcome::Paused,
+            None,
+            None,
+            &at(1),
+        );
+        assert_eq!(status_of(&status, AUTOSCALING_ACTIVE), ("False", "Paused"));
+        assert_eq!(status.autoscaling, Some(decided.status));
+        assert_eq!(status_of(&status, PROGRESSING), ("False", "Paused"));
+
+        // Without spec.autoscaling: neither the condition nor the field.
+        let status = compute(
+            &demo(),
+            &[group(0, 2)],
+            &serving_router(),
+            &Outcome::Applied,
+            None,
+            None,
+            &at(1),
+        );
+        assert!(find(&status, AUTOSCALING_ACTIVE).is_none());
+        assert_eq!(status.autoscaling, None);
     }
 
     #[test]
@@ -823,6 +1059,7 @@ mod tests {
             &groups,
             &serving_router(),
             &Outcome::Applied,
+            None,
             None,
             &at(1),
         );

@@ -4,14 +4,17 @@
 //! the first bad field or a [`ValidatedSpec`], the only input the builders take, holding every
 //! parsed quantity so that nothing parses the spec a second time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::jiff::Timestamp;
 
+use crate::autoscaling::{self, Settings};
 use crate::crd::{
-    MAX_TOTAL_PODS, ModelDeployment, ModelDeploymentSpec, ModelSource, RESERVED_WORKER_FLAGS,
-    RouterSpec, ServiceSpec, ServingSpec, TlsSpec, WorkerResources,
+    AutoscalingMetric, AutoscalingSpec, MAX_TOTAL_PODS, ModelDeployment, ModelDeploymentSpec,
+    ModelSource, RESERVED_WORKER_FLAGS, RouterSpec, ServiceSpec, ServingSpec, TlsSpec,
+    WorkerResources,
 };
 use crate::discovery::Features;
 use crate::policy::{Policy, host_path_allowed, image_allowed};
@@ -22,6 +25,8 @@ use crate::worker_args::flag_of;
 /// controller's `controller-revision-hash` label (63 characters in all) with up to four group
 /// digits, and `NAME-peers` must be a DNS label.
 pub const MAX_NAME_LEN: usize = 40;
+/// Group indices have at most four digits (see [`MAX_NAME_LEN`]).
+pub const MAX_GROUP_INDEX: i32 = 10_000;
 
 /// A field that makes the spec unusable, named by its path in the object.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -96,17 +101,47 @@ fn shown(list: &[String]) -> String {
     }
 }
 
-/// `replicas` serving groups of `expert_shards` ranks each, both checked to be in range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The serving groups, by index, of `expert_shards` ranks each. Without autoscaling the groups
+/// are `0..replicas`; the autoscaler picks any set (it removes the least-loaded group, not the
+/// last), and some of them may be draining: their StatefulSets stay until the routers have let
+/// them go idle.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardPlan {
-    pub replicas: i32,
     pub expert_shards: i32,
+    /// Every group with a StatefulSet, draining ones included.
+    groups: BTreeSet<i32>,
+    /// The draining groups (a subset of `groups`) and when their drain began.
+    draining: BTreeMap<i32, Timestamp>,
 }
 
 impl ShardPlan {
-    /// The serving groups, by number.
-    pub fn groups(&self) -> Range<i32> {
-        0..self.replicas
+    /// Groups `0..replicas`, none draining.
+    pub fn contiguous(replicas: i32, expert_shards: i32) -> Self {
+        Self {
+            expert_shards,
+            groups: (0..replicas).collect(),
+            draining: BTreeMap::new(),
+        }
+    }
+
+    /// Every group that has a StatefulSet (serving and draining), ascending.
+    pub fn groups(&self) -> impl Iterator<Item = i32> + '_ {
+        self.groups.iter().copied()
+    }
+
+    /// The groups that serve (not draining), ascending.
+    pub fn serving_groups(&self) -> impl Iterator<Item = i32> + '_ {
+        self.groups().filter(|g| !self.draining.contains_key(g))
+    }
+
+    /// Serving groups: what `replicas` means.
+    pub fn replicas(&self) -> i32 {
+        self.serving_groups().count() as i32
+    }
+
+    /// The draining groups and when their drain began.
+    pub fn draining(&self) -> &BTreeMap<i32, Timestamp> {
+        &self.draining
     }
 
     /// The shard ranks of one group.
@@ -127,6 +162,7 @@ pub struct ValidatedSpec<'a> {
     resources: WorkerResources,
     service: ServiceSpec,
     router: RouterSpec,
+    autoscaling: Option<Settings>,
 }
 
 impl<'a> ValidatedSpec<'a> {
@@ -143,8 +179,37 @@ impl<'a> ValidatedSpec<'a> {
         &self.owner
     }
 
-    pub fn plan(&self) -> ShardPlan {
-        self.plan
+    pub fn plan(&self) -> &ShardPlan {
+        &self.plan
+    }
+
+    /// The same spec with the groups the autoscaler chose: `serving` and `draining` (with the
+    /// start of each drain) get StatefulSets. Indices outside `0..10000` (beyond the names'
+    /// room, see [`MAX_NAME_LEN`]) are left out.
+    pub fn with_groups(
+        mut self,
+        serving: impl IntoIterator<Item = i32>,
+        draining: BTreeMap<i32, Timestamp>,
+    ) -> Self {
+        let in_range = |g: &i32| (0..MAX_GROUP_INDEX).contains(g);
+        let draining: BTreeMap<i32, Timestamp> =
+            draining.into_iter().filter(|(g, _)| in_range(g)).collect();
+        let groups = serving
+            .into_iter()
+            .filter(in_range)
+            .chain(draining.keys().copied())
+            .collect();
+        self.plan = ShardPlan {
+            expert_shards: self.plan.expert_shards,
+            groups,
+            draining,
+        };
+        self
+    }
+
+    /// `spec.autoscaling`, parsed; `None` when the scale subresource sets the groups.
+    pub fn autoscaling(&self) -> Option<&Settings> {
+        self.autoscaling.as_ref()
     }
 
     /// `spec.serving` with its defaults. Its `kvCacheMemory` is the quantity as written; the
@@ -356,18 +421,103 @@ pub fn validate<'a>(
             &resources.limits,
         )?;
     }
+    let autoscaling = spec
+        .autoscaling
+        .as_ref()
+        .map(|autoscaling| check_autoscaling(autoscaling, &router, spec.expert_shards))
+        .transpose()?;
     Ok(ValidatedSpec {
         md,
         owner: Owner::of(md),
-        plan: ShardPlan {
-            replicas: spec.replicas,
-            expert_shards: spec.expert_shards,
-        },
+        plan: ShardPlan::contiguous(spec.replicas, spec.expert_shards),
         serving,
         kv_cache_bytes,
         resources,
         service,
         router,
+        autoscaling,
+    })
+}
+
+/// `spec.autoscaling`: the bounds, the target, the windows, and the router it reads from.
+fn check_autoscaling(
+    autoscaling: &AutoscalingSpec,
+    router: &RouterSpec,
+    expert_shards: i32,
+) -> Result<Settings, InvalidSpec> {
+    if router.replicas < 1 {
+        return Err(invalid(
+            "spec.autoscaling",
+            "needs the router (spec.router.replicas at least 1): the operator reads the signal \
+             from it, and it holds requests while no group runs; remove spec.autoscaling or \
+             turn the router on",
+        ));
+    }
+    let (min, max) = (autoscaling.min_replicas, autoscaling.max_replicas);
+    if min < 0 {
+        return Err(invalid(
+            "spec.autoscaling.minReplicas",
+            "must be at least 0",
+        ));
+    }
+    if max < 1 {
+        return Err(invalid(
+            "spec.autoscaling.maxReplicas",
+            "must be at least 1",
+        ));
+    }
+    if max < min {
+        return Err(invalid(
+            "spec.autoscaling.maxReplicas",
+            format!("{max} is below minReplicas ({min})"),
+        ));
+    }
+    if i64::from(max) * i64::from(expert_shards) > i64::from(MAX_TOTAL_PODS) {
+        return Err(invalid(
+            "spec.autoscaling.maxReplicas",
+            format!("maxReplicas x expertShards must be at most {MAX_TOTAL_PODS} pods"),
+        ));
+    }
+    let target = &autoscaling.target;
+    if !(target.value.is_finite() && target.value > 0.0) {
+        return Err(invalid("spec.autoscaling.target.value", "must be above 0"));
+    }
+    if target.metric == AutoscalingMetric::CacheUtilization && target.value > 1.0 {
+        return Err(invalid(
+            "spec.autoscaling.target.value",
+            "a CacheUtilization target is a fraction of the cache: at most 1",
+        ));
+    }
+    let duration = |field: &str, text: &str| {
+        autoscaling::parse_duration(text).ok_or_else(|| {
+            invalid(
+                &format!("spec.autoscaling.{field}"),
+                format!(
+                    "{text:?} is not a duration such as 0s, 30s, 5m or 1h30m (hours, minutes, \
+                     seconds; at most 24h)"
+                ),
+            )
+        })
+    };
+    let scale_up_stabilization =
+        duration("scaleUpStabilization", &autoscaling.scale_up_stabilization)?;
+    let scale_down_delay = duration("scaleDownDelay", &autoscaling.scale_down_delay)?;
+    let scale_to_zero_after = duration("scaleToZeroAfter", &autoscaling.scale_to_zero_after)?;
+    if !(autoscaling.tolerance.is_finite() && (0.0..1.0).contains(&autoscaling.tolerance)) {
+        return Err(invalid(
+            "spec.autoscaling.tolerance",
+            "must be at least 0 and below 1 (0.1: no change within 10% of the target)",
+        ));
+    }
+    Ok(Settings {
+        min_groups: min,
+        max_groups: max,
+        metric: target.metric,
+        target: target.value,
+        scale_up_stabilization,
+        scale_down_delay,
+        scale_to_zero_after,
+        tolerance: autoscaling.tolerance,
     })
 }
 
@@ -504,14 +654,10 @@ mod tests {
         let md = demo();
         let spec = validate(&md, &features_latest()).unwrap();
         assert_eq!(spec.kv_cache_bytes(), Some(8 << 30));
-        assert_eq!(
-            spec.plan(),
-            ShardPlan {
-                replicas: 1,
-                expert_shards: 2
-            }
-        );
+        assert_eq!(spec.plan(), &ShardPlan::contiguous(1, 2));
+        assert_eq!(spec.plan().groups().collect::<Vec<_>>(), [0]);
         assert_eq!(spec.plan().ranks(), 0..2);
+        assert_eq!(spec.autoscaling(), None);
         assert_eq!(spec.owner().name, "demo");
     }
 
@@ -675,6 +821,138 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.field, "spec.router.resources.limits.memory");
         assert!(err.message.contains("below the request"), "{err}");
+    }
+
+    fn autoscaled(change: impl FnOnce(&mut AutoscalingSpec)) -> ModelDeployment {
+        let mut md = demo();
+        let mut autoscaling: AutoscalingSpec = serde_json::from_value(serde_json::json!({
+            "maxReplicas": 4,
+            "target": {"metric": "InFlightRequests", "value": 8},
+        }))
+        .unwrap();
+        change(&mut autoscaling);
+        md.spec.autoscaling = Some(autoscaling);
+        md
+    }
+
+    #[test]
+    fn autoscaling_defaults_parse_into_settings() {
+        let md = autoscaled(|_| {});
+        let spec = validate(&md, &features_latest()).unwrap();
+        let settings = spec.autoscaling().unwrap();
+        assert_eq!(
+            settings,
+            &Settings {
+                min_groups: 1,
+                max_groups: 4,
+                metric: AutoscalingMetric::InFlightRequests,
+                target: 8.0,
+                scale_up_stabilization: std::time::Duration::ZERO,
+                scale_down_delay: std::time::Duration::from_secs(300),
+                scale_to_zero_after: std::time::Duration::from_secs(600),
+                tolerance: 0.1,
+            }
+        );
+    }
+
+    #[test]
+    fn autoscaling_fields_are_checked_and_named() {
+        /// A change to a valid autoscaling spec, the field it breaks, and what the error says.
+        type Case = (fn(&mut AutoscalingSpec), &'static str, &'static str);
+        let cases: [Case; 10] = [
+            (
+                |a| a.min_replicas = -1,
+                "spec.autoscaling.minReplicas",
+                "at least 0",
+            ),
+            (
+                |a| a.max_replicas = 0,
+                "spec.autoscaling.maxReplicas",
+                "at least 1",
+            ),
+            (
+                |a| a.min_replicas = 5,
+                "spec.autoscaling.maxReplicas",
+                "below minReplicas (5)",
+            ),
+            (
+                |a| a.max_replicas = 513,
+                "spec.autoscaling.maxReplicas",
+                "1024 pods",
+            ),
+            (
+                |a| a.target.value = 0.0,
+                "spec.autoscaling.target.value",
+                "above 0",
+            ),
+            (
+                |a| a.target.value = f64::NAN,
+                "spec.autoscaling.target.value",
+                "above 0",
+            ),
+            (
+                |a| {
+                    a.target.metric = AutoscalingMetric::CacheUtilization;
+                    a.target.value = 1.5;
+                },
+                "spec.autoscaling.target.value",
+                "at most 1",
+            ),
+            (
+                |a| a.scale_down_delay = "5 minutes".into(),
+                "spec.autoscaling.scaleDownDelay",
+                "\"5 minutes\" is not a duration",
+            ),
+            (
+                |a| a.scale_to_zero_after = "48h".into(),
+                "spec.autoscaling.scaleToZeroAfter",
+                "at most 24h",
+            ),
+            (
+                |a| a.tolerance = 1.0,
+                "spec.autoscaling.tolerance",
+                "below 1",
+            ),
+        ];
+        for (change, field, message) in cases {
+            let err = validate(&autoscaled(change), &features_latest()).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+            assert!(err.message.contains(message), "{err}");
+        }
+        let ok = autoscaled(|a| {
+            a.min_replicas = 0;
+            a.max_replicas = 512;
+            a.target.metric = AutoscalingMetric::CacheUtilization;
+            a.target.value = 1.0;
+            a.scale_up_stabilization = "1m30s".into();
+        });
+        validate(&ok, &features_latest()).unwrap();
+    }
+
+    #[test]
+    fn autoscaling_needs_the_router() {
+        let mut md = autoscaled(|_| {});
+        md.spec.router = Some(RouterSpec {
+            replicas: 0,
+            ..RouterSpec::default()
+        });
+        let err = validate(&md, &features_latest()).unwrap_err();
+        assert_eq!(err.field, "spec.autoscaling");
+        assert!(err.message.contains("spec.router.replicas"), "{err}");
+    }
+
+    #[test]
+    fn the_autoscaler_picks_any_set_of_groups_and_some_drain() {
+        let md = autoscaled(|_| {});
+        let at = Timestamp::from_second(1_800_000_000).unwrap();
+        let spec = validate(&md, &features_latest())
+            .unwrap()
+            .with_groups([0, 3, 20_000], BTreeMap::from([(2, at), (-1, at)]));
+        let plan = spec.plan();
+        assert_eq!(plan.groups().collect::<Vec<_>>(), [0, 2, 3]);
+        assert_eq!(plan.serving_groups().collect::<Vec<_>>(), [0, 3]);
+        assert_eq!(plan.replicas(), 2);
+        assert_eq!(plan.draining().keys().copied().collect::<Vec<_>>(), [2]);
     }
 
     #[test]

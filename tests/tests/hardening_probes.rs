@@ -202,6 +202,7 @@ fn deployment(path: &str, extra_args: Vec<String>) -> ModelDeployment {
             paused: false,
             tls: None,
             router: None,
+            autoscaling: None,
         },
     );
     md.metadata.namespace = Some("models".into());

@@ -597,12 +597,18 @@ async fn the_router_fronts_the_workers_with_its_own_narrow_role_and_goes_when_tu
     let role = setup.api::<Role>().get("demo-router").await.unwrap();
     assert!(owned_by_demo(&role.metadata));
     let rules = role.rules.unwrap();
-    assert_eq!(rules.len(), 1);
+    assert_eq!(rules.len(), 2);
     assert_eq!(
         rules[0].api_groups,
         Some(vec!["discovery.k8s.io".to_owned()])
     );
     assert_eq!(rules[0].resources, Some(vec!["endpointslices".to_owned()]));
+    // The drain list, by name only.
+    assert_eq!(rules[1].resources, Some(vec!["configmaps".to_owned()]));
+    assert_eq!(
+        rules[1].resource_names,
+        Some(vec!["demo-routing".to_owned()])
+    );
     let binding = setup.api::<RoleBinding>().get("demo-router").await.unwrap();
     assert_eq!(binding.role_ref.name, "demo-router");
 

@@ -42,6 +42,7 @@ fn deployment(expert_shards: i32, serving: Option<ServingSpec>) -> ModelDeployme
             router: None,
             paused: false,
             tls: None,
+            autoscaling: None,
         },
     );
     md.metadata.namespace = Some("models".into());

@@ -8,7 +8,7 @@ use super::{Context, Error};
 use crate::crd::{ModelDeployment, ModelDeploymentStatus};
 use crate::status::{self, AVAILABLE, DEGRADED};
 
-async fn publish(
+pub(super) async fn publish(
     md: &ModelDeployment,
     ctx: &Context,
     type_: EventType,
@@ -44,17 +44,22 @@ pub async fn reconcile_failed(md: &ModelDeployment, ctx: &Context, err: &Error) 
     .await;
 }
 
-/// `Created`, `Scaled` or `RollingOut` after an apply, from the number of serving groups that
-/// existed before it.
-pub async fn announce_changes(md: &ModelDeployment, ctx: &Context, groups_before: i32) {
-    let desired_groups = md.spec.replicas;
+/// `Created`, `Scaled` or `RollingOut` after an apply, from the number of serving groups
+/// (StatefulSets) that existed before it and that it applied. Under `spec.autoscaling` the
+/// autoscaler announces its own changes (`ScaledUp`, `ScaledDown`) instead of `Scaled`.
+pub async fn announce_changes(
+    md: &ModelDeployment,
+    ctx: &Context,
+    groups_before: i32,
+    desired_groups: i32,
+) {
     if groups_before == 0 && md.status.is_none() {
         let note = format!(
             "created {desired_groups} serving groups of {} shards",
             md.spec.expert_shards
         );
         publish(md, ctx, EventType::Normal, "Created", "Create", note).await;
-    } else if groups_before != desired_groups {
+    } else if groups_before != desired_groups && md.spec.autoscaling.is_none() {
         let note = format!("scaled from {groups_before} to {desired_groups} serving groups");
         publish(md, ctx, EventType::Normal, "Scaled", "Scale", note).await;
     }

@@ -1,13 +1,15 @@
 //! The reconciler, one module per stage:
 //!
-//! validate ([`crate::validate`]) -> build the desired objects ([`crate::resources`]) -> apply
-//! ([`apply`]) -> prune ([`prune`]) -> update status ([`update_status`]).
+//! validate ([`crate::validate`]) -> autoscale ([`autoscale`], under `spec.autoscaling`: which
+//! groups) -> build the desired objects ([`crate::resources`]) -> apply ([`apply`]) -> prune
+//! ([`prune`]) -> update status ([`update_status`]).
 //!
 //! Validate and build are pure; the stages here do the I/O. Every write is skipped when it
 //! would change nothing, so a steady state makes no writes at all. This module wires the stages
 //! into the controller, with its metrics, Events ([`events`]) and retry backoff.
 
 pub mod apply;
+pub mod autoscale;
 mod error;
 pub mod events;
 pub mod experts_token;
@@ -34,6 +36,7 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::instrument;
 
 pub use self::error::Error;
+use crate::autoscaling::fetch::{HttpReports, ReportSource};
 use crate::capacity::ModelInfoSource;
 use crate::crd::ModelDeployment;
 use crate::metrics::Metrics;
@@ -41,7 +44,7 @@ use crate::resources::{
     self, BuildContext, FIELD_MANAGER, LABEL_GROUP, LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY,
     Owner,
 };
-use crate::status::Outcome;
+use crate::status::{AutoscalingView, Outcome};
 use crate::validate::{ValidatedSpec, check_allowed, validate};
 
 /// How long a healthy ModelDeployment waits before it is looked at again without any event.
@@ -57,8 +60,14 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub recorder: Option<Recorder>,
     pub model_info: Arc<dyn ModelInfoSource>,
+    /// The routers' autoscaling reports.
+    pub reports: Arc<dyn ReportSource>,
+    /// How often the autoscaler looks at an object under `spec.autoscaling`.
+    pub autoscale_interval: Duration,
     /// Consecutive failures per object, for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// The autoscaler's memory per object (`namespace/name`).
+    autoscalers: Mutex<HashMap<String, autoscale::Memory>>,
 }
 
 impl Context {
@@ -83,8 +92,18 @@ impl Context {
             metrics,
             recorder,
             model_info,
+            reports: Arc::new(HttpReports::default()),
+            autoscale_interval: autoscale::DEFAULT_INTERVAL,
             failures: Mutex::new(HashMap::new()),
+            autoscalers: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The autoscaler's pass interval and where it reads the routers' reports.
+    pub fn with_autoscaler(mut self, interval: Duration, reports: Arc<dyn ReportSource>) -> Self {
+        self.autoscale_interval = interval;
+        self.reports = reports;
+        self
     }
 }
 
@@ -200,39 +219,69 @@ pub fn backoff(attempt: u32) -> Duration {
         .min(BACKOFF_MAX)
 }
 
-/// The pipeline. Invalid and paused specs skip apply and prune, and only report status.
+/// The pipeline. Invalid and paused specs skip autoscale, apply and prune, and only report
+/// status.
 async fn reconcile_valid(md: &ModelDeployment, ctx: &Context) -> Result<Action, Error> {
     if md.metadata.deletion_timestamp.is_some() {
         // The garbage collector removes the children through their owner references.
         ctx.metrics.set_conditions(&key(md), None);
+        autoscale::forget(md, ctx);
         return Ok(Action::await_change());
+    }
+    if md.spec.autoscaling.is_none() {
+        autoscale::forget(md, ctx);
     }
     let existing = existing_groups(md, ctx).await?;
     let checked = validate(md, &ctx.build.features)
         .and_then(|spec| check_allowed(&spec, &ctx.build.policy).map(|()| spec));
+    let mut view = None;
+    let mut next_pass = RESYNC;
     let (outcome, groups) = match checked {
         Err(invalid) => (Outcome::Invalid(invalid), existing),
         Ok(_) if md.spec.paused => (Outcome::Paused, existing),
-        Ok(spec) => match apply_and_prune(&spec, ctx, &existing).await {
-            Ok(groups) => (Outcome::Applied, groups),
-            Err(err) => {
-                // The status tells users about the failure; the retry comes from the error policy.
-                let outcome = Outcome::Failed {
-                    reason: err.reason(),
-                    message: err.to_string(),
-                };
-                if let Err(status_err) =
-                    update_status::update_status(md, ctx, &existing, &outcome).await
-                {
-                    tracing::warn!(error = %status_err, "cannot record the failure in the status");
+        Ok(spec) => {
+            let spec = match spec.autoscaling() {
+                Some(settings) => {
+                    match autoscale::autoscale(&spec, settings, ctx, &existing).await {
+                        Ok(autoscaled) => {
+                            view = Some(autoscaled.view);
+                            next_pass = autoscaled.next_pass;
+                            spec.with_groups(autoscaled.serving, autoscaled.draining)
+                        }
+                        Err(err) => return failed(md, ctx, &existing, None, err).await,
+                    }
                 }
-                events::reconcile_failed(md, ctx, &err).await;
-                return Err(err);
+                None => spec,
+            };
+            match apply_and_prune(&spec, ctx, &existing).await {
+                Ok(groups) => (Outcome::Applied, groups),
+                Err(err) => return failed(md, ctx, &existing, view.as_ref(), err).await,
             }
-        },
+        }
     };
-    update_status::update_status(md, ctx, &groups, &outcome).await?;
-    Ok(Action::requeue(RESYNC))
+    update_status::update_status(md, ctx, &groups, &outcome, view.as_ref()).await?;
+    // Under autoscaling the next pass comes at the autoscaler's interval, events or not.
+    Ok(Action::requeue(next_pass))
+}
+
+/// Records a failed reconcile in the status and an Event, and returns the error: the retry
+/// comes from the error policy.
+async fn failed(
+    md: &ModelDeployment,
+    ctx: &Context,
+    existing: &[StatefulSet],
+    view: Option<&AutoscalingView>,
+    err: Error,
+) -> Result<Action, Error> {
+    let outcome = Outcome::Failed {
+        reason: err.reason(),
+        message: err.to_string(),
+    };
+    if let Err(status_err) = update_status::update_status(md, ctx, existing, &outcome, view).await {
+        tracing::warn!(error = %status_err, "cannot record the failure in the status");
+    }
+    events::reconcile_failed(md, ctx, &err).await;
+    Err(err)
 }
 
 /// Build -> experts token -> apply -> prune, then the Events that describe what changed. Returns the
@@ -249,7 +298,8 @@ async fn apply_and_prune(
     let groups = apply::apply(spec.owner(), ctx, &desired).await?;
     prune::prune(spec.owner(), ctx, &desired).await?;
     let before = existing.iter().filter(|s| group_of(s).is_some()).count() as i32;
-    events::announce_changes(spec.model_deployment(), ctx, before).await;
+    let after = spec.plan().groups().count() as i32;
+    events::announce_changes(spec.model_deployment(), ctx, before, after).await;
     Ok(groups)
 }
 

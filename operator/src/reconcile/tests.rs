@@ -11,6 +11,8 @@ use latentserve_proto::v1::ModelInfo;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::autoscaling::fetch::FetchError;
+use crate::autoscaling::signal::{GroupReport, RouterReport};
 use crate::capacity::ModelInfoError;
 use crate::resources::LABEL_GROUP;
 use crate::test_support::build_context;
@@ -143,6 +145,7 @@ async fn create_applies_every_child_under_the_field_manager() {
             format!("{CONFIG_MAPS}/demo-config"),
             format!("{SERVICES}/demo-peers"),
             format!("{SERVICES}/demo-workers"),
+            format!("{CONFIG_MAPS}/demo-routing"),
             format!("{SERVICE_ACCOUNTS}/demo-router"),
             format!("{ROLES}/demo-router"),
             format!("{ROLE_BINDINGS}/demo-router"),
@@ -567,6 +570,7 @@ async fn turning_the_router_off_deletes_its_objects_and_points_the_service_at_th
     let mut deleted = paths(&requests, "DELETE");
     deleted.sort_unstable();
     let mut expected = vec![
+        format!("{CONFIG_MAPS}/demo-routing"),
         format!("{DEPLOYMENTS}/demo-router"),
         format!("{NETWORK_POLICIES}/demo-router"),
         format!("{ROLES}/demo-router"),
@@ -703,4 +707,371 @@ async fn a_single_shard_deployment_has_no_token_and_a_foreign_secret_is_a_confli
     let secret = fake.get(SECRETS, "demo-experts-token").unwrap();
     assert_eq!(secret["data"]["token"], "c2VjcmV0", "left as it was");
     assert!(fake.get(STATEFUL_SETS, "demo-0").is_none(), "no pods");
+}
+
+// --- spec.autoscaling ---------------------------------------------------------------------------
+
+const PODS: &str = "/api/v1/namespaces/models/pods";
+/// The one router pod of these tests, and where its report is read.
+const ROUTER_ADDRESS: &str = "10.0.0.9:9090";
+
+/// Router reports by address; an address without one does not answer.
+#[derive(Default)]
+struct FakeRouters {
+    reports: std::sync::Mutex<std::collections::HashMap<String, RouterReport>>,
+    /// Reports asked for so far.
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl FakeRouters {
+    fn answer(&self, report: RouterReport) {
+        self.reports
+            .lock()
+            .unwrap()
+            .insert(ROUTER_ADDRESS.to_owned(), report);
+    }
+}
+
+impl ReportSource for FakeRouters {
+    fn report<'a>(
+        &'a self,
+        address: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<RouterReport, FetchError>> + Send + 'a>> {
+        Box::pin(async move {
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.reports
+                .lock()
+                .unwrap()
+                .get(address)
+                .cloned()
+                .ok_or_else(|| FetchError::Http {
+                    address: address.to_owned(),
+                    message: "connection refused".into(),
+                })
+        })
+    }
+}
+
+/// `demo` autoscaled on in-flight requests, 4 per group, between 1 and 4 groups.
+fn autoscaled_demo() -> ModelDeployment {
+    let mut md = demo();
+    md.spec.autoscaling = Some(
+        serde_json::from_value(json!({
+            "minReplicas": 1,
+            "maxReplicas": 4,
+            "target": {"metric": "InFlightRequests", "value": 4},
+        }))
+        .unwrap(),
+    );
+    md
+}
+
+/// The fake API with `md`, `groups` ready serving groups (StatefulSets and ready pods) and one
+/// ready router pod, and a context that reads the routers from `routers` on every reconcile.
+fn setup_autoscaled(
+    md: &ModelDeployment,
+    groups: &[i32],
+    routers: Arc<FakeRouters>,
+) -> (FakeApi, Arc<Context>) {
+    setup_autoscaled_every(md, groups, routers, Duration::ZERO)
+}
+
+/// As [`setup_autoscaled`], with one pass per `interval`.
+fn setup_autoscaled_every(
+    md: &ModelDeployment,
+    groups: &[i32],
+    routers: Arc<FakeRouters>,
+    interval: Duration,
+) -> (FakeApi, Arc<Context>) {
+    let fake = FakeApi::new();
+    fake.insert(MODEL_DEPLOYMENTS, serde_json::to_value(md).unwrap());
+    for &group in groups {
+        let mut sts = owned_child(
+            "StatefulSet",
+            "apps/v1",
+            &format!("demo-{group}"),
+            Some(group),
+        );
+        sts["spec"] = json!({"replicas": 2});
+        fake.insert(STATEFUL_SETS, sts);
+        for rank in 0..2 {
+            let mut pod = owned_child("Pod", "v1", &format!("demo-{group}-{rank}"), Some(group));
+            pod["status"] = json!({"conditions": [{"type": "Ready", "status": "True"}]});
+            fake.insert(PODS, pod);
+        }
+    }
+    let mut router = owned_child("Pod", "v1", "demo-router-abc", None);
+    router["metadata"]["labels"]["app.kubernetes.io/component"] = json!("router");
+    router["status"] = json!({
+        "podIP": "10.0.0.9",
+        "conditions": [{"type": "Ready", "status": "True"}],
+    });
+    fake.insert(PODS, router);
+    let ctx = Context::new(
+        fake.client(),
+        build_context(),
+        Arc::new(Metrics::new()),
+        Arc::new(NoWorkers),
+    )
+    .with_autoscaler(interval, routers);
+    (fake, Arc::new(ctx))
+}
+
+fn report(held: u64, idle: f64, in_flight: &[(i32, u64)]) -> RouterReport {
+    RouterReport {
+        held_requests: held,
+        idle_seconds: idle,
+        groups: in_flight
+            .iter()
+            .map(|&(group, n)| GroupReport {
+                group: format!("demo-{group}"),
+                endpoints: 2,
+                reporting_endpoints: 2,
+                in_flight_requests: n,
+                ..GroupReport::default()
+            })
+            .collect(),
+        ..RouterReport::default()
+    }
+}
+
+fn draining_groups(fake: &FakeApi) -> Value {
+    let config = fake
+        .get(CONFIG_MAPS, "demo-routing")
+        .expect("the routing ConfigMap");
+    serde_json::from_str(config["data"]["draining-groups.json"].as_str().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn scale_up_applies_new_group_statefulsets() {
+    let md = autoscaled_demo();
+    let routers = Arc::new(FakeRouters::default());
+    // 10 requests in flight to the one group, 4 per group wanted: 3 groups.
+    routers.answer(report(0, 0.0, &[(0, 10)]));
+    let (fake, ctx) = setup_autoscaled(&md, &[0], routers);
+    let action = reconcile_once(&md, &ctx).await.unwrap();
+    assert_eq!(
+        action,
+        Action::requeue(Duration::ZERO),
+        "the autoscaler's interval"
+    );
+
+    let requests = fake.take_requests();
+    let applied = paths(&requests, "PATCH");
+    for group in ["demo-0", "demo-1", "demo-2"] {
+        assert!(
+            applied.contains(&format!("{STATEFUL_SETS}/{group}").as_str()),
+            "{group}: {applied:?}"
+        );
+    }
+    assert!(fake.get(STATEFUL_SETS, "demo-3").is_none());
+    assert!(paths(&requests, "DELETE").is_empty());
+    assert!(event_posted(&requests, "ScaledUp"));
+    assert!(
+        !event_posted(&requests, "Scaled"),
+        "the autoscaler's own event only"
+    );
+    assert_eq!(draining_groups(&fake), json!({}));
+    let sts = fake.get(STATEFUL_SETS, "demo-2").unwrap();
+    assert_eq!(sts["metadata"]["labels"][LABEL_GROUP], "2");
+
+    let status = stored(&fake).status.unwrap();
+    let autoscaling = status.autoscaling.unwrap();
+    assert_eq!(
+        (autoscaling.current_replicas, autoscaling.desired_replicas),
+        (1, 3)
+    );
+    assert_eq!(autoscaling.value, Some(10.0));
+    assert_eq!(autoscaling.target, 4.0);
+    let decision = autoscaling.last_decision.unwrap();
+    assert_eq!((decision.from, decision.to), (1, 3));
+    assert!(
+        decision.reason.contains("InFlightRequests"),
+        "{}",
+        decision.reason
+    );
+    let active = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "AutoscalingActive")
+        .unwrap();
+    assert_eq!(
+        (active.status.as_str(), active.reason.as_str()),
+        ("True", "ManualScaleIgnored"),
+        "spec.replicas is 1, the autoscaler wants 3"
+    );
+    assert!(
+        active.message.contains("kubectl scale"),
+        "{}",
+        active.message
+    );
+    assert_eq!(
+        ctx.metrics
+            .render()
+            .lines()
+            .find(|l| l.starts_with("latentserve_operator_autoscaler_desired_groups{"))
+            .unwrap(),
+        r#"latentserve_operator_autoscaler_desired_groups{name="demo",namespace="models"} 3"#
+    );
+}
+
+#[tokio::test]
+async fn scale_down_writes_the_routing_config_map_and_keeps_the_statefulset() {
+    let md = autoscaled_demo();
+    let routers = Arc::new(FakeRouters::default());
+    routers.answer(report(0, 5.0, &[(0, 0), (1, 0)]));
+    let (fake, ctx) = setup_autoscaled(&md, &[0, 1], routers);
+    reconcile_once(&md, &ctx).await.unwrap();
+
+    let requests = fake.take_requests();
+    let draining = draining_groups(&fake);
+    let since = draining["demo-1"].as_str().expect("demo-1 drains");
+    assert!(
+        since.parse::<k8s_openapi::jiff::Timestamp>().is_ok(),
+        "{since}"
+    );
+    assert_eq!(draining.as_object().unwrap().len(), 1);
+    assert!(
+        paths(&requests, "DELETE").is_empty(),
+        "the StatefulSet stays"
+    );
+    assert!(fake.get(STATEFUL_SETS, "demo-1").is_some());
+    assert!(event_posted(&requests, "ScaledDown"));
+    assert!(event_posted(&requests, "DrainingGroup"));
+    let status = stored(&fake).status.unwrap();
+    assert_eq!(status.replicas, 2, "both groups exist");
+    let autoscaling = status.autoscaling.unwrap();
+    assert_eq!(autoscaling.draining_groups, ["demo-1"]);
+    assert_eq!(autoscaling.desired_replicas, 1);
+    let active = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "AutoscalingActive")
+        .unwrap();
+    assert_eq!(active.reason, "ReplicasManaged");
+}
+
+#[tokio::test]
+async fn a_drained_group_loses_its_statefulset_once_idle() {
+    let md = autoscaled_demo();
+    let routers = Arc::new(FakeRouters::default());
+    let (fake, ctx) = setup_autoscaled(&md, &[0, 1], routers.clone());
+    // demo-1 began draining 30 s ago, as an earlier pass wrote.
+    let since = k8s_openapi::jiff::Timestamp::from_second(
+        k8s_openapi::jiff::Timestamp::now().as_second() - 30,
+    )
+    .unwrap();
+    let mut routing = owned_child("ConfigMap", "v1", "demo-routing", None);
+    routing["data"] =
+        json!({"draining-groups.json": json!({"demo-1": since.to_string()}).to_string()});
+    fake.insert(CONFIG_MAPS, routing);
+
+    // A request still runs there: the group stays, and keeps draining.
+    routers.answer(report(0, 0.0, &[(0, 4), (1, 1)]));
+    reconcile_once(&md, &ctx).await.unwrap();
+    let requests = fake.take_requests();
+    assert!(paths(&requests, "DELETE").is_empty());
+    assert_eq!(draining_groups(&fake), json!({"demo-1": since.to_string()}));
+    assert!(
+        !event_posted(&requests, "ScaledUp"),
+        "a draining group is not capacity"
+    );
+
+    // Idle: the StatefulSet (and the group's budget and policy) go, and the drain list empties.
+    routers.answer(report(0, 0.0, &[(0, 4), (1, 0)]));
+    reconcile_once(&stored(&fake), &ctx).await.unwrap();
+    let requests = fake.take_requests();
+    let mut deleted = paths(&requests, "DELETE");
+    deleted.sort_unstable();
+    assert_eq!(
+        deleted,
+        [
+            format!("{STATEFUL_SETS}/demo-1"),
+            format!("{NETWORK_POLICIES}/demo-1"),
+            format!("{BUDGETS}/demo-1"),
+        ]
+    );
+    assert!(fake.get(STATEFUL_SETS, "demo-0").is_some());
+    assert_eq!(draining_groups(&fake), json!({}));
+    assert!(
+        stored(&fake)
+            .status
+            .unwrap()
+            .autoscaling
+            .unwrap()
+            .draining_groups
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn without_a_readable_router_nothing_changes() {
+    let md = autoscaled_demo();
+    let (fake, ctx) = setup_autoscaled(&md, &[0, 1], Arc::new(FakeRouters::default()));
+    reconcile_once(&md, &ctx).await.unwrap();
+    let requests = fake.take_requests();
+    assert!(paths(&requests, "DELETE").is_empty());
+    assert_eq!(draining_groups(&fake), json!({}));
+    let autoscaling = stored(&fake).status.unwrap().autoscaling.unwrap();
+    assert_eq!(
+        (autoscaling.current_replicas, autoscaling.desired_replicas),
+        (2, 2)
+    );
+    assert_eq!(autoscaling.value, None);
+    assert!(autoscaling.last_decision.is_none());
+    assert!(
+        ctx.metrics.render().contains(
+            r#"latentserve_operator_autoscaler_signal_errors_total{name="demo",namespace="models"} 1"#
+        ),
+        "the unreadable router is counted"
+    );
+}
+
+#[tokio::test]
+async fn held_requests_scale_from_zero() {
+    let mut md = autoscaled_demo();
+    md.spec.autoscaling.as_mut().unwrap().min_replicas = 0;
+    let routers = Arc::new(FakeRouters::default());
+    routers.answer(report(2, 0.0, &[]));
+    let (fake, ctx) = setup_autoscaled(&md, &[], routers);
+    reconcile_once(&md, &ctx).await.unwrap();
+    assert!(fake.get(STATEFUL_SETS, "demo-0").is_some());
+    let autoscaling = stored(&fake).status.unwrap().autoscaling.unwrap();
+    assert_eq!(autoscaling.held_requests, 2);
+    assert_eq!(autoscaling.desired_replicas, 1);
+}
+
+#[tokio::test]
+async fn reconciles_within_the_interval_reuse_the_last_pass() {
+    let md = autoscaled_demo();
+    let routers = Arc::new(FakeRouters::default());
+    routers.answer(report(0, 0.0, &[(0, 10)]));
+    let interval = Duration::from_secs(3600);
+    let (fake, ctx) = setup_autoscaled_every(&md, &[0], routers.clone(), interval);
+    let first = reconcile_once(&md, &ctx).await.unwrap();
+    assert_eq!(first, Action::requeue(interval));
+    assert_eq!(routers.calls.load(std::sync::atomic::Ordering::Relaxed), 1);
+    fake.take_requests();
+
+    // A watch event (here: the status the first pass wrote) within the interval: the same groups,
+    // no second read of the routers, no second Event, and the requeue keeps the pass's schedule.
+    routers.answer(report(0, 0.0, &[(0, 0)]));
+    let again = reconcile_once(&stored(&fake), &ctx).await.unwrap();
+    assert_eq!(routers.calls.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let requests = fake.take_requests();
+    assert!(!event_posted(&requests, "ScaledUp") && !event_posted(&requests, "ScaledDown"));
+    assert!(paths(&requests, "DELETE").is_empty());
+    assert!(fake.get(STATEFUL_SETS, "demo-2").is_some());
+    assert_ne!(
+        again,
+        Action::requeue(interval),
+        "the pass's schedule, not a new one"
+    );
+
+    // A new generation is looked at at once.
+    let mut changed = stored(&fake);
+    changed.metadata.generation = Some(4);
+    reconcile_once(&changed, &ctx).await.unwrap();
+    assert_eq!(routers.calls.load(std::sync::atomic::Ordering::Relaxed), 2);
 }

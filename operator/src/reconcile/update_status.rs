@@ -15,7 +15,7 @@ use super::{Context, Error, apply::params, events, key};
 use crate::capacity::capacity_from;
 use crate::crd::{Capacity, ModelDeployment};
 use crate::resources::{GRPC_PORT, Owner, names, selector_string};
-use crate::status::{self, GroupObservation, Outcome, RouterObservation};
+use crate::status::{self, AutoscalingView, GroupObservation, Outcome, RouterObservation};
 
 /// Observes pods, computes the status and writes it when it differs from the stored one.
 #[instrument(skip_all)]
@@ -24,6 +24,7 @@ pub async fn update_status(
     ctx: &Context,
     stateful_sets: &[StatefulSet],
     outcome: &Outcome,
+    autoscaling: Option<&AutoscalingView>,
 ) -> Result<(), Error> {
     let owner = Owner::of(md);
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &owner.namespace);
@@ -40,7 +41,7 @@ pub async fn update_status(
     let capacity = capacity(md, ctx, &groups, &pods).await;
     let now =
         Time(Timestamp::from_second(Timestamp::now().as_second()).expect("the clock is in range"));
-    let new = status::compute(md, &groups, &router, outcome, capacity, &now);
+    let new = status::compute(md, &groups, &router, outcome, capacity, autoscaling, &now);
     ctx.metrics.set_conditions(&key(md), Some(&new));
     if md.status.as_ref() == Some(&new) {
         return Ok(());

@@ -68,6 +68,12 @@ pub mod names {
         format!("{name}-config")
     }
 
+    /// The groups the routers must stop sending to (`draining-groups.json`), which the operator
+    /// writes and the routers watch (`--routing-configmap`).
+    pub fn routing_config_map(name: &str) -> String {
+        format!("{name}-routing")
+    }
+
     pub fn network_policy(name: &str) -> String {
         name.to_owned()
     }
@@ -237,6 +243,8 @@ pub fn build_all(spec: &ValidatedSpec<'_>, ctx: &BuildContext) -> Vec<Desired> {
     if spec.router_enabled() {
         desired.extend([
             Desired::Service(service::workers_service(spec)),
+            // Before the router pods that watch it.
+            Desired::ConfigMap(configmap::routing_config_map(spec)),
             Desired::ServiceAccount(router::service_account(owner)),
             Desired::Role(router::role(owner)),
             Desired::RoleBinding(router::role_binding(owner)),
@@ -311,6 +319,7 @@ mod tests {
         assert_eq!(names::peers_service("demo"), "demo-peers");
         assert_eq!(names::client_service("demo"), "demo");
         assert_eq!(names::config_map("demo"), "demo-config");
+        assert_eq!(names::routing_config_map("demo"), "demo-routing");
         assert_eq!(names::router("demo"), "demo-router");
         assert_eq!(names::workers_service("demo"), "demo-workers");
     }
@@ -331,6 +340,7 @@ mod tests {
                 ("ConfigMap", "demo-config"),
                 ("Service", "demo-peers"),
                 ("Service", "demo-workers"),
+                ("ConfigMap", "demo-routing"),
                 ("ServiceAccount", "demo-router"),
                 ("Role", "demo-router"),
                 ("RoleBinding", "demo-router"),
@@ -389,6 +399,7 @@ mod tests {
                 OwnedKind::ConfigMap,
                 OwnedKind::Service,
                 OwnedKind::Service,
+                OwnedKind::ConfigMap,
                 OwnedKind::ServiceAccount,
                 OwnedKind::Role,
                 OwnedKind::RoleBinding,
@@ -409,9 +420,9 @@ mod tests {
         let desired = build(&md, &build_context());
         let names: Vec<_> = desired.iter().map(|d| (d.kind(), d.name())).collect();
         assert!(
-            names
-                .iter()
-                .all(|(_, name)| !name.ends_with("-router") && !name.ends_with("-workers")),
+            names.iter().all(|(_, name)| !name.ends_with("-router")
+                && !name.ends_with("-workers")
+                && !name.ends_with("-routing")),
             "{names:?}"
         );
         assert!(names.contains(&(OwnedKind::Service, "demo")));
@@ -431,6 +442,31 @@ mod tests {
         let desired = build(&md, &build_context());
         assert!(desired.iter().all(|d| d.kind() != OwnedKind::StatefulSet));
         assert!(desired.iter().any(|d| d.name() == "demo-peers"));
+    }
+
+    #[test]
+    fn autoscaled_groups_are_built_as_chosen_draining_ones_included() {
+        let md = demo();
+        let ctx = build_context();
+        let since = k8s_openapi::jiff::Timestamp::from_second(1_796_171_400).unwrap();
+        let spec = crate::validate::validate(&md, &ctx.features)
+            .unwrap()
+            .with_groups([0, 3], BTreeMap::from([(1, since)]));
+        let desired = build_all(&spec, &ctx);
+        let stateful_sets: Vec<_> = desired
+            .iter()
+            .filter(|d| d.kind() == OwnedKind::StatefulSet)
+            .map(Desired::name)
+            .collect();
+        assert_eq!(stateful_sets, ["demo-0", "demo-1", "demo-3"]);
+        let Some(Desired::ConfigMap(routing)) = desired.iter().find(|d| d.name() == "demo-routing")
+        else {
+            panic!("no routing ConfigMap");
+        };
+        assert_eq!(
+            routing.data.as_ref().unwrap()[configmap::DRAINING_GROUPS_KEY],
+            r#"{"demo-1":"2026-12-02T00:30:00Z"}"#
+        );
     }
 
     #[test]

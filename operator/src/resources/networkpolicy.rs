@@ -61,15 +61,18 @@ fn operator_namespace(policy: &Policy) -> Option<NetworkPolicyPeer> {
 }
 
 /// The client ports (gRPC, OpenAI HTTP) from `sources` (`None`: any source), and the metrics
-/// port from the scrapers the operator's policy names.
+/// port from the scrapers the operator's policy names (and `also_metrics`, when they are
+/// restricted).
 fn client_and_metrics_rules(
     sources: Option<Vec<NetworkPolicyPeer>>,
     policy: &Policy,
+    also_metrics: Option<NetworkPolicyPeer>,
 ) -> Vec<NetworkPolicyIngressRule> {
-    let scrapers = policy
-        .metrics_namespace_selector
-        .clone()
-        .map(|labels| vec![namespaces(match_labels(labels))]);
+    let scrapers = policy.metrics_namespace_selector.clone().map(|labels| {
+        std::iter::once(namespaces(match_labels(labels)))
+            .chain(also_metrics)
+            .collect()
+    });
     vec![
         NetworkPolicyIngressRule {
             from: sources,
@@ -109,14 +112,15 @@ pub fn network_policy(spec: &ValidatedSpec<'_>, policy: &Policy) -> NetworkPolic
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(match_labels(owner.pod_selector())),
             policy_types: Some(vec!["Ingress".to_owned()]),
-            ingress: Some(client_and_metrics_rules(clients, policy)),
+            ingress: Some(client_and_metrics_rules(clients, policy, None)),
             ..NetworkPolicySpec::default()
         }),
     }
 }
 
 /// `NAME-router`: the router pods' client ports from `spec.service.allowedNamespaces` (any
-/// source when unset), their metrics port as the workers'.
+/// source when unset), their metrics port as the workers', and from the operator's namespace
+/// under `spec.autoscaling` (the operator reads `/v1/autoscaling` there).
 pub fn router_network_policy(spec: &ValidatedSpec<'_>, policy: &Policy) -> NetworkPolicy {
     let owner = spec.owner();
     let clients = spec
@@ -129,7 +133,11 @@ pub fn router_network_policy(spec: &ValidatedSpec<'_>, policy: &Policy) -> Netwo
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(match_labels(owner.router_selector())),
             policy_types: Some(vec!["Ingress".to_owned()]),
-            ingress: Some(client_and_metrics_rules(clients, policy)),
+            ingress: Some(client_and_metrics_rules(
+                clients,
+                policy,
+                operator_namespace(policy).filter(|_| spec.autoscaling().is_some()),
+            )),
             ..NetworkPolicySpec::default()
         }),
     }
@@ -304,6 +312,48 @@ mod tests {
             ingress[1].from.is_none(),
             "scrapers from anywhere by default"
         );
+    }
+
+    #[test]
+    fn under_autoscaling_the_operator_reaches_the_routers_metrics_port() {
+        let monitoring = BTreeMap::from([(NAMESPACE_NAME_LABEL.into(), "monitoring".into())]);
+        let settings = Policy {
+            metrics_namespace_selector: Some(monitoring),
+            operator_namespace: Some("latentserve-system".into()),
+            ..Policy::default()
+        };
+        let metrics_sources = |md: &crate::crd::ModelDeployment| {
+            let spec = validate(md, &features_latest()).unwrap();
+            let ingress = router_network_policy(&spec, &settings)
+                .spec
+                .unwrap()
+                .ingress
+                .unwrap();
+            assert_eq!(ports(&ingress[1]), [METRICS_PORT]);
+            ingress[1]
+                .from
+                .iter()
+                .flatten()
+                .map(|peer| {
+                    peer.namespace_selector
+                        .as_ref()
+                        .unwrap()
+                        .match_labels
+                        .as_ref()
+                        .unwrap()[NAMESPACE_NAME_LABEL]
+                        .clone()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(metrics_sources(&demo()), ["monitoring"]);
+        let mut md = demo();
+        md.spec.autoscaling = Some(
+            serde_json::from_value(serde_json::json!({
+                "maxReplicas": 2, "target": {"metric": "InFlightRequests", "value": 4}
+            }))
+            .unwrap(),
+        );
+        assert_eq!(metrics_sources(&md), ["monitoring", "latentserve-system"]);
     }
 
     #[test]

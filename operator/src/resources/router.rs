@@ -1,8 +1,9 @@
 //! The request router of a ModelDeployment: the Deployment `NAME-router`, whose pods pick a ready
 //! worker pod per request, and the account it discovers the workers with. The router reads the
-//! EndpointSlices of the headless Service `NAME-workers` through the API server, so it gets a
-//! ServiceAccount `NAME-router` bound (RoleBinding) to a Role that allows exactly that, in the
-//! ModelDeployment's namespace only. It holds no model: it asks a worker for the tokenizer.
+//! EndpointSlices of the headless Service `NAME-workers` and the ConfigMap `NAME-routing` (the
+//! groups to drain) through the API server, so it gets a ServiceAccount `NAME-router` bound
+//! (RoleBinding) to a Role that allows exactly that, in the ModelDeployment's namespace only. It
+//! holds no model: it asks a worker for the tokenizer.
 
 use std::collections::BTreeMap;
 
@@ -118,6 +119,7 @@ pub fn router_args(spec: &ValidatedSpec<'_>) -> RouterArgs {
     let openai = serves_openai(spec);
     RouterArgs {
         endpoints_service: names::workers_service(&spec.owner().name),
+        routing_configmap: names::routing_config_map(&spec.owner().name),
         worker_grpc_port: GRPC_PORT,
         worker_openai_port: openai.then_some(HTTP_PORT),
         grpc_addr: format!("0.0.0.0:{GRPC_PORT}"),
@@ -238,17 +240,28 @@ pub fn service_account(owner: &Owner) -> ServiceAccount {
     }
 }
 
-/// `NAME-router`: read the EndpointSlices of this namespace, nothing else. (EndpointSlices
-/// cannot be granted per Service: their names are generated.)
+/// `NAME-router`: read the EndpointSlices of this namespace (they cannot be granted per Service:
+/// their names are generated) and the one ConfigMap `NAME-routing` (by name: the router lists and
+/// watches it with a `metadata.name` field selector), nothing else.
 pub fn role(owner: &Owner) -> Role {
+    let read = || ["get", "list", "watch"].map(str::to_owned).to_vec();
     Role {
         metadata: owner.meta(names::router(&owner.name), owner.labels(COMPONENT_ROUTER)),
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec![DISCOVERY_GROUP.to_owned()]),
-            resources: Some(vec![ENDPOINT_SLICES.to_owned()]),
-            verbs: ["get", "list", "watch"].map(str::to_owned).to_vec(),
-            ..PolicyRule::default()
-        }]),
+        rules: Some(vec![
+            PolicyRule {
+                api_groups: Some(vec![DISCOVERY_GROUP.to_owned()]),
+                resources: Some(vec![ENDPOINT_SLICES.to_owned()]),
+                verbs: read(),
+                ..PolicyRule::default()
+            },
+            PolicyRule {
+                api_groups: Some(vec![String::new()]),
+                resources: Some(vec!["configmaps".to_owned()]),
+                resource_names: Some(vec![names::routing_config_map(&owner.name)]),
+                verbs: read(),
+                ..PolicyRule::default()
+            },
+        ]),
     }
 }
 
@@ -359,6 +372,8 @@ mod tests {
             [
                 "--endpoints-service",
                 "demo-workers",
+                "--routing-configmap",
+                "demo-routing",
                 "--worker-grpc-port",
                 "50051",
                 "--worker-openai-port",
@@ -474,14 +489,15 @@ mod tests {
     }
 
     #[test]
-    fn the_role_reads_endpoint_slices_only_and_is_bound_to_the_routers_account() {
+    fn the_role_reads_endpoint_slices_and_the_routing_config_map_only_and_is_bound_to_the_routers_account()
+     {
         let md = demo();
         let owner = Owner::of(&md);
         let role = role(&owner);
         assert_eq!(role.metadata.name.as_deref(), Some("demo-router"));
         assert_eq!(role.metadata.namespace.as_deref(), Some("models"));
         let rules = role.rules.unwrap();
-        assert_eq!(rules.len(), 1);
+        assert_eq!(rules.len(), 2);
         assert_eq!(
             rules[0].api_groups.as_deref(),
             Some(&["discovery.k8s.io".to_owned()][..])
@@ -492,6 +508,17 @@ mod tests {
         );
         assert_eq!(rules[0].verbs, ["get", "list", "watch"]);
         assert!(rules[0].resource_names.is_none());
+        assert_eq!(rules[1].api_groups.as_deref(), Some(&[String::new()][..]));
+        assert_eq!(
+            rules[1].resources.as_deref(),
+            Some(&["configmaps".to_owned()][..])
+        );
+        assert_eq!(
+            rules[1].resource_names.as_deref(),
+            Some(&["demo-routing".to_owned()][..]),
+            "one ConfigMap, by name"
+        );
+        assert_eq!(rules[1].verbs, ["get", "list", "watch"]);
 
         let binding = role_binding(&owner);
         assert_eq!(binding.role_ref.kind, "Role");

@@ -39,6 +39,7 @@ pub fn demo() -> ModelDeployment {
             router: None,
             paused: false,
             tls: None,
+            autoscaling: None,
         },
     );
     md.metadata.namespace = Some("models".into());

@@ -135,7 +135,10 @@ impl ServeArgs {
         flag(METRICS_ADDR, Some(self.metrics_addr.clone()));
         flag(SHARD_RANK_FROM_POD_NAME, None);
         flag(SHARD_COUNT, Some(self.shard_count.to_string()));
-        flag(PEERS, Some(self.peers.join(",")));
+        // A single shard has no peers, and the worker refuses a peer list without shards.
+        if self.shard_count > 1 {
+            flag(PEERS, Some(self.peers.join(",")));
+        }
         flag(
             DRAIN_TIMEOUT,
             Some(format!("{}s", self.drain_timeout_seconds)),

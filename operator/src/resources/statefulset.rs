@@ -507,6 +507,16 @@ mod tests {
     }
 
     #[test]
+    fn a_single_shard_gets_no_peer_list() {
+        // The worker refuses --peers without shards: such pods would never start.
+        let mut md = demo();
+        md.spec.expert_shards = 1;
+        let args = container(&build(&md, 0)).args.unwrap();
+        assert_eq!(flag_value(&args, "--shard-count").as_deref(), Some("1"));
+        assert!(!args.iter().any(|a| a == "--peers"), "{args:?}");
+    }
+
+    #[test]
     fn worker_args_follow_the_cli_contract() {
         let mut md = demo();
         let serving = md.spec.serving.as_mut().unwrap();

@@ -175,6 +175,12 @@ fn the_worker_parses_the_arguments_of_every_group() {
                 .map(|rank| format!("demo-{group}-{rank}.demo-peers.models.svc:50052"))
                 .collect::<Vec<_>>()
         );
+        // What the worker checks at start, after parsing.
+        let peers = values(&argv, worker_args::PEERS).unwrap();
+        assert_eq!(
+            latentserve_worker::experts::peers::peer_ranks(&peers, 1, 3).map(|p| p.len()),
+            Ok(2)
+        );
         assert!(values(&argv, worker_args::SHARD_RANK_FROM_POD_NAME).is_some());
         assert_eq!(
             one(worker_args::KV_CACHE_MEMORY).as_deref(),
@@ -195,10 +201,9 @@ fn the_worker_parses_the_arguments_of_a_minimal_spec() {
     let container = worker_container(&md, 0);
     let argv = command_line(&container);
     Cli::try_parse_from(&argv).unwrap_or_else(|err| panic!("the worker refuses {argv:?}:\n{err}"));
-    assert_eq!(
-        values(&argv, worker_args::PEERS).unwrap(),
-        ["demo-0-0.demo-peers.models.svc:50052"]
-    );
+    // One shard has no peers: the worker refuses a peer list without shards (at start, after
+    // parsing).
+    assert_eq!(values(&argv, worker_args::PEERS), None);
     assert_eq!(values(&argv, worker_args::KV_CACHE_MEMORY), None);
     assert_eq!(values(&argv, worker_args::NO_PREFIX_CACHING), None);
 }

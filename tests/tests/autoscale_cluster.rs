@@ -1,0 +1,479 @@
+//! Autoscaling on the real test control plane, with real worker and router processes run by the
+//! node agent and the operator as a process with the checked-in RBAC:
+//!
+//! a ModelDeployment with `spec.autoscaling` (0 to 3 groups, one request in flight per group)
+//! starts with no group and its router -> a request through the router is held, the operator
+//! reads the held request from the router's `/v1/autoscaling` and makes a group, and the request
+//! is answered (the cold start) -> four clients generating in a loop -> 3 groups -> one client
+//! left -> 1 group: the groups leave the router (the routing ConfigMap) before their
+//! StatefulSets go, and no request fails -> idle -> 0 groups after `scaleToZeroAfter` ->
+//! `spec.replicas` set by hand is ignored, with a condition that says why.
+//!
+//! It prints the cold start (request at zero -> first token) and the time from the load step to
+//! the third group serving, for docs/benchmarks.md. Needs what `e2e_cluster` needs; skipped
+//! without a control plane except under `CI=true`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use futures::FutureExt as _;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt as _};
+use latentserve_e2e::bin_dir;
+use latentserve_e2e::k8s::{
+    OperatorOptions, OperatorProcess, admin_client, create_namespace, delete_namespace,
+    install_crd, operator_kubeconfig,
+};
+use latentserve_e2e::node_agent::credentials::ClusterAccess;
+use latentserve_e2e::node_agent::runtime::{AgentConfig, NodeAgent, wait_for};
+use latentserve_e2e::pods::{get_from_metrics_port, grpc_address, metric_sum, pod_ready};
+use latentserve_operator::crd::ModelDeployment;
+use latentserve_proto::v1::inference_client::InferenceClient;
+use latentserve_proto::v1::{GenerateRequest, SamplingParams, StoppingCriteria, generate_request};
+use serde_json::json;
+
+const MODEL: &str = "demo";
+const DEMO_MODEL_PATH: &str = "/srv/models/latentserve-demo";
+const WORKERS: &str = "app.kubernetes.io/instance=demo,app.kubernetes.io/component=worker";
+const ROUTERS: &str = "app.kubernetes.io/instance=demo,app.kubernetes.io/component=router";
+const MAX_GROUPS: usize = 3;
+/// Clients generating in a loop during the load step: four requests in flight for a target of
+/// one per group asks for four groups, capped at three.
+const CLIENTS: usize = 4;
+/// Generous bounds: model load of debug builds on a busy 2-core machine, and the operator's
+/// windows (2 s passes, 10 s scale-down delay, 20 s to zero).
+const STEP_LIMIT: Duration = Duration::from_secs(300);
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the repository")
+        .to_path_buf()
+}
+
+struct Started {
+    client: Client,
+    namespace: String,
+    scratch: PathBuf,
+    agent: Option<NodeAgent>,
+    operator: Option<OperatorProcess>,
+}
+
+impl Started {
+    async fn cleanup(mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let models: Api<ModelDeployment> = Api::namespaced(self.client.clone(), &self.namespace);
+        let _ = models.delete(MODEL, &DeleteParams::default()).await;
+        if let Some(agent) = self.agent.take()
+            && let Err(err) = agent.shutdown().await
+        {
+            problems.push(format!("stopping the node agent: {err:#}"));
+        }
+        drop(self.operator.take());
+        delete_namespace(&self.client, &self.namespace).await;
+        let _ = std::fs::remove_dir_all(&self.scratch);
+        problems
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn zero_to_three_groups_and_back_to_zero_without_losing_a_request() {
+    let Some(client) = admin_client().await else {
+        return;
+    };
+    let scratch =
+        std::env::temp_dir().join(format!("latentserve-autoscale-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    install_crd(&client).await.expect("the CRD installs");
+    let namespace = create_namespace(&client, "e2e-autoscale").await.unwrap();
+    let mut started = Started {
+        client,
+        namespace,
+        scratch,
+        agent: None,
+        operator: None,
+    };
+    let outcome = std::panic::AssertUnwindSafe(scenario(&mut started))
+        .catch_unwind()
+        .await;
+    let logs = diagnostics(&started);
+    let problems = started.cleanup().await;
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => panic!("{err:#}\n{logs}"),
+        Err(panic) => {
+            eprintln!("{logs}");
+            std::panic::resume_unwind(panic)
+        }
+    }
+    assert!(problems.is_empty(), "cleanup failed: {problems:?}");
+}
+
+/// The last lines of the operator's log and of every pod's process log, for a failure message.
+fn diagnostics(started: &Started) -> String {
+    fn tail(out: &mut String, title: &str, text: &str, lines: usize) {
+        let all: Vec<&str> = text.lines().collect();
+        out.push_str(&format!("--- {title} (last {lines} lines)\n"));
+        for line in &all[all.len().saturating_sub(lines)..] {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    let mut out = String::new();
+    if let Some(operator) = &started.operator {
+        tail(&mut out, "operator log", &operator.log_text(), 30);
+    }
+    if let Some(agent) = &started.agent
+        && let Some(dir) = agent.log_path(&started.namespace, "x").parent()
+        && let Ok(entries) = std::fs::read_dir(dir)
+    {
+        for entry in entries.flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            tail(&mut out, &entry.file_name().to_string_lossy(), &text, 20);
+        }
+    }
+    out
+}
+
+async fn scenario(started: &mut Started) -> anyhow::Result<()> {
+    let client = started.client.clone();
+    let ns = started.namespace.clone();
+    let kubeconfig = operator_kubeconfig(&client)
+        .await
+        .context("the operator's RBAC")?;
+    let mut operator = OperatorProcess::start(&OperatorOptions {
+        kubeconfig: &kubeconfig,
+        namespace: &ns,
+        leader_lease: None,
+        identity: "autoscale",
+        extra_args: &["--autoscale-interval", "2s"],
+    })?;
+    operator.ensure_running()?;
+    started.operator = Some(operator);
+
+    let mut config = AgentConfig::new(
+        BTreeMap::from([
+            (
+                "latentserve-worker".to_owned(),
+                bin_dir()?.join("latentserve-worker"),
+            ),
+            (
+                "latentserve-router".to_owned(),
+                bin_dir()?.join("latentserve-router"),
+            ),
+        ]),
+        started.scratch.join("agent"),
+    );
+    config.namespaces = [ns.clone()].into();
+    let admin_kubeconfig = latentserve_e2e::k8s::kubeconfig_path();
+    config.cluster = Some(ClusterAccess::from_kubeconfig(
+        &std::fs::read_to_string(&admin_kubeconfig)?,
+        admin_kubeconfig
+            .parent()
+            .context("the kubeconfig's folder")?,
+    )?);
+    config.host_paths =
+        BTreeMap::from([(DEMO_MODEL_PATH.to_owned(), repo_root().join("models/demo"))]);
+    config
+        .base_env
+        .push(("RUST_LOG".to_owned(), "info".to_owned()));
+    started.agent = Some(NodeAgent::start(client.clone(), config).await?);
+
+    // The demo example with one shard per group (fewer processes on a small machine) and an
+    // autoscaler with short windows.
+    let example = std::fs::read_to_string(repo_root().join("examples/demo-hostpath.yaml"))?;
+    let mut model: serde_json::Value = serde_yaml::from_str(&example)?;
+    model["spec"]["expertShards"] = json!(1);
+    model["spec"]["autoscaling"] = json!({
+        "minReplicas": 0,
+        "maxReplicas": MAX_GROUPS,
+        "target": {"metric": "InFlightRequests", "value": 1.0},
+        "scaleUpStabilization": "0s",
+        "scaleDownDelay": "10s",
+        "scaleToZeroAfter": "20s",
+    });
+    let models: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns);
+    models
+        .create(&PostParams::default(), &serde_json::from_value(model)?)
+        .await
+        .context("creating the ModelDeployment")?;
+
+    // No traffic yet: the router runs, no group does.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let router = wait_for_pods(&pods, ROUTERS, 1, "the router pod Ready").await?;
+    let router = router.into_iter().next().context("the router pod")?;
+    wait_for_autoscaling(&models, "reporting 0 groups", |s| {
+        s.current_replicas == 0 && s.desired_replicas == 0
+    })
+    .await?;
+    ensure!(
+        workers(&pods).await?.is_empty(),
+        "worker pods exist before any request"
+    );
+
+    // A request at zero: held by the router, answered once the first group is ready.
+    let router_address = grpc_address(&router)?;
+    let arrival = Instant::now();
+    let first_token = generate(&router_address, STEP_LIMIT)
+        .await
+        .context("the request sent at zero groups")?;
+    let cold_start = first_token.duration_since(arrival);
+    eprintln!(
+        "cold start (request at zero groups -> first token): {:.1} s",
+        cold_start.as_secs_f64()
+    );
+    ensure!(
+        workers(&pods).await?.len() == 1,
+        "one group serves the first request"
+    );
+    let router_metrics = get_from_metrics_port(&router, "/metrics").await?;
+    ensure!(
+        metric_sum(
+            &router_metrics,
+            "latentserve_router_cold_start_seconds_count"
+        ) >= 1.0,
+        "the router's cold-start histogram did not count the held request"
+    );
+
+    // The load step: CLIENTS clients in a loop -> MAX_GROUPS groups.
+    let stop_all = Arc::new(AtomicBool::new(false));
+    let stop_last = Arc::new(AtomicBool::new(false));
+    let load = Load::default();
+    let load_step = Instant::now();
+    let mut clients = Vec::new();
+    for index in 0..CLIENTS {
+        let stop = if index == 0 {
+            stop_last.clone()
+        } else {
+            stop_all.clone()
+        };
+        clients.push(tokio::spawn(client_loop(
+            router_address.clone(),
+            stop,
+            load.clone(),
+        )));
+    }
+    wait_for_pods(&pods, WORKERS, MAX_GROUPS, "three groups Ready").await?;
+    eprintln!(
+        "load step -> {MAX_GROUPS} groups serving: {:.1} s",
+        load_step.elapsed().as_secs_f64()
+    );
+    wait_for_autoscaling(&models, "at 3 groups", |s| {
+        s.current_replicas == MAX_GROUPS as i32
+    })
+    .await?;
+
+    // One client left: one request in flight -> one group. The others drain through the
+    // routing ConfigMap while that client keeps sending.
+    stop_all.store(true, Ordering::SeqCst);
+    let routing: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let statefulsets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let saw_draining = AtomicBool::new(false);
+    wait_for("one group left", STEP_LIMIT, || async {
+        if let Ok(map) = routing.get(&format!("{MODEL}-routing")).await {
+            let draining = map
+                .data
+                .and_then(|d| d.get("draining-groups.json").cloned())
+                .unwrap_or_default();
+            if draining.contains(&format!("\"{MODEL}-")) {
+                saw_draining.store(true, Ordering::SeqCst);
+            }
+        }
+        let groups = statefulsets
+            .list(&ListParams::default().labels(&format!("app.kubernetes.io/instance={MODEL}")))
+            .await?
+            .items
+            .len();
+        Ok(groups == 1)
+    })
+    .await?;
+    ensure!(
+        saw_draining.load(Ordering::SeqCst),
+        "no group was listed in {MODEL}-routing before its StatefulSet went"
+    );
+    stop_last.store(true, Ordering::SeqCst);
+    for handle in clients {
+        handle.await?;
+    }
+    let failures = load.failures.lock().expect("not poisoned").clone();
+    ensure!(
+        failures.is_empty(),
+        "{} of {} requests failed while groups came and went: {:?}",
+        failures.len(),
+        load.ok.load(Ordering::SeqCst) + failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    ensure!(
+        load.ok.load(Ordering::SeqCst) > CLIENTS,
+        "the clients completed only {} requests",
+        load.ok.load(Ordering::SeqCst)
+    );
+
+    // Idle: back to zero after scaleToZeroAfter.
+    wait_for_autoscaling(&models, "back at 0 groups", |s| s.current_replicas == 0).await?;
+    wait_for("the worker pods to go", STEP_LIMIT, || async {
+        Ok(workers(&pods).await?.is_empty())
+    })
+    .await?;
+
+    // Every change was announced.
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    for reason in ["ScaledUp", "ScaledDown"] {
+        ensure!(
+            reasons.iter().any(|r| r == reason),
+            "no {reason} Event among {reasons:?}"
+        );
+    }
+
+    // `kubectl scale` while the autoscaler owns the count: ignored, with a condition saying why.
+    models
+        .patch(
+            MODEL,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 2}})),
+        )
+        .await?;
+    wait_for(
+        "the manual scale to be refused by a condition",
+        STEP_LIMIT,
+        || async {
+            let md = models.get(MODEL).await?;
+            Ok(md.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "AutoscalingActive" && c.reason == "ManualScaleIgnored")
+            }))
+        },
+    )
+    .await?;
+    ensure!(
+        workers(&pods).await?.is_empty(),
+        "spec.replicas made groups although the autoscaler owns the count"
+    );
+    Ok(())
+}
+
+/// What the load clients saw.
+#[derive(Clone, Default)]
+struct Load {
+    ok: Arc<AtomicUsize>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+async fn client_loop(address: String, stop: Arc<AtomicBool>, load: Load) {
+    while !stop.load(Ordering::SeqCst) {
+        match generate(&address, Duration::from_secs(120)).await {
+            Ok(_) => {
+                load.ok.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(err) => load
+                .failures
+                .lock()
+                .expect("not poisoned")
+                .push(format!("{err:#}")),
+        }
+    }
+}
+
+/// One streamed Generate through `address`; returns when its first message arrived, after
+/// reading the stream to its end.
+async fn generate(address: &str, limit: Duration) -> anyhow::Result<Instant> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+        .timeout(limit)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {address}"))?;
+    let request = GenerateRequest {
+        prompt: Some(generate_request::Prompt::Text(
+            "What is 12 plus 30?".to_owned(),
+        )),
+        sampling: Some(SamplingParams {
+            temperature: Some(0.0),
+            ..SamplingParams::default()
+        }),
+        stopping: Some(StoppingCriteria {
+            max_tokens: Some(40),
+            ignore_eos: true,
+            ..StoppingCriteria::default()
+        }),
+        ..GenerateRequest::default()
+    };
+    let run = async {
+        let mut stream = InferenceClient::new(channel)
+            .generate(request)
+            .await?
+            .into_inner();
+        let mut first = None;
+        while let Some(_message) = stream.message().await? {
+            first.get_or_insert_with(Instant::now);
+        }
+        first.context("the stream ended without a message")
+    };
+    tokio::time::timeout(limit, run)
+        .await
+        .with_context(|| format!("Generate did not finish within {limit:?}"))?
+}
+
+async fn workers(pods: &Api<Pod>) -> anyhow::Result<Vec<Pod>> {
+    Ok(pods
+        .list(&ListParams::default().labels(WORKERS))
+        .await?
+        .items)
+}
+
+async fn wait_for_pods(
+    pods: &Api<Pod>,
+    selector: &str,
+    count: usize,
+    what: &str,
+) -> anyhow::Result<Vec<Pod>> {
+    let deadline = Instant::now() + STEP_LIMIT;
+    loop {
+        let list = pods
+            .list(&ListParams::default().labels(selector))
+            .await?
+            .items;
+        if list.len() == count && list.iter().all(pod_ready) {
+            return Ok(list);
+        }
+        if Instant::now() >= deadline {
+            let names: Vec<String> = list.iter().map(|p| p.name_any()).collect();
+            bail!("timed out after {STEP_LIMIT:?} waiting for {what}; pods: {names:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn wait_for_autoscaling(
+    models: &Api<ModelDeployment>,
+    what: &str,
+    done: impl Fn(&latentserve_operator::crd::AutoscalingStatus) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + STEP_LIMIT;
+    loop {
+        let md = models.get(MODEL).await?;
+        let status = md.status.as_ref().and_then(|s| s.autoscaling.as_ref());
+        if status.is_some_and(&done) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "timed out after {STEP_LIMIT:?} waiting for the autoscaler {what}; last: {status:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

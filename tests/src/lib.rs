@@ -1,5 +1,6 @@
 //! Shared helpers for the end-to-end tests: finding the workspace's binaries and running them.
 
+pub mod demo;
 pub mod k8s;
 pub mod node_agent;
 pub mod pods;

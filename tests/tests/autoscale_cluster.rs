@@ -13,7 +13,6 @@
 //! the third group serving, for docs/benchmarks.md. Needs what `e2e_cluster` needs; skipped
 //! without a control plane except under `CI=true`.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -25,23 +24,18 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt as _};
-use latentserve_e2e::bin_dir;
+use latentserve_e2e::demo::{MODEL, ROUTERS, WORKERS, agent_config, repo_root};
 use latentserve_e2e::k8s::{
     OperatorOptions, OperatorProcess, admin_client, create_namespace, delete_namespace,
     install_crd, operator_kubeconfig,
 };
-use latentserve_e2e::node_agent::credentials::ClusterAccess;
-use latentserve_e2e::node_agent::runtime::{AgentConfig, NodeAgent, wait_for};
+use latentserve_e2e::node_agent::runtime::{NodeAgent, wait_for};
 use latentserve_e2e::pods::{get_from_metrics_port, grpc_address, metric_sum, pod_ready};
 use latentserve_operator::crd::ModelDeployment;
 use latentserve_proto::v1::inference_client::InferenceClient;
 use latentserve_proto::v1::{GenerateRequest, SamplingParams, StoppingCriteria, generate_request};
 use serde_json::json;
 
-const MODEL: &str = "demo";
-const DEMO_MODEL_PATH: &str = "/srv/models/latentserve-demo";
-const WORKERS: &str = "app.kubernetes.io/instance=demo,app.kubernetes.io/component=worker";
-const ROUTERS: &str = "app.kubernetes.io/instance=demo,app.kubernetes.io/component=router";
 const MAX_GROUPS: usize = 3;
 /// Clients generating in a loop during the load step: four requests in flight for a target of
 /// one per group asks for four groups, capped at three.
@@ -49,13 +43,6 @@ const CLIENTS: usize = 4;
 /// Generous bounds: model load of debug builds on a busy 2-core machine, and the operator's
 /// windows (2 s passes, 10 s scale-down delay, 20 s to zero).
 const STEP_LIMIT: Duration = Duration::from_secs(300);
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ is inside the repository")
-        .to_path_buf()
-}
 
 struct Started {
     client: Client,
@@ -157,32 +144,7 @@ async fn scenario(started: &mut Started) -> anyhow::Result<()> {
     operator.ensure_running()?;
     started.operator = Some(operator);
 
-    let mut config = AgentConfig::new(
-        BTreeMap::from([
-            (
-                "latentserve-worker".to_owned(),
-                bin_dir()?.join("latentserve-worker"),
-            ),
-            (
-                "latentserve-router".to_owned(),
-                bin_dir()?.join("latentserve-router"),
-            ),
-        ]),
-        started.scratch.join("agent"),
-    );
-    config.namespaces = [ns.clone()].into();
-    let admin_kubeconfig = latentserve_e2e::k8s::kubeconfig_path();
-    config.cluster = Some(ClusterAccess::from_kubeconfig(
-        &std::fs::read_to_string(&admin_kubeconfig)?,
-        admin_kubeconfig
-            .parent()
-            .context("the kubeconfig's folder")?,
-    )?);
-    config.host_paths =
-        BTreeMap::from([(DEMO_MODEL_PATH.to_owned(), repo_root().join("models/demo"))]);
-    config
-        .base_env
-        .push(("RUST_LOG".to_owned(), "info".to_owned()));
+    let config = agent_config(&ns, &started.scratch)?;
     started.agent = Some(NodeAgent::start(client.clone(), config).await?);
 
     // The demo example with one shard per group (fewer processes on a small machine) and an

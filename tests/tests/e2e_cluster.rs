@@ -20,7 +20,7 @@
 //! skipped with a notice, except under `CI=true`. Everything it starts is stopped and everything
 //! it creates is removed, also when it fails.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -34,13 +34,16 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent};
 use kube::api::{ObjectMeta, WatchParams};
 use kube::{Client, ResourceExt as _};
+use latentserve_e2e::demo::{
+    DEMO_MODEL_PATH, MODEL, ROUTERS, WORKERS, agent_config, model_dir, repo_root,
+};
 use latentserve_e2e::k8s::{
     OperatorOptions, OperatorProcess, admin_client, create_namespace, delete_namespace,
+    kubeconfig_path,
 };
-use latentserve_e2e::node_agent::credentials::ClusterAccess;
-use latentserve_e2e::node_agent::runtime::{AgentConfig, NodeAgent, wait_for};
+use latentserve_e2e::node_agent::runtime::{NodeAgent, wait_for};
 use latentserve_e2e::pods::{get_from_metrics_port, grpc_address, metric_sum, pod_port, pod_ready};
-use latentserve_e2e::{bin_dir, workspace_binary};
+use latentserve_e2e::workspace_binary;
 use latentserve_operator::crd::ModelDeployment;
 use latentserve_proto::v1::inference_client::InferenceClient;
 use latentserve_proto::v1::{
@@ -52,16 +55,10 @@ use serde_json::json;
 const RELEASE: &str = "e2e";
 /// The chart's full name for this release: the ServiceAccount, ClusterRole and Deployment.
 const FULLNAME: &str = "e2e-latentserve";
-const MODEL: &str = "demo";
-/// The demo example's hostPath, mapped by the node agent to the model directory below.
-const DEMO_MODEL_PATH: &str = "/srv/models/latentserve-demo";
 /// Expert shards per serving group (the example asks for 2).
 const EXPERT_SHARDS: i64 = 2;
 /// Serving groups: two, so that the router has a whole group left when a worker of the other dies.
 const GROUPS: i64 = 2;
-/// The labels of the worker pods and of the router pod.
-const WORKERS: &str = "app.kubernetes.io/instance=demo,app.kubernetes.io/component=worker";
-const ROUTERS: &str = "app.kubernetes.io/instance=demo,app.kubernetes.io/component=router";
 /// A question for the demo model, and its answer.
 const PROMPT: &str = "What is 12 plus 30?";
 const ANSWER: &str = "42";
@@ -72,26 +69,6 @@ const NEW_TOKENS: u32 = 12;
 const READY_LIMIT: Duration = Duration::from_secs(240);
 /// The garbage collector takes ~35 s for children of custom resources on 1.20.
 const GC_LIMIT: Duration = Duration::from_secs(180);
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lies in the repository")
-        .to_path_buf()
-}
-
-/// The model the pods serve: the demo model that ships in the repository (8 routed experts in 4
-/// groups, so two shards hold two groups each).
-fn model_dir() -> PathBuf {
-    repo_root().join("models/demo")
-}
-
-fn kubeconfig_path() -> PathBuf {
-    std::env::var_os(latentserve_e2e::k8s::KUBECONFIG_ENV).map_or_else(
-        || PathBuf::from(latentserve_e2e::k8s::DEFAULT_KUBECONFIG),
-        PathBuf::from,
-    )
-}
 
 /// Runs helm (from tests/helm/fetch-helm.sh) against the test control plane only.
 struct Helm {
@@ -327,32 +304,7 @@ async fn scenario(started: &mut Started) -> anyhow::Result<()> {
     operator.ensure_running()?;
     started.operator = Some(operator);
 
-    let mut config = AgentConfig::new(
-        BTreeMap::from([
-            (
-                "latentserve-worker".to_owned(),
-                bin_dir()?.join("latentserve-worker"),
-            ),
-            (
-                "latentserve-router".to_owned(),
-                bin_dir()?.join("latentserve-router"),
-            ),
-        ]),
-        started.scratch.join("agent"),
-    );
-    config.namespaces = BTreeSet::from([model_ns.clone()]);
-    // The router pod talks to the API server with its own account's token.
-    let admin_kubeconfig = kubeconfig_path();
-    config.cluster = Some(ClusterAccess::from_kubeconfig(
-        &std::fs::read_to_string(&admin_kubeconfig)?,
-        admin_kubeconfig
-            .parent()
-            .context("the kubeconfig's folder")?,
-    )?);
-    config.host_paths = BTreeMap::from([(DEMO_MODEL_PATH.to_owned(), model_dir())]);
-    config
-        .base_env
-        .push(("RUST_LOG".to_owned(), "info".to_owned()));
+    let config = agent_config(&model_ns, &started.scratch)?;
     started.agent = Some(NodeAgent::start(client.clone(), config).await?);
 
     // The demo example, as a user applies it.

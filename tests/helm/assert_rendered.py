@@ -51,12 +51,20 @@ WORKER_METRICS = {
 OPERATOR_METRICS = {
     "operator_reconciles_total", "operator_reconcile_errors_total",
     "operator_reconcile_duration_seconds", "operator_deployments", "operator_leader",
+    # The autoscaler's (issue 19).
+    "operator_autoscaler_desired_groups", "operator_autoscaler_current_groups",
+    "operator_autoscaler_signal_value", "operator_autoscaler_decisions_total",
+    "operator_autoscaler_signal_errors_total",
 }
 # The request router's families (issue 16; router/src/metrics.rs, docs/metrics.md).
 ROUTER_METRICS = {
     "router_requests_total", "router_retries_total", "router_prefix_match_tokens",
     "router_queue_seconds", "router_upstream_seconds", "router_endpoints",
     "router_in_flight_requests",
+    # Holding at zero and the per-group signal (issue 19).
+    "router_held_requests", "router_hold_rejected_total", "router_cold_start_seconds",
+    "router_group_in_flight_requests", "router_group_queued_prompt_tokens",
+    "router_group_cache_utilization",
 }
 KNOWN_METRICS = {"latentserve_" + m for m in WORKER_METRICS | OPERATOR_METRICS | ROUTER_METRICS}
 EXPECTED_ALERTS = {
@@ -64,6 +72,7 @@ EXPECTED_ALERTS = {
     "LatentServeReconcileErrors", "LatentServeOperatorDown", "LatentServeOperatorNoLeader",
     "LatentServeQueueGrowing",
     "LatentServeKVCacheFull", "LatentServeExpertRPCErrors",
+    "LatentServeRequestsHeld", "LatentServeAutoscalerBlind",
 }
 CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding"}
 # The labels the operator puts on every worker pod (operator/src/resources/mod.rs), and on every
@@ -377,7 +386,8 @@ def scenario_monitoring(docs):
         for wanted in ("Time to first token", "Inter-token latency", "Token throughput", "Queue time",
                        "KV cache usage", "Preemptions", "Expert load in layer $layer",
                        "Expert RPC latency by peer", "Routed to a cached prefix",
-                       "Router overhead and upstream latency"):
+                       "Router overhead and upstream latency", "Serving groups: wanted and serving",
+                       "Held requests and cold starts"):
             expect(wanted in titles, f"dashboard lacks the panel {wanted!r}")
         ids = [p["id"] for p in dashboard["panels"]]
         expect(len(ids) == len(set(ids)), "dashboard panel ids are not unique")

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use kube::runtime::events::EventType;
 use tracing::instrument;
 
@@ -346,15 +346,7 @@ async fn observe_groups(
     owner: &Owner,
     existing: &[StatefulSet],
 ) -> Result<Vec<status::GroupObservation>, Error> {
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &owner.namespace);
-    let pods = pods
-        .list(&ListParams::default().labels(&owner.selector_string()))
-        .await
-        .map_err(|source| Error::List {
-            what: "Pods",
-            source,
-        })?
-        .items;
+    let pods = super::list_pods(ctx, &owner.namespace, &owner.selector_string()).await?;
     Ok(status::observe_groups(existing, &pods))
 }
 
@@ -376,15 +368,12 @@ async fn read_draining(ctx: &Context, owner: &Owner) -> Result<BTreeMap<i32, Tim
 
 /// The reports of the ready router pods, combined; `None` when no router could be read.
 async fn read_signal(ctx: &Context, owner: &Owner) -> Result<Option<Signal>, Error> {
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &owner.namespace);
-    let routers = pods
-        .list(&ListParams::default().labels(&selector_string(&owner.router_selector())))
-        .await
-        .map_err(|source| Error::List {
-            what: "Pods",
-            source,
-        })?
-        .items;
+    let routers = super::list_pods(
+        ctx,
+        &owner.namespace,
+        &selector_string(&owner.router_selector()),
+    )
+    .await?;
     let addresses: Vec<String> = routers
         .iter()
         .filter(|pod| pod.metadata.deletion_timestamp.is_none() && status::pod_ready(pod))

@@ -107,6 +107,23 @@ impl Context {
     }
 }
 
+/// The pods in `namespace` that match the label `selector` (the workers' or the routers').
+pub(crate) async fn list_pods(
+    ctx: &Context,
+    namespace: &str,
+    selector: &str,
+) -> Result<Vec<Pod>, Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    Ok(pods
+        .list(&ListParams::default().labels(selector))
+        .await
+        .map_err(|source| Error::List {
+            what: "Pods",
+            source,
+        })?
+        .items)
+}
+
 /// `namespace/name`: the key of the per-object metrics and backoff.
 fn key(md: &ModelDeployment) -> String {
     format!("{}/{}", md.namespace().unwrap_or_default(), md.name_any())

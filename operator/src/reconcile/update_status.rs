@@ -6,7 +6,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch};
+use kube::api::{Api, Patch};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::instrument;
@@ -27,15 +27,7 @@ pub async fn update_status(
     autoscaling: Option<&AutoscalingView>,
 ) -> Result<(), Error> {
     let owner = Owner::of(md);
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &owner.namespace);
-    let pods = pods
-        .list(&ListParams::default().labels(&owner.selector_string()))
-        .await
-        .map_err(|source| Error::List {
-            what: "Pods",
-            source,
-        })?
-        .items;
+    let pods = super::list_pods(ctx, &owner.namespace, &owner.selector_string()).await?;
     let groups = status::observe_groups(stateful_sets, &pods);
     let router = observe_router(md, ctx, &owner).await?;
     let capacity = capacity(md, ctx, &groups, &pods).await;
@@ -77,15 +69,12 @@ async fn observe_router(
             source,
         })?
         .filter(|d| owner.owns(&d.metadata));
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &owner.namespace);
-    let pods = pods
-        .list(&ListParams::default().labels(&selector_string(&owner.router_selector())))
-        .await
-        .map_err(|source| Error::List {
-            what: "Pods",
-            source,
-        })?
-        .items;
+    let pods = super::list_pods(
+        ctx,
+        &owner.namespace,
+        &selector_string(&owner.router_selector()),
+    )
+    .await?;
     Ok(status::observe_router(deployment.as_ref(), &pods))
 }
 

@@ -53,6 +53,10 @@ pub struct Metrics {
     expert_rpc_seconds: HistogramVec,
     expert_rpc_errors_total: IntCounterVec,
     expert_shard_info: IntGaugeVec,
+    expert_retries_total: IntCounterVec,
+    expert_peers_usable: IntGauge,
+    expert_group_degraded: IntGauge,
+    expert_placement_info: IntGaugeVec,
     cache_config_info: IntGaugeVec,
 }
 
@@ -219,6 +223,26 @@ impl Metrics {
                 "Always 1: this worker's expert shard rank and the shard count of its group.",
                 &["rank", "count"],
             )?,
+            expert_retries_total: counter_vec(
+                "expert_retries_total",
+                "Failed RunExperts calls to an expert peer whose work was re-sent to replicas \
+                 (other shards holding the same experts) in the same step.",
+                &["peer"],
+            )?,
+            expert_peers_usable: int_gauge(
+                "expert_peers_usable",
+                "Expert peers that are ready with this shard's fingerprint now.",
+            )?,
+            expert_group_degraded: int_gauge(
+                "expert_group_degraded",
+                "1 while this shard serves with at least one expert peer unusable (replicas cover \
+                 its experts), else 0.",
+            )?,
+            expert_placement_info: int_gauge_vec(
+                "expert_placement_info",
+                "Always 1: the version of the expert placement file (`default` without one).",
+                &["version"],
+            )?,
             cache_config_info: int_gauge_vec(
                 "cache_config_info",
                 "Always 1: the latent cache's block size in tokens and its number of blocks \
@@ -278,6 +302,26 @@ impl Metrics {
             .set(1);
     }
 
+    /// Counts a failed call to `peer` whose work went to replicas instead.
+    pub fn record_expert_retry(&self, peer: &str) {
+        self.expert_retries_total.with_label_values(&[peer]).inc();
+    }
+
+    pub fn set_expert_peers_usable(&self, usable: usize) {
+        self.expert_peers_usable.set(usable as i64);
+    }
+
+    pub fn set_expert_group_degraded(&self, degraded: bool) {
+        self.expert_group_degraded.set(i64::from(degraded));
+    }
+
+    pub fn set_expert_placement_version(&self, version: &str) {
+        self.expert_placement_info.reset();
+        self.expert_placement_info
+            .with_label_values(&[version])
+            .set(1);
+    }
+
     /// Every metric in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
@@ -302,6 +346,10 @@ mod tests {
         metrics.record_expert_rpc("shard-1:50051", 0.003);
         metrics.record_expert_rpc_error("shard-1:50051", "Unavailable");
         metrics.set_expert_shard(0, 2);
+        metrics.record_expert_retry("shard-1:50051");
+        metrics.set_expert_peers_usable(1);
+        metrics.set_expert_group_degraded(false);
+        metrics.set_expert_placement_version("7");
         metrics.set_cache_config(16, 512);
         metrics.time_to_first_token_seconds.observe(0.2);
         let text = metrics.render();
@@ -331,6 +379,10 @@ mod tests {
             "expert_rpc_seconds",
             "expert_rpc_errors_total",
             "expert_shard_info",
+            "expert_retries_total",
+            "expert_peers_usable",
+            "expert_group_degraded",
+            "expert_placement_info",
             "cache_config_info",
         ] {
             assert!(

@@ -108,7 +108,7 @@ fn start_group(
         })
         .collect();
     let until = Instant::now() + Duration::from_secs(20);
-    while !shards.iter().all(|s| s.shard.peers.is_healthy()) {
+    while !shards.iter().all(|s| s.shard.peers.health().all_usable()) {
         assert!(
             Instant::now() < until,
             "the shards never all saw each other"

@@ -181,7 +181,7 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Serving> {
         .context("starting the gRPC and HTTP servers")?;
     // Peers are watched while the weights load, so the group is ready as soon as all are.
     shard.start_monitor();
-    server.follow_peers(shard.peers_healthy());
+    server.follow_peers(shard.group_health());
     let shard = Arc::new(shard);
 
     let load_args = args.clone();

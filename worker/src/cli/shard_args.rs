@@ -52,10 +52,17 @@ pub struct ShardArgs {
     /// re-resolved on reconnect.
     #[arg(long, value_delimiter = ',')]
     pub peers: Vec<String>,
-    /// JSON map from routed expert to the shards holding it ({"experts": [[0], [0, 1], ...]}),
-    /// replicas allowed; whole expert groups (or contiguous ranges) per shard by default.
+    /// JSON file mapping each routed expert to the shards holding it, for every MoE layer
+    /// (`{"experts": [[0], [0, 1], ...]}`) or per layer (`{"layers": {"3": [...], ...}}`), replicas
+    /// allowed; whole expert groups (or contiguous ranges) per shard by default.
     #[arg(long)]
     pub expert_placement: Option<PathBuf>,
+    /// Extra expert slots per shard in the default placement, each holding a copy of one of the
+    /// next shard's experts, so that requests keep working while a shard is down. At least
+    /// experts / shards puts every expert on two shards. Not with --expert-placement (the file
+    /// lists replicas itself) nor with --shard-count 1.
+    #[arg(long, default_value_t = 0)]
+    pub redundant_experts: u32,
     /// Element type of hidden rows and partial sums sent between shards.
     #[arg(long, value_enum, default_value_t = WireDtypeArg::F32)]
     pub expert_wire_dtype: WireDtypeArg,
@@ -80,6 +87,7 @@ impl Default for ShardArgs {
             shard_count: 1,
             peers: Vec::new(),
             expert_placement: None,
+            redundant_experts: 0,
             expert_wire_dtype: WireDtypeArg::F32,
             expert_rpc_timeout: Duration::from_secs(10),
             experts_token_file: None,
@@ -112,6 +120,7 @@ impl ShardArgs {
             count: self.shard_count as usize,
             peers: self.peers.clone(),
             expert_placement: self.expert_placement.clone(),
+            redundant_experts: self.redundant_experts as usize,
             wire_dtype: self.expert_wire_dtype.wire(),
             rpc_timeout: self.expert_rpc_timeout,
             auth,

@@ -1,12 +1,13 @@
 //! Expert parallelism: routed experts split across the shards of a serving group.
 //!
-//! - [`placement`]: which shard holds which expert, and which replica a token goes to (pure);
+//! - [`placement`]: which shard holds which expert in each MoE layer, and which replica a token
+//!   goes to (pure);
 //! - [`wire`]: hidden rows on the wire in f32, f16 or bf16;
 //! - [`auth`]: the group's shared token, sent and checked on every Experts call;
 //! - [`peers`]: Experts clients of the other shards, with health from periodic handshakes;
 //! - [`service`]: the `latentserve.v1.Experts` service that runs this shard's experts for a peer;
 //! - [`remote`]: the MoE executor that sends each peer its share of a layer's expert work while
-//!   the local experts run, and adds what comes back.
+//!   the local experts run, adds what comes back, and re-sends a failed peer's work to replicas.
 
 pub mod auth;
 pub mod peers;
@@ -112,10 +113,12 @@ mod tests {
         write_model(b.path(), r#"{"hidden_size": 8}"#, other_header);
         assert_ne!(digest, model_digest(b.path()).unwrap());
 
-        let two = Placement::default_for(8, 1, 2).unwrap();
-        let four = Placement::default_for(8, 1, 4).unwrap();
+        let two = Placement::default_for(8, 1, 2, 0, &[1, 2]).unwrap();
+        let four = Placement::default_for(8, 1, 4, 0, &[1, 2]).unwrap();
+        let mirrored = Placement::default_for(8, 1, 2, 4, &[1, 2]).unwrap();
         assert_eq!(fingerprint(&digest, &two), fingerprint(&digest, &two));
         assert_ne!(fingerprint(&digest, &two), fingerprint(&digest, &four));
+        assert_ne!(fingerprint(&digest, &two), fingerprint(&digest, &mirrored));
     }
 
     #[test]

@@ -2,10 +2,11 @@
 //!
 //! A monitor task handshakes every peer periodically. A peer is usable only when its handshake
 //! answered in time, it reports itself ready, has the rank we expect at that address and the
-//! same fingerprint (model + placement + shard count) as we do. The group is healthy (this shard
-//! SERVING) only when every peer is usable. Any failure drops the peer's channel, so the next
-//! attempt resolves its DNS name again: a StatefulSet pod keeps its name but not its address
-//! across restarts.
+//! same fingerprint (model + placement + shard count) as we do. The group covers the model (this
+//! shard may be SERVING) while every expert of every MoE layer is held by this shard or a usable
+//! peer: with replicas, a shard keeps serving while a peer is down. Any failure drops the peer's
+//! channel, so the next attempt resolves its DNS name again: a StatefulSet pod keeps its name but
+//! not its address across restarts.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,6 +18,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use super::auth::ExpertsAuth;
+use super::placement::Placement;
 
 /// A connection to a peer that signs every call with the group's token.
 pub type PeerChannel = InterceptedService<Channel, ExpertsAuth>;
@@ -160,6 +162,25 @@ fn looks_like_host_port(address: &str) -> bool {
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
 }
 
+/// What the peers allow this shard to do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupHealth {
+    /// Peers that are ready with our fingerprint.
+    pub usable_peers: usize,
+    /// Peers in `--peers` (the shard count minus one).
+    pub peers: usize,
+    /// Every expert of every MoE layer is held by this shard or a usable peer: every token can
+    /// be served.
+    pub covered: bool,
+}
+
+impl GroupHealth {
+    /// Every peer is usable (true without peers).
+    pub fn all_usable(&self) -> bool {
+        self.usable_peers == self.peers
+    }
+}
+
 /// A peer whose expert work cannot be run; the message names the shard and its address.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("expert shard {rank} ({address}) is unavailable: {reason}")]
@@ -204,28 +225,36 @@ impl Peer {
 pub struct Peers {
     local_rank: usize,
     shard_count: usize,
+    /// Which experts each peer holds: whether the usable ones cover the model.
+    placement: Placement,
     fingerprint: String,
     timeouts: PeerTimeouts,
     auth: ExpertsAuth,
     peers: Vec<Arc<Peer>>,
-    healthy: watch::Sender<bool>,
+    health: watch::Sender<GroupHealth>,
 }
 
 impl Peers {
-    /// `peers`: (rank, HOST:PORT) of every other shard (see [`peer_ranks`]); `auth` signs every
-    /// call to them.
+    /// `peers`: (rank, HOST:PORT) of every other shard of `placement`'s group (see
+    /// [`peer_ranks`]); `auth` signs every call to them.
     pub fn new(
         local_rank: usize,
-        shard_count: usize,
+        placement: Placement,
         peers: Vec<(usize, String)>,
         fingerprint: String,
         timeouts: PeerTimeouts,
         auth: ExpertsAuth,
     ) -> Self {
-        let healthy = watch::Sender::new(peers.is_empty());
+        // Nobody contacted yet: covered only if this shard holds everything itself.
+        let health = watch::Sender::new(GroupHealth {
+            usable_peers: 0,
+            peers: peers.len(),
+            covered: placement.covered_by(|rank| rank == local_rank),
+        });
         Self {
             local_rank,
-            shard_count,
+            shard_count: placement.shard_count(),
+            placement,
             fingerprint,
             timeouts,
             auth,
@@ -242,7 +271,7 @@ impl Peers {
                     })
                 })
                 .collect(),
-            healthy,
+            health,
         }
     }
 
@@ -262,14 +291,29 @@ impl Peers {
         self.peers.iter().find(|p| p.rank == rank)
     }
 
-    /// True while every peer is ready with our fingerprint.
-    pub fn is_healthy(&self) -> bool {
-        *self.healthy.borrow()
+    /// The address of peer `rank` as `--peers` gave it (empty for an unknown rank).
+    pub fn address(&self, rank: usize) -> String {
+        self.peer(rank)
+            .map(|p| p.address.clone())
+            .unwrap_or_default()
     }
 
-    /// Follows [`Self::is_healthy`].
-    pub fn subscribe(&self) -> watch::Receiver<bool> {
-        self.healthy.subscribe()
+    /// The group's health now.
+    pub fn health(&self) -> GroupHealth {
+        *self.health.borrow()
+    }
+
+    /// Follows [`Self::health`].
+    pub fn subscribe(&self) -> watch::Receiver<GroupHealth> {
+        self.health.subscribe()
+    }
+
+    /// Whether `rank` is a peer that is ready with our fingerprint now.
+    pub fn is_usable(&self, rank: usize) -> bool {
+        self.peer(rank).is_some_and(|peer| {
+            let state = peer.lock();
+            state.status == PeerStatus::Ready && state.channel.is_some()
+        })
     }
 
     /// A client for `rank` if it is ready; otherwise why not.
@@ -325,13 +369,22 @@ impl Peers {
             state.status = status;
             state.channel = channel;
         }
-        let healthy = self
+        let usable: Vec<usize> = self
             .peers
             .iter()
-            .all(|p| p.lock().status == PeerStatus::Ready);
-        self.healthy.send_if_modified(|current| {
-            let changed = *current != healthy;
-            *current = healthy;
+            .filter(|p| p.lock().status == PeerStatus::Ready)
+            .map(|p| p.rank)
+            .collect();
+        let health = GroupHealth {
+            usable_peers: usable.len(),
+            peers: self.peers.len(),
+            covered: self
+                .placement
+                .covered_by(|rank| rank == self.local_rank || usable.contains(&rank)),
+        };
+        self.health.send_if_modified(|current| {
+            let changed = *current != health;
+            *current = health;
             changed
         });
     }
@@ -531,7 +584,7 @@ mod tests {
         let address = format!("127.0.0.1:{port}");
         let peers = Peers::new(
             0,
-            2,
+            Placement::default_for(4, 1, 2, 0, &[1]).unwrap(),
             vec![(1, address.clone())],
             "abc".to_owned(),
             PeerTimeouts {
@@ -541,10 +594,16 @@ mod tests {
             },
             ExpertsAuth::open(),
         );
-        assert!(!peers.is_healthy());
+        let uncovered = GroupHealth {
+            usable_peers: 0,
+            peers: 1,
+            covered: false,
+        };
+        assert_eq!(peers.health(), uncovered);
         assert_eq!(peers.peer(1).unwrap().status(), PeerStatus::Connecting);
         peers.probe_all().await;
-        assert!(!peers.is_healthy());
+        assert_eq!(peers.health(), uncovered);
+        assert!(!peers.is_usable(1));
         assert!(matches!(
             peers.peer(1).unwrap().status(),
             PeerStatus::Unreachable(_)
@@ -563,12 +622,28 @@ mod tests {
     fn no_peers_is_healthy() {
         let peers = Peers::new(
             0,
-            1,
+            Placement::default_for(4, 1, 1, 0, &[1]).unwrap(),
             Vec::new(),
             "abc".to_owned(),
             PeerTimeouts::default(),
             ExpertsAuth::open(),
         );
-        assert!(peers.is_healthy());
+        let health = peers.health();
+        assert!(health.covered && health.all_usable());
+    }
+
+    #[test]
+    fn a_shard_holding_every_expert_itself_is_covered_before_any_peer_answers() {
+        // Two shards, each holding everything (a full mirror): either one serves alone.
+        let peers = Peers::new(
+            0,
+            Placement::default_for(4, 1, 2, 4, &[1, 2]).unwrap(),
+            vec![(1, "127.0.0.1:1".to_owned())],
+            "abc".to_owned(),
+            PeerTimeouts::default(),
+            ExpertsAuth::open(),
+        );
+        let health = peers.health();
+        assert!(health.covered && !health.all_usable(), "{health:?}");
     }
 }

@@ -1,6 +1,7 @@
 //! The MoE executor of a shard: splits a layer's expert work by the shard that runs it, sends each
 //! peer its share in one RunExperts call while the local experts run, and adds up the results.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -8,7 +9,7 @@ use std::time::Instant;
 use latentserve_proto::v1::{ExpertRows, RunExpertsRequest, WireDtype};
 
 use super::peers::{PeerUnavailable, Peers};
-use super::placement::Placement;
+use super::placement::{AssignError, Placement};
 use super::wire;
 use crate::metrics::Metrics;
 use crate::model::{DispatchPlan, ExpertExecutor, ExpertWork, ModelError};
@@ -24,19 +25,22 @@ pub struct PeerWork {
     pub experts: Vec<ExpertWork>,
 }
 
-/// Splits `plan` by the shard that runs each (expert, token) pair: the local part and one
-/// [`PeerWork`] per peer that gets anything (ascending rank). Pure.
+/// Splits MoE layer `layer`'s `plan` by the shard that runs each (expert, token) pair, among the
+/// shards for which `usable(rank)` is true: the local part and one [`PeerWork`] per peer that
+/// gets anything (ascending rank). Pure.
 pub fn split_plan(
     plan: &DispatchPlan,
     placement: &Placement,
+    layer: usize,
     local_rank: usize,
-) -> (DispatchPlan, Vec<PeerWork>) {
+    usable: impl Fn(usize) -> bool,
+) -> Result<(DispatchPlan, Vec<PeerWork>), AssignError> {
     let loads: Vec<(usize, usize)> = plan
         .works
         .iter()
         .map(|w| (w.expert, w.rows.len()))
         .collect();
-    let assigned = placement.assign(&loads, local_rank);
+    let assigned = placement.assign(layer, &loads, local_rank, usable)?;
     let mut per_shard: Vec<Vec<ExpertWork>> = vec![Vec::new(); placement.shard_count()];
     for (work, ranks) in plan.works.iter().zip(&assigned) {
         for (rank, works) in per_shard.iter_mut().enumerate() {
@@ -90,7 +94,39 @@ pub fn split_plan(
             }
         })
         .collect();
-    (local, peers)
+    Ok((local, peers))
+}
+
+/// The work of peers whose calls failed, back as one plan over the layer's original rows, to be
+/// split again over the shards left. An expert split between several failed peers becomes one
+/// entry (its rows are disjoint: each (token, expert) pair went to one shard), so that the new
+/// call to a replica names it once. Pure.
+pub fn reclaim(lost: &[&PeerWork]) -> DispatchPlan {
+    let mut by_expert: BTreeMap<usize, Vec<(u32, f32)>> = BTreeMap::new();
+    for work in lost {
+        for expert in &work.experts {
+            let pairs = by_expert.entry(expert.expert).or_default();
+            for (&row, &weight) in expert.rows.iter().zip(&expert.weights) {
+                // Rows of the message index `token_rows`: map them back to the batch.
+                if let Some(&original) = work.token_rows.get(row as usize) {
+                    pairs.push((original, weight));
+                }
+            }
+        }
+    }
+    DispatchPlan {
+        works: by_expert
+            .into_iter()
+            .map(|(expert, mut pairs)| {
+                pairs.sort_by_key(|&(row, _)| row);
+                ExpertWork {
+                    expert,
+                    rows: pairs.iter().map(|&(row, _)| row).collect(),
+                    weights: pairs.iter().map(|&(_, weight)| weight).collect(),
+                }
+            })
+            .collect(),
+    }
 }
 
 /// The network side of expert parallelism, shared by every step of the engine.
@@ -140,21 +176,18 @@ impl ShardedExperts {
         }
     }
 
-    /// Sends one peer its work and returns (token rows, their weighted sums).
+    /// Sends one peer its work and returns the weighted sums of its `token_rows`. Any failure
+    /// marks the peer unusable until its next good handshake.
     async fn call_peer(
         self: Arc<Self>,
         layer: usize,
         hidden: Arc<Vec<f32>>,
         hidden_size: usize,
-        work: PeerWork,
-    ) -> Result<(Vec<u32>, Vec<f32>), PeerUnavailable> {
+        work: Arc<PeerWork>,
+    ) -> Result<Vec<f32>, PeerUnavailable> {
         let rank = work.rank;
         let mut client = self.peers.client(rank)?;
-        let address = self
-            .peers
-            .peer(rank)
-            .map(|p| p.address.clone())
-            .unwrap_or_default();
+        let address = self.peers.address(rank);
         // (tokens, hidden_size): the rows this peer needs, each once.
         let mut rows = Vec::with_capacity(work.token_rows.len() * hidden_size);
         for &r in &work.token_rows {
@@ -169,11 +202,11 @@ impl ShardedExperts {
             hidden: Some(payload),
             experts: work
                 .experts
-                .into_iter()
+                .iter()
                 .map(|w| ExpertRows {
                     expert: w.expert as u32,
-                    rows: w.rows,
-                    weights: w.weights,
+                    rows: w.rows.clone(),
+                    weights: w.weights.clone(),
                 })
                 .collect(),
             response_dtype: self.wire_dtype as i32,
@@ -204,7 +237,7 @@ impl ShardedExperts {
             }
             Ok(Ok(response)) => response.into_inner(),
         };
-        let sums = response
+        response
             .partial_sums
             .ok_or_else(|| "answer without partial_sums".to_owned())
             .and_then(|rows| {
@@ -216,8 +249,51 @@ impl ShardedExperts {
                 }
                 wire::decode(&rows).map_err(|e| e.to_string())
             })
-            .map_err(|reason| fail("Internal", reason))?;
-        Ok((work.token_rows, sums))
+            .map_err(|reason| fail("Internal", reason))
+    }
+
+    /// The error of a step that found an expert without a usable holder: it names a shard that
+    /// holds the expert and why that shard is out (its failure in this step, or its state).
+    fn unassignable(
+        &self,
+        error: AssignError,
+        failed: &BTreeMap<usize, PeerUnavailable>,
+    ) -> ModelError {
+        let AssignError::NoUsableHolder {
+            layer,
+            expert,
+            holders,
+        } = &error
+        else {
+            return ModelError::Experts(error.to_string());
+        };
+        let reason = holders
+            .iter()
+            .find_map(|rank| failed.get(rank).cloned())
+            .or_else(|| {
+                holders
+                    .iter()
+                    .find_map(|&rank| self.peers.client(rank).err())
+            });
+        match reason {
+            Some(unavailable) => ModelError::ExpertsUnavailable(format!(
+                "{unavailable} (no usable shard holds expert {expert} of layer {layer})"
+            )),
+            None => ModelError::ExpertsUnavailable(error.to_string()),
+        }
+    }
+}
+
+/// Adds a peer's weighted sums of `token_rows` into the layer's output rows.
+fn add_rows(out: &mut [f32], hidden_size: usize, token_rows: &[u32], sums: &[f32]) {
+    for (&row, sum) in token_rows.iter().zip(sums.chunks_exact(hidden_size)) {
+        let row = row as usize;
+        for (o, s) in out[row * hidden_size..(row + 1) * hidden_size]
+            .iter_mut()
+            .zip(sum)
+        {
+            *o += s;
+        }
     }
 }
 
@@ -236,50 +312,93 @@ impl ExpertExecutor for ShardedStep<'_> {
         plan: &DispatchPlan,
     ) -> Result<Vec<f32>, ModelError> {
         let sharded = self.sharded;
-        let (local_plan, peer_works) =
-            split_plan(plan, &sharded.placement, sharded.peers.local_rank());
-        if peer_works.is_empty() || !sharded.exchange.load(Ordering::SeqCst) {
+        let placement = &sharded.placement;
+        let local_rank = sharded.peers.local_rank();
+        if !sharded.exchange.load(Ordering::SeqCst) {
+            let (local_plan, _) = split_plan(plan, placement, layer, local_rank, |_| true)
+                .map_err(|e| ModelError::Experts(e.to_string()))?;
             return self
                 .local
                 .run_experts(layer, hidden, hidden_size, &local_plan);
         }
-        // Fail fast, before any work, when a peer is known to be down.
-        for work in &peer_works {
-            if let Err(unavailable) = sharded.peers.client(work.rank) {
-                return Err(ModelError::ExpertsUnavailable(unavailable.to_string()));
-            }
+        // Peers whose call failed in this step: never chosen again for it, even if their state
+        // flips back to ready meanwhile.
+        let mut failed: BTreeMap<usize, PeerUnavailable> = BTreeMap::new();
+        // Peers known to be down get no work in the first place: their experts go to a replica.
+        let (mut local_plan, mut peer_works) =
+            split_plan(plan, placement, layer, local_rank, |r| {
+                r == local_rank || sharded.peers.is_usable(r)
+            })
+            .map_err(|e| sharded.unassignable(e, &failed))?;
+        if peer_works.is_empty() {
+            return self
+                .local
+                .run_experts(layer, hidden, hidden_size, &local_plan);
         }
         let shared = Arc::new(hidden.to_vec());
-        let calls: Vec<_> = peer_works
-            .into_iter()
-            .map(|work| {
-                let call = sharded
-                    .clone()
-                    .call_peer(layer, shared.clone(), hidden_size, work);
-                sharded.runtime.spawn(call)
-            })
-            .collect();
-        // The local experts run while the peers compute theirs.
-        let local = self
-            .local
-            .run_experts(layer, hidden, hidden_size, &local_plan);
-        let answers = sharded.runtime.block_on(futures::future::join_all(calls));
-        let mut out = local?;
-        for answer in answers {
-            let (token_rows, sums) = answer
-                .map_err(|e| ModelError::Experts(format!("expert call task failed: {e}")))?
-                .map_err(|e| ModelError::ExpertsUnavailable(e.to_string()))?;
-            for (&row, sum) in token_rows.iter().zip(sums.chunks_exact(hidden_size)) {
-                let row = row as usize;
-                for (o, s) in out[row * hidden_size..(row + 1) * hidden_size]
-                    .iter_mut()
-                    .zip(sum)
-                {
-                    *o += s;
+        // (tokens, hidden_size): the local results, then every peer's partial sums added in.
+        let mut out = vec![0.0f32; hidden.len()];
+        // Every round but the last loses at least one more peer, so there are at most
+        // shard_count rounds; the last one runs on the local shard alone if it must.
+        for _round in 0..placement.shard_count() {
+            let works: Vec<Arc<PeerWork>> = peer_works.into_iter().map(Arc::new).collect();
+            let calls: Vec<_> = works
+                .iter()
+                .map(|work| {
+                    let call =
+                        sharded
+                            .clone()
+                            .call_peer(layer, shared.clone(), hidden_size, work.clone());
+                    sharded.runtime.spawn(call)
+                })
+                .collect();
+            // The local experts run while the peers compute theirs.
+            let local = (!local_plan.works.is_empty()).then(|| {
+                self.local
+                    .run_experts(layer, hidden, hidden_size, &local_plan)
+            });
+            let answers = sharded.runtime.block_on(futures::future::join_all(calls));
+            if let Some(local) = local {
+                for (o, l) in out.iter_mut().zip(local?) {
+                    *o += l;
                 }
             }
+            let mut lost = Vec::new();
+            for (work, answer) in works.iter().zip(answers) {
+                let answer = answer
+                    .map_err(|e| ModelError::Experts(format!("expert call task failed: {e}")))?;
+                match answer {
+                    Ok(sums) => add_rows(&mut out, hidden_size, &work.token_rows, &sums),
+                    Err(unavailable) => {
+                        failed.insert(work.rank, unavailable);
+                        lost.push(work.as_ref());
+                    }
+                }
+            }
+            if lost.is_empty() {
+                return Ok(out);
+            }
+            let retry = reclaim(&lost);
+            (local_plan, peer_works) = split_plan(&retry, placement, layer, local_rank, |r| {
+                r == local_rank || (!failed.contains_key(&r) && sharded.peers.is_usable(r))
+            })
+            .map_err(|e| sharded.unassignable(e, &failed))?;
+            for work in &lost {
+                let address = sharded.peers.address(work.rank);
+                tracing::warn!(
+                    peer = work.rank,
+                    %address,
+                    layer,
+                    reason = %failed[&work.rank],
+                    "expert call failed; running its work on a replica"
+                );
+                sharded.metrics.record_expert_retry(&address);
+            }
         }
-        Ok(out)
+        Err(ModelError::ExpertsUnavailable(format!(
+            "layer {layer}: expert work still failing after {} rounds of retries on replicas",
+            placement.shard_count()
+        )))
     }
 }
 
@@ -295,10 +414,14 @@ mod tests {
         }
     }
 
+    fn all_up(_: usize) -> bool {
+        true
+    }
+
     #[test]
     fn a_plan_splits_by_shard_and_each_token_crosses_once_per_peer() {
         // 8 experts over 2 shards: 0..4 on shard 0, 4..8 on shard 1.
-        let placement = Placement::default_for(8, 1, 2).unwrap();
+        let placement = Placement::default_for(8, 1, 2, 0, &[1]).unwrap();
         let plan = DispatchPlan {
             works: vec![
                 work(1, &[0, 2], &[0.1, 0.2]),
@@ -306,7 +429,7 @@ mod tests {
                 work(7, &[0, 3], &[0.5, 0.6]),
             ],
         };
-        let (local, peers) = split_plan(&plan, &placement, 0);
+        let (local, peers) = split_plan(&plan, &placement, 1, 0, all_up).unwrap();
         assert_eq!(local.works, vec![work(1, &[0, 2], &[0.1, 0.2])]);
         assert_eq!(peers.len(), 1);
         let peer = &peers[0];
@@ -321,14 +444,110 @@ mod tests {
 
     #[test]
     fn a_replicated_expert_is_split_between_local_and_peer() {
-        let placement = Placement::parse(r#"{"experts": [[0], [0, 1], [1], [1]]}"#, 4, 2).unwrap();
+        let shape = latentserve_placement::file::ModelShape {
+            n_experts: 4,
+            moe_layers: &[1],
+            shard_count: 2,
+        };
+        let placement = Placement::parse(r#"{"experts": [[0], [0, 1], [1], [1]]}"#, shape).unwrap();
         let plan = DispatchPlan {
             works: vec![work(1, &[0, 1, 2, 3], &[1.0, 2.0, 3.0, 4.0])],
         };
-        let (local, peers) = split_plan(&plan, &placement, 0);
+        let (local, peers) = split_plan(&plan, &placement, 1, 0, all_up).unwrap();
         // Both replicas empty: ties go local first, then alternate.
         assert_eq!(local.works, vec![work(1, &[0, 2], &[1.0, 3.0])]);
         assert_eq!(peers[0].token_rows, vec![1, 3]);
         assert_eq!(peers[0].experts, vec![work(1, &[0, 1], &[2.0, 4.0])]);
+    }
+
+    #[test]
+    fn a_failed_peers_work_goes_back_to_the_original_rows_and_to_its_replicas() {
+        // 6 experts over 3 shards (2 each), each shard also holding the next one's: expert e
+        // on shards e / 2 and (e / 2 + 2) % 3.
+        let placement = Placement::default_for(6, 1, 3, 2, &[4]).unwrap();
+        let plan = DispatchPlan {
+            works: vec![
+                work(0, &[0, 5], &[0.1, 0.2]),
+                work(2, &[1, 5, 7], &[0.3, 0.4, 0.5]),
+                work(3, &[2], &[0.6]),
+                work(4, &[3, 7], &[0.7, 0.8]),
+            ],
+        };
+        // Shard 2 is down from the start: nothing goes there.
+        let (local, peers) = split_plan(&plan, &placement, 4, 0, |r| r != 2).unwrap();
+        assert!(peers.iter().all(|p| p.rank == 1), "{peers:?}");
+        let pairs = |plan: &DispatchPlan| plan.works.iter().map(|w| w.rows.len()).sum::<usize>();
+        assert_eq!(
+            pairs(&local) + peers.iter().map(|p| pairs(&reclaim(&[p]))).sum::<usize>(),
+            8
+        );
+
+        // All up, then shard 1 fails mid-step: its work comes back with the batch's rows and
+        // goes to the shards left, none of it to shard 1.
+        let (_, peers) = split_plan(&plan, &placement, 4, 0, all_up).unwrap();
+        let lost = peers.iter().find(|p| p.rank == 1).unwrap();
+        let back = reclaim(&[lost]);
+        for expert in &back.works {
+            let original = plan
+                .works
+                .iter()
+                .find(|w| w.expert == expert.expert)
+                .unwrap();
+            for (row, weight) in expert.rows.iter().zip(&expert.weights) {
+                let at = original.rows.iter().position(|r| r == row).unwrap();
+                assert_eq!(original.weights[at], *weight);
+            }
+        }
+        let (retry_local, retry_peers) = split_plan(&back, &placement, 4, 0, |r| r != 1).unwrap();
+        assert!(retry_peers.iter().all(|p| p.rank == 2));
+        assert_eq!(
+            pairs(&retry_local)
+                + retry_peers
+                    .iter()
+                    .map(|p| pairs(&reclaim(&[p])))
+                    .sum::<usize>(),
+            pairs(&back)
+        );
+        // Shards 1 and 2 both failed: expert 2 (shards 1 and 0) can go local, expert 4 (shards 2
+        // and 1) has no holder left.
+        let err = split_plan(&plan, &placement, 4, 0, |r| r == 0).unwrap_err();
+        assert_eq!(
+            err,
+            AssignError::NoUsableHolder {
+                layer: 4,
+                expert: 4,
+                holders: vec![1, 2]
+            }
+        );
+    }
+
+    #[test]
+    fn an_expert_lost_on_two_peers_comes_back_as_one_entry() {
+        let a = PeerWork {
+            rank: 1,
+            token_rows: vec![3, 8],
+            experts: vec![work(5, &[1], &[0.5]), work(6, &[0, 1], &[0.1, 0.2])],
+        };
+        let b = PeerWork {
+            rank: 2,
+            token_rows: vec![2, 9],
+            experts: vec![work(5, &[1, 0], &[0.7, 0.6])],
+        };
+        let back = reclaim(&[&a, &b]);
+        assert_eq!(
+            back.works,
+            vec![
+                work(5, &[2, 8, 9], &[0.6, 0.5, 0.7]),
+                work(6, &[3, 8], &[0.1, 0.2])
+            ]
+        );
+        assert!(reclaim(&[]).works.is_empty());
+    }
+
+    #[test]
+    fn partial_sums_add_into_their_rows() {
+        let mut out = vec![1.0; 6];
+        add_rows(&mut out, 2, &[0, 2], &[1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(out, vec![2.0, 3.0, 1.0, 1.0, 4.0, 5.0]);
     }
 }

@@ -91,6 +91,11 @@ pub fn plan_for_request(
             rows.cols
         )));
     }
+    let Some(placement) = identity.placement.layer(layer) else {
+        return Err(Status::invalid_argument(format!(
+            "layer {layer} is not an MoE layer: it has no routed experts"
+        )));
+    };
     let hidden =
         wire::decode(rows).map_err(|e| Status::invalid_argument(format!("hidden: {e}")))?;
     let tokens = rows.rows;
@@ -102,9 +107,9 @@ pub fn plan_for_request(
     let mut row_seen = vec![false; tokens as usize];
     for (index, entry) in request.experts.iter().enumerate() {
         let expert = entry.expert as usize;
-        if !identity.placement.holds(identity.rank, expert) {
+        if !placement.holds(identity.rank, expert) {
             return Err(Status::invalid_argument(format!(
-                "experts[{index}]: expert {expert} is not held by shard {}",
+                "experts[{index}]: expert {expert} of layer {layer} is not held by shard {}",
                 identity.rank
             )));
         }
@@ -221,7 +226,17 @@ mod tests {
     fn identity() -> ShardIdentity {
         ShardIdentity {
             rank: 1,
-            placement: Placement::default_for(4, 1, 2).unwrap(),
+            // Layer 1 is MoE (experts 0, 1 on shard 0; 2, 3 on shard 1); layer 2 (per-layer
+            // entry) gives shard 1 experts 0 and 3.
+            placement: Placement::parse(
+                r#"{"experts": [[0], [0], [1], [1]], "layers": {"2": [[1], [0], [0], [1]]}}"#,
+                latentserve_placement::file::ModelShape {
+                    n_experts: 4,
+                    moe_layers: &[1, 2],
+                    shard_count: 2,
+                },
+            )
+            .unwrap(),
             fingerprint: "fp".to_owned(),
             model_name: "tiny".to_owned(),
         }
@@ -243,7 +258,7 @@ mod tests {
 
     #[test]
     fn a_valid_request_becomes_a_plan() {
-        let (hidden, plan) = plan_for_request(&request(), &identity(), 3, 2).unwrap();
+        let (hidden, plan) = plan_for_request(&request(), &identity(), 3, 3).unwrap();
         assert_eq!(hidden.len(), 6);
         assert_eq!(plan.works.len(), 1);
         assert_eq!(plan.works[0].expert, 3);
@@ -253,7 +268,7 @@ mod tests {
     #[test]
     fn bad_requests_are_refused_with_a_named_reason() {
         let check = |request: RunExpertsRequest, code: tonic::Code, needle: &str| {
-            let status = plan_for_request(&request, &identity(), 3, 2).unwrap_err();
+            let status = plan_for_request(&request, &identity(), 3, 3).unwrap_err();
             assert_eq!(status.code(), code, "{status:?}");
             assert!(status.message().contains(needle), "{status:?}");
         };
@@ -267,18 +282,39 @@ mod tests {
         );
         check(
             RunExpertsRequest {
-                layer: 2,
+                layer: 3,
                 ..request()
             },
             tonic::Code::InvalidArgument,
-            "layer 2",
+            "layer 3 is out of range",
+        );
+        check(
+            RunExpertsRequest {
+                layer: 0,
+                ..request()
+            },
+            tonic::Code::InvalidArgument,
+            "layer 0 is not an MoE layer",
         );
         let mut wrong_expert = request();
         wrong_expert.experts[0].expert = 0;
         check(
             wrong_expert,
             tonic::Code::InvalidArgument,
-            "expert 0 is not held by shard 1",
+            "experts[0]: expert 0 of layer 1 is not held by shard 1",
+        );
+        // Held per layer: expert 0 is shard 1's in layer 2, expert 2 is not.
+        let mut layer_2 = RunExpertsRequest {
+            layer: 2,
+            ..request()
+        };
+        layer_2.experts[0].expert = 0;
+        assert!(plan_for_request(&layer_2, &identity(), 3, 3).is_ok());
+        layer_2.experts[0].expert = 2;
+        check(
+            layer_2,
+            tonic::Code::InvalidArgument,
+            "expert 2 of layer 2 is not held by shard 1",
         );
         let mut bad_row = request();
         bad_row.experts[0].rows[1] = 2;
@@ -340,7 +376,7 @@ mod tests {
         let backend = LocalBackend {
             experts: Arc::new(DenseLayer),
             hidden_size: 3,
-            num_layers: 2,
+            num_layers: 3,
         };
         assert!(service.backend().set(backend).is_ok());
         let status = service

@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use latentserve_placement::file::ModelShape;
 use latentserve_proto::v1::WireDtype;
 use tokio::sync::watch;
 
 use super::auth::ExpertsAuth;
-use super::peers::{PeerListError, PeerTimeouts, Peers, peer_ranks};
+use super::peers::{GroupHealth, PeerListError, PeerTimeouts, Peers, peer_ranks};
 use super::placement::{Placement, PlacementError, check_rank};
 use super::remote::ShardedExperts;
 use super::service::{ExpertsService, LocalBackend, ShardIdentity};
@@ -31,8 +32,11 @@ pub struct ShardSettings {
     pub count: usize,
     /// Addresses of the shards: all of them in rank order, or the others in rank order.
     pub peers: Vec<String>,
-    /// A placement file (routed expert -> shards); the contiguous default when absent.
+    /// A placement file (per MoE layer, routed expert -> shards); the default layout when absent.
     pub expert_placement: Option<PathBuf>,
+    /// Extra expert slots per shard in the default layout, holding copies of the next shard's
+    /// experts (`>= experts / shards`: every expert on two shards, so any one shard may fail).
+    pub redundant_experts: usize,
     /// Element type of hidden rows and partial sums sent between shards.
     pub wire_dtype: WireDtype,
     /// Longest a call to a peer's experts may take.
@@ -48,6 +52,7 @@ impl Default for ShardSettings {
             count: 1,
             peers: Vec::new(),
             expert_placement: None,
+            redundant_experts: 0,
             wire_dtype: WireDtype::F32,
             rpc_timeout: Duration::from_secs(10),
             auth: ExpertsAuth::open(),
@@ -101,8 +106,15 @@ impl Shard {
         let (n_experts, n_group) = config
             .moe
             .map_or((0, 1), |moe| (moe.n_routed_experts, moe.n_group));
+        let moe_layers: Vec<usize> = (0..config.num_hidden_layers)
+            .filter(|&layer| config.moe.is_some() && config.is_moe_layer(layer))
+            .collect();
+        let redundant = settings.redundant_experts;
         let placement = if count == 1 {
-            Placement::default_for(n_experts.max(1), n_group, 1)?
+            if redundant > 0 {
+                return Err(PlacementError::RedundantWithoutPeers { redundant }.into());
+            }
+            Placement::default_for(n_experts.max(1), n_group, 1, 0, &moe_layers)?
         } else {
             if n_experts == 0 {
                 return Err(ShardError::NoRoutedExperts {
@@ -111,11 +123,29 @@ impl Shard {
                 });
             }
             match &settings.expert_placement {
-                Some(path) => Placement::from_file(path, n_experts, count)?,
-                None => Placement::default_for(n_experts, n_group, count)?,
+                Some(path) if redundant > 0 => {
+                    return Err(PlacementError::RedundantWithFile {
+                        redundant,
+                        path: path.display().to_string(),
+                    }
+                    .into());
+                }
+                Some(path) => {
+                    let shape = ModelShape {
+                        n_experts,
+                        moe_layers: &moe_layers,
+                        shard_count: count,
+                    };
+                    Placement::from_file(path, shape)?
+                }
+                None => Placement::default_for(n_experts, n_group, count, redundant, &moe_layers)?,
             }
         };
-        if count > 1 && placement.experts_of(rank).is_empty() {
+        if count > 1
+            && placement
+                .moe_layers()
+                .all(|layer| placement.experts_of(rank, layer).is_empty())
+        {
             tracing::warn!(rank, "the placement gives this shard no routed expert");
         }
         let peers = peer_ranks(&settings.peers, rank, count)?;
@@ -124,14 +154,18 @@ impl Shard {
             source,
         })?;
         let fingerprint = fingerprint(&digest, &placement);
+        let version = placement.version().unwrap_or("default").to_owned();
         tracing::info!(
             rank,
             count,
-            experts = ?placement.experts_of(rank),
+            holds = %placement.describe_rank(rank),
+            placement_version = %version,
+            redundant,
             %fingerprint,
             "expert shard"
         );
         metrics.set_expert_shard(rank, count);
+        metrics.set_expert_placement_version(&version);
         let identity = ShardIdentity {
             rank,
             placement,
@@ -145,7 +179,7 @@ impl Shard {
         };
         let peers = Arc::new(Peers::new(
             rank,
-            count,
+            identity.placement.clone(),
             peers,
             fingerprint,
             timeouts,
@@ -162,15 +196,16 @@ impl Shard {
         })
     }
 
-    /// The loader's filter: the routed experts this shard holds; `None` (load all) for one shard.
+    /// The loader's filter: the routed experts this shard holds in each MoE layer; `None` (load
+    /// all) for one shard.
     pub fn expert_filter(&self) -> Option<ExpertFilter> {
         if self.identity.placement.shard_count() == 1 {
             return None;
         }
         let placement = self.identity.placement.clone();
         let rank = self.identity.rank;
-        Some(Arc::new(move |_layer: usize, expert: usize| {
-            placement.holds(rank, expert)
+        Some(Arc::new(move |layer: usize, expert: usize| {
+            placement.holds(rank, layer, expert)
         }))
     }
 
@@ -181,8 +216,9 @@ impl Shard {
         }
     }
 
-    /// True while every peer is usable; follows changes.
-    pub fn peers_healthy(&self) -> watch::Receiver<bool> {
+    /// Which peers are usable and whether, with this shard, they hold every expert; follows
+    /// changes.
+    pub fn group_health(&self) -> watch::Receiver<GroupHealth> {
         self.peers.subscribe()
     }
 

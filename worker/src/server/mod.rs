@@ -30,6 +30,7 @@ use crate::engine::EngineHandle;
 use crate::engine::codec::TokenCodec;
 use crate::experts::EXPERTS_SERVICE_NAME;
 use crate::experts::auth::{ExpertsAuth, RequireToken};
+use crate::experts::peers::GroupHealth;
 use crate::experts::service::ExpertsService;
 use crate::metrics::Metrics;
 use crate::model::chat_template::ChatTemplate;
@@ -227,6 +228,8 @@ impl RunningServer {
             loaded: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             peers_ok: AtomicBool::new(true),
+            all_peers_usable: AtomicBool::new(true),
+            metrics: metrics.clone(),
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -348,16 +351,23 @@ impl RunningServer {
         tracing::info!("ready");
     }
 
-    /// Makes readiness follow `peers_ok` too (expert shards: every peer reachable, ready and
-    /// with our fingerprint), from now until the server stops.
-    pub fn follow_peers(&self, mut peers_ok: watch::Receiver<bool>) {
+    /// Makes readiness follow the expert group too, from now until the server stops: serving
+    /// needs every routed expert of every MoE layer held by this shard or a usable peer (with
+    /// replicas, a peer may be down), and the degraded gauge shows serving without every peer.
+    pub fn follow_peers(&self, mut group: watch::Receiver<GroupHealth>) {
         let readiness = self.readiness.clone();
         tokio::spawn(async move {
             loop {
-                let ok = *peers_ok.borrow_and_update();
-                readiness.peers_ok.store(ok, Ordering::SeqCst);
+                let health = *group.borrow_and_update();
+                readiness.peers_ok.store(health.covered, Ordering::SeqCst);
+                readiness
+                    .all_peers_usable
+                    .store(health.all_usable(), Ordering::SeqCst);
+                readiness
+                    .metrics
+                    .set_expert_peers_usable(health.usable_peers);
                 readiness.refresh().await;
-                if peers_ok.changed().await.is_err() {
+                if group.changed().await.is_err() {
                     return;
                 }
             }
@@ -412,7 +422,10 @@ struct Readiness {
     ready: Arc<AtomicBool>,
     loaded: AtomicBool,
     draining: AtomicBool,
+    /// The usable peers and this shard hold every routed expert.
     peers_ok: AtomicBool,
+    all_peers_usable: AtomicBool,
+    metrics: Arc<Metrics>,
 }
 
 impl Readiness {
@@ -421,6 +434,8 @@ impl Readiness {
             && !self.draining.load(Ordering::SeqCst)
             && self.peers_ok.load(Ordering::SeqCst);
         let was = self.ready.swap(serving, Ordering::SeqCst);
+        self.metrics
+            .set_expert_group_degraded(serving && !self.all_peers_usable.load(Ordering::SeqCst));
         let status = if serving {
             ServingStatus::Serving
         } else {

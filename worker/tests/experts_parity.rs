@@ -1,12 +1,19 @@
 //! Expert parallelism in one process: N shards of a fixture model, each with only its routed
 //! experts loaded and its Experts service on a 127.0.0.1 port, exchanging over real gRPC. Their
-//! logits must match one worker holding everything within 1e-5 and their greedy tokens exactly.
+//! logits must match one worker holding everything within 1e-5 and their greedy tokens exactly:
+//! with the default placement, with per-layer placements and replicas, and when a peer's calls
+//! fail and its work goes to a replica.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
+use latentserve_proto::v1::experts_server::{Experts, ExpertsServer};
+use latentserve_proto::v1::{
+    HandshakeRequest, HandshakeResponse, RunExpertsRequest, RunExpertsResponse,
+};
+use latentserve_worker::experts::service::ExpertsService;
 use latentserve_worker::experts::shard::{Shard, ShardSettings, loaded_expert_bytes};
 use latentserve_worker::metrics::Metrics;
 use latentserve_worker::model::{
@@ -55,6 +62,40 @@ fn start_group(
     n: usize,
     placement: Option<&Path>,
 ) -> Vec<TestShard> {
+    start_group_with(runtime, dir, n, placement, 0, None)
+}
+
+/// An Experts service that answers handshakes as the real one does (so its peers take it for
+/// usable) but fails every RunExperts call: a peer that breaks mid-step.
+struct FailingRuns(ExpertsService);
+
+#[tonic::async_trait]
+impl Experts for FailingRuns {
+    async fn handshake(
+        &self,
+        request: tonic::Request<HandshakeRequest>,
+    ) -> Result<tonic::Response<HandshakeResponse>, tonic::Status> {
+        self.0.handshake(request).await
+    }
+
+    async fn run_experts(
+        &self,
+        _: tonic::Request<RunExpertsRequest>,
+    ) -> Result<tonic::Response<RunExpertsResponse>, tonic::Status> {
+        Err(tonic::Status::internal("injected failure"))
+    }
+}
+
+/// [`start_group`] with `--redundant-experts redundant`, and with the RunExperts calls of rank
+/// `failing` (if any) always failing.
+fn start_group_with(
+    runtime: &tokio::runtime::Runtime,
+    dir: &Path,
+    n: usize,
+    placement: Option<&Path>,
+    redundant: usize,
+    failing: Option<usize>,
+) -> Vec<TestShard> {
     let listeners: Vec<TcpListener> = (0..n)
         .map(|_| runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap())
         .collect();
@@ -73,21 +114,32 @@ fn start_group(
                 count: n,
                 peers: if n > 1 { addresses.clone() } else { Vec::new() },
                 expert_placement: placement.map(Path::to_path_buf),
+                redundant_experts: redundant,
                 ..ShardSettings::default()
             };
             let _guard = runtime.enter();
             let mut shard =
                 Shard::new(&settings, dir, &config, "fixture", metrics.clone()).unwrap();
-            let server = runtime.spawn({
-                let service = shard.service.clone().into_server();
-                async move {
+            let incoming = TcpListenerStream::new(listener);
+            let server = if failing == Some(rank) {
+                let service = ExpertsServer::new(FailingRuns(shard.service.clone()));
+                runtime.spawn(async move {
                     tonic::transport::Server::builder()
                         .add_service(service)
-                        .serve_with_incoming(TcpListenerStream::new(listener))
+                        .serve_with_incoming(incoming)
                         .await
                         .unwrap();
-                }
-            });
+                })
+            } else {
+                let service = shard.service.clone().into_server();
+                runtime.spawn(async move {
+                    tonic::transport::Server::builder()
+                        .add_service(service)
+                        .serve_with_incoming(incoming)
+                        .await
+                        .unwrap();
+                })
+            };
             shard.start_monitor();
             let options = LoadOptions {
                 expert_filter: shard.expert_filter(),
@@ -324,4 +376,113 @@ fn a_replicated_expert_spreads_its_tokens_over_its_replicas() {
         "expert {hot}: {on_shard_0} tokens on shard 0, {on_shard_1} on shard 1"
     );
     assert_eq!(on_shard_0 + on_shard_1, counts[hot] as u64);
+}
+
+/// Sum of a counter's series whose line contains `needle`.
+fn counter(metrics: &Metrics, name: &str, needle: &str) -> u64 {
+    metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(needle))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn per_layer_placements_with_replicas_match_one_worker() {
+    let runtime = runtime();
+    let dir = fixture("v3-tiny-f32");
+    let prompt = prompt_ids(&dir);
+    let single = start_group(&runtime, &dir, 1, None);
+    let (reference_logits, reference_tokens, _) = generate(&single[0], &prompt, 12);
+    drop(single);
+    // MoE layers 1 and 2 of 16 experts over 3 shards, laid out differently: layer 1 deals the
+    // experts round-robin and copies 0..4 to the next shard; layer 2 gives contiguous blocks in
+    // reverse rank order and copies 10..13 to the shard before.
+    let layer_1: Vec<Vec<usize>> = (0..16)
+        .map(|e| match e % 3 {
+            r if e < 4 => vec![r, (r + 1) % 3],
+            r => vec![r],
+        })
+        .collect();
+    let layer_2: Vec<Vec<usize>> = (0..16)
+        .map(|e| {
+            let r = 2 - e * 3 / 16;
+            if (10..13).contains(&e) {
+                vec![r, (r + 2) % 3]
+            } else {
+                vec![r]
+            }
+        })
+        .collect();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        file.path(),
+        serde_json::json!({
+            "version": "per-layer-test",
+            "shardCount": 3,
+            "layers": { "1": layer_1, "2": layer_2 },
+        })
+        .to_string(),
+    )
+    .unwrap();
+
+    let group = start_group(&runtime, &dir, 3, Some(file.path()));
+    for shard in &group {
+        let rank = shard.shard.identity.rank;
+        // The loader took each layer's experts of this rank, and nothing else.
+        for (layer, entries) in [(1, &layer_1), (2, &layer_2)] {
+            for (expert, ranks) in entries.iter().enumerate() {
+                assert_eq!(
+                    shard.model.local_experts().holds(layer, expert),
+                    ranks.contains(&rank),
+                    "rank {rank}, layer {layer}, expert {expert}"
+                );
+            }
+        }
+        let text = shard.metrics.render();
+        assert!(
+            text.contains(
+                r#"latentserve_expert_placement_info{version="per-layer-test",model="fixture"} 1"#
+            ),
+            "rank {rank}: {text}"
+        );
+        let (logits, tokens, _) = generate(shard, &prompt, 12);
+        let diff = max_abs_diff(&logits, &reference_logits);
+        assert!(diff <= 1e-5, "rank {rank}: logits differ by {diff}");
+        assert_eq!(tokens, reference_tokens, "rank {rank}");
+    }
+}
+
+#[test]
+fn a_peer_whose_calls_fail_has_its_work_run_on_a_replica() {
+    let runtime = runtime();
+    let dir = fixture("v3-tiny-f32");
+    let prompt = prompt_ids(&dir);
+    let single = start_group(&runtime, &dir, 1, None);
+    let (reference_logits, reference_tokens, _) = generate(&single[0], &prompt, 8);
+    drop(single);
+    // Two shards, 8 redundant slots each: both hold all 16 experts, and rank 0 splits its
+    // replicated work with rank 1, whose every RunExperts call fails.
+    let group = start_group_with(&runtime, &dir, 2, None, 8, Some(1));
+    let (logits, tokens, _) = generate(&group[0], &prompt, 8);
+    let diff = max_abs_diff(&logits, &reference_logits);
+    assert!(diff <= 1e-5, "logits differ by {diff}");
+    assert_eq!(tokens, reference_tokens);
+    let peer = group[0].shard.peers.address(1);
+    let peer_label = format!("peer=\"{peer}\"");
+    let retries = counter(
+        &group[0].metrics,
+        "latentserve_expert_retries_total",
+        &peer_label,
+    );
+    let errors = counter(
+        &group[0].metrics,
+        "latentserve_expert_rpc_errors_total",
+        &peer_label,
+    );
+    assert!(
+        retries >= 1 && retries == errors,
+        "{retries} retries, {errors} failed calls"
+    );
 }

@@ -1,7 +1,8 @@
 //! Expert parallelism across real `latentserve-worker serve` processes on 127.0.0.1 ports: the
 //! same greedy tokens on 1, 2 and 4 shards from every rank, a shard killed mid-stream and
-//! restarted, a peer serving another model refused, and the expert exchange admitting only the
-//! shards that hold the group's token.
+//! restarted, a shard killed under load with and without redundant experts, bad placement files
+//! and flags refused at start, a peer serving another model refused, and the expert exchange
+//! admitting only the shards that hold the group's token.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,7 +15,7 @@ use latentserve_proto::v1::inference_client::InferenceClient;
 use latentserve_proto::v1::{
     GenerateRequest, GetModelInfoRequest, HandshakeRequest, RunExpertsRequest,
 };
-use serve_support::greedy_request;
+use serve_support::{greedy_request, http_get_at, metric};
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -58,6 +59,7 @@ struct Worker {
     child: Child,
     port: u16,
     experts_port: u16,
+    metrics_port: u16,
     log: PathBuf,
 }
 
@@ -78,6 +80,7 @@ impl Worker {
             .iter()
             .map(|p| format!("127.0.0.1:{p}"))
             .collect();
+        let metrics_port = free_ports(1)[0];
         let log = log_dir.join(format!("rank-{rank}-{port}-{}.log", rand_suffix()));
         let mut command = Command::new(env!("CARGO_BIN_EXE_latentserve-worker"));
         command
@@ -85,7 +88,7 @@ impl Worker {
             .arg("--model")
             .arg(fixture(model))
             .args(["--grpc-addr", &format!("127.0.0.1:{port}")])
-            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .args(["--openai-addr", ""])
             .args(["--kv-cache-memory", "16Mi"])
             .args(["--shard-rank", &rank.to_string()])
@@ -105,6 +108,7 @@ impl Worker {
             child: command.spawn().unwrap(),
             port,
             experts_port: experts_ports[rank],
+            metrics_port,
             log,
         }
     }
@@ -116,6 +120,37 @@ impl Worker {
     /// Where its peers reach its experts.
     fn experts_address(&self) -> String {
         format!("127.0.0.1:{}", self.experts_port)
+    }
+
+    /// Its /metrics text (empty while the port does not answer).
+    async fn metrics(&self) -> String {
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], self.metrics_port));
+        match tokio::net::TcpStream::connect(address).await {
+            Ok(_) => http_get_at(address, "/metrics").await.1,
+            Err(_) => String::new(),
+        }
+    }
+
+    /// Waits (bounded) for the process to exit on its own, e.g. after a start-up error, and
+    /// returns its log.
+    fn wait_for_exit(&mut self) -> String {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(
+                    !status.success(),
+                    "exited with success:\n{}",
+                    self.log_text()
+                );
+                return self.log_text();
+            }
+            assert!(
+                Instant::now() < until,
+                "still running after 60 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn log_text(&self) -> String {
@@ -458,5 +493,261 @@ async fn the_expert_exchange_admits_only_shards_with_the_groups_token() {
     assert_eq!(
         health(&first.address()).await,
         Some(ServingStatus::NotServing)
+    );
+}
+
+/// One streaming request on `address` that reports its first message on `started`, then
+/// collects every token until the stream ends.
+async fn stream_after_first_token(
+    address: String,
+    request: GenerateRequest,
+    started: tokio::sync::mpsc::Sender<()>,
+) -> Result<Vec<u32>, tonic::Status> {
+    let channel = channel(&address)
+        .await
+        .ok_or_else(|| tonic::Status::unavailable("no connection"))?;
+    let mut stream = InferenceClient::new(channel)
+        .generate(request)
+        .await?
+        .into_inner();
+    let mut tokens = Vec::new();
+    let mut first = true;
+    while let Some(message) = stream.message().await? {
+        tokens.extend(message.token_ids);
+        if std::mem::take(&mut first) {
+            let _ = started.send(()).await;
+        }
+    }
+    Ok(tokens)
+}
+
+/// Tokens per stream of [`kill_rank_1_under_load`]: hundreds of steps, so that every stream is
+/// still running when rank 1 dies a few milliseconds after their first tokens, even on a much
+/// faster machine.
+const STREAM_TOKENS: u32 = 600;
+
+/// Three shards of the 16-expert `v3-tiny-f32` architecture with a long context
+/// ([`serve_support::long_context_model`]); rank 0 runs `STREAMS` concurrent streams and rank 1
+/// is SIGKILLed once all have their first token. Returns the streams' results, the workers
+/// (rank 1 dead) and the killed rank's expert address.
+async fn kill_rank_1_under_load(
+    logs: &Path,
+    flags: &[&str],
+) -> (Vec<Result<Vec<u32>, tonic::Status>>, Vec<Worker>, String) {
+    const STREAMS: usize = 4;
+    let model_dir = serve_support::long_context_model(logs);
+    // An absolute path: `fixture` leaves it as it is.
+    let model = model_dir.to_str().unwrap();
+    let prompt = reference_ids("v3-tiny-f32", "prompt_ids");
+    let ports = group_ports(3);
+    let mut workers: Vec<Worker> = (0..3)
+        .map(|rank| Worker::start(model, rank, &ports, logs, flags))
+        .collect();
+    for worker in &mut workers {
+        wait_health(worker, ServingStatus::Serving).await;
+    }
+    let (started, mut started_rx) = tokio::sync::mpsc::channel(STREAMS);
+    let streams: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            // Different short prompts, so that the streams route to different experts.
+            let prompt = prompt[i..i + 8].to_vec();
+            tokio::spawn(stream_after_first_token(
+                workers[0].address(),
+                greedy_request(&prompt, STREAM_TOKENS),
+                started.clone(),
+            ))
+        })
+        .collect();
+    drop(started);
+    for _ in 0..STREAMS {
+        tokio::time::timeout(Duration::from_secs(120), started_rx.recv())
+            .await
+            .expect("every stream gets its first token")
+            .expect("a stream ended before its first token");
+    }
+    let killed = workers[1].experts_address();
+    workers[1].child.kill().unwrap();
+    workers[1].child.wait().unwrap();
+    let mut results = Vec::new();
+    for stream in streams {
+        let result = tokio::time::timeout(Duration::from_secs(120), stream)
+            .await
+            .expect("no stream may hang when a shard dies")
+            .unwrap();
+        results.push(result);
+    }
+    (results, workers, killed)
+}
+
+/// Polls rank `worker`'s metrics until `predicate` holds, for at most 60 seconds.
+async fn wait_metrics(worker: &Worker, what: &str, predicate: impl Fn(&str) -> bool) {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = worker.metrics().await;
+        if !text.is_empty() && predicate(&text) {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "timed out waiting for {what}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_expert_on_two_shards_a_killed_rank_fails_no_request() {
+    let logs = tempfile::tempdir().unwrap();
+    // 16 experts over 3 shards hold 6, 5 and 5: 6 redundant slots mirror every one of them.
+    let flags = ["--expert-rpc-timeout", "3s", "--redundant-experts", "6"];
+    let (results, mut workers, killed) = kill_rank_1_under_load(logs.path(), &flags).await;
+    for (i, result) in results.into_iter().enumerate() {
+        let tokens = result.unwrap_or_else(|status| {
+            panic!("stream {i} failed: {status:?}\n{}", workers[0].log_text())
+        });
+        assert_eq!(tokens.len(), STREAM_TOKENS as usize, "stream {i}");
+    }
+    // The survivors keep serving, and say that they do so without every peer.
+    assert_eq!(
+        health(&workers[0].address()).await,
+        Some(ServingStatus::Serving)
+    );
+    assert_eq!(
+        health(&workers[2].address()).await,
+        Some(ServingStatus::Serving)
+    );
+    wait_metrics(
+        &workers[0],
+        "rank 0 degraded with one usable peer",
+        |text| {
+            metric(text, "expert_group_degraded") == 1.0
+                && metric(text, "expert_peers_usable") == 1.0
+        },
+    )
+    .await;
+    let text = workers[0].metrics().await;
+    let retries: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("latentserve_expert_retries_total{") && l.contains(&killed))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    eprintln!("rank 0 re-sent the work of {retries} failed calls to rank 1 on replicas");
+    // New requests keep working too.
+    let prompt = reference_ids("v3-tiny-f32", "prompt_ids");
+    let tokens = generate(&workers[0].address(), greedy_request(&prompt, 8))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", workers[0].log_text()));
+    assert_eq!(tokens.len(), 8);
+    wait_health(&mut workers[2], ServingStatus::Serving).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redundancy_a_killed_rank_fails_its_requests_naming_the_shard() {
+    let logs = tempfile::tempdir().unwrap();
+    let flags = ["--expert-rpc-timeout", "3s"];
+    let (results, mut workers, killed) = kill_rank_1_under_load(logs.path(), &flags).await;
+    let mut failed = 0;
+    for (i, result) in results.into_iter().enumerate() {
+        // A stream whose last tokens needed none of rank 1's experts may finish; every other
+        // one ends UNAVAILABLE, naming the lost shard.
+        if let Err(status) = result {
+            assert_eq!(
+                status.code(),
+                tonic::Code::Unavailable,
+                "stream {i}: {status:?}"
+            );
+            assert!(
+                status.message().contains("expert shard 1") && status.message().contains(&killed),
+                "stream {i}: {status:?}"
+            );
+            failed += 1;
+        }
+    }
+    assert!(failed > 0, "no stream needed rank 1's experts");
+    wait_health(&mut workers[0], ServingStatus::NotServing).await;
+    wait_metrics(&workers[0], "rank 0 not degraded but down", |text| {
+        metric(text, "expert_group_degraded") == 0.0 && metric(text, "expert_peers_usable") == 1.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_placement_files_and_flags_are_refused_at_start_naming_what_is_wrong() {
+    let logs = tempfile::tempdir().unwrap();
+    let model = "v3-tiny-f32";
+    // The fixture has 3 layers: layer 0 dense, layers 1 and 2 MoE, 16 routed experts.
+    let two_shards: Vec<Vec<usize>> = (0..16).map(|e| vec![e / 8]).collect();
+    let write = |name: &str, value: serde_json::Value| {
+        let path = logs.path().join(name);
+        std::fs::write(&path, value.to_string()).unwrap();
+        path
+    };
+    let cases = [
+        (
+            write(
+                "dense-layer.json",
+                serde_json::json!({"experts": two_shards, "layers": {"0": two_shards}}),
+            ),
+            r#"`layers["0"]`: layer 0 is not an MoE layer"#,
+        ),
+        (
+            write(
+                "missing-layer.json",
+                serde_json::json!({"layers": {"1": two_shards}}),
+            ),
+            "MoE layer 2 has no entry in `layers` and there is no `experts` default",
+        ),
+        (
+            write(
+                "shard-count.json",
+                serde_json::json!({"shardCount": 4, "experts": two_shards}),
+            ),
+            "`shardCount` is 4 but the group has 2 shards",
+        ),
+    ];
+    for (path, field) in &cases {
+        let ports = group_ports(2);
+        let mut worker = Worker::start(
+            model,
+            0,
+            &ports,
+            logs.path(),
+            &["--expert-placement", path.to_str().unwrap()],
+        );
+        let log = worker.wait_for_exit();
+        assert!(
+            log.contains(&format!("--expert-placement {}: {field}", path.display())),
+            "{}:\n{log}",
+            path.display()
+        );
+    }
+    let (path, _) = &cases[0];
+    let ports = group_ports(2);
+    let mut worker = Worker::start(
+        model,
+        0,
+        &ports,
+        logs.path(),
+        &[
+            "--redundant-experts",
+            "2",
+            "--expert-placement",
+            path.to_str().unwrap(),
+        ],
+    );
+    let log = worker.wait_for_exit();
+    assert!(
+        log.contains(&format!(
+            "--redundant-experts 2 and --expert-placement {} cannot be combined",
+            path.display()
+        )),
+        "{log}"
+    );
+    let ports = group_ports(1);
+    let mut worker = Worker::start(model, 0, &ports, logs.path(), &["--redundant-experts", "1"]);
+    let log = worker.wait_for_exit();
+    assert!(
+        log.contains("--redundant-experts 1 needs --shard-count above 1"),
+        "{log}"
     );
 }

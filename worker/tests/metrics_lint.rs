@@ -50,6 +50,10 @@ fn populated() -> Metrics {
     metrics.record_expert_rpc("demo-0-1.demo-peers.models.svc:50052", 0.002);
     metrics.record_expert_rpc_error("demo-0-1.demo-peers.models.svc:50052", "Unavailable");
     metrics.set_expert_shard(0, 2);
+    metrics.record_expert_retry("demo-0-1.demo-peers.models.svc:50052");
+    metrics.set_expert_peers_usable(1);
+    metrics.set_expert_group_degraded(false);
+    metrics.set_expert_placement_version("3");
     metrics
 }
 

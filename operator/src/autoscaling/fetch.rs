@@ -6,13 +6,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-
 use super::signal::RouterReport;
+use crate::http_get::{GetError, HttpGet};
 
 /// The path of the report on the router's metrics port.
 pub const PATH: &str = "/v1/autoscaling";
@@ -50,8 +45,7 @@ pub trait ReportSource: Send + Sync {
 /// The routers' reports over HTTP. One client (and connection pool) for every router.
 #[derive(Clone)]
 pub struct HttpReports {
-    client: Client<HttpConnector, Empty<Bytes>>,
-    timeout: Duration,
+    http: HttpGet,
 }
 
 impl Default for HttpReports {
@@ -62,42 +56,33 @@ impl Default for HttpReports {
 
 impl HttpReports {
     pub fn with_timeout(timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
-        connector.set_nodelay(true);
         Self {
-            client: Client::builder(TokioExecutor::new()).build(connector),
-            timeout,
+            http: HttpGet::new(timeout),
         }
     }
 
     async fn get(&self, address: &str) -> Result<RouterReport, FetchError> {
-        let http = |message: String| FetchError::Http {
-            address: address.to_owned(),
-            message,
-        };
-        let uri = format!("http://{address}{PATH}")
-            .parse::<hyper::Uri>()
-            .map_err(|e| http(e.to_string()))?;
-        let response = self
-            .client
-            .get(uri)
+        let address_owned = || address.to_owned();
+        let body = self
+            .http
+            .get(address, PATH, MAX_BODY_BYTES)
             .await
-            .map_err(|e| http(e.to_string()))?;
-        let status = response.status();
-        if !status.is_success() {
-            return Err(FetchError::Status {
-                address: address.to_owned(),
-                status: status.as_u16(),
-            });
-        }
-        let body = Limited::new(response.into_body(), MAX_BODY_BYTES)
-            .collect()
-            .await
-            .map_err(|e| http(format!("reading the body: {e}")))?
-            .to_bytes();
+            .map_err(|e| match e {
+                GetError::Timeout { seconds } => FetchError::Timeout {
+                    address: address_owned(),
+                    seconds,
+                },
+                GetError::Status(status) => FetchError::Status {
+                    address: address_owned(),
+                    status,
+                },
+                GetError::Http(message) => FetchError::Http {
+                    address: address_owned(),
+                    message,
+                },
+            })?;
         serde_json::from_slice(&body).map_err(|source| FetchError::Decode {
-            address: address.to_owned(),
+            address: address_owned(),
             source,
         })
     }
@@ -108,16 +93,7 @@ impl ReportSource for HttpReports {
         &'a self,
         address: &'a str,
     ) -> Pin<Box<dyn Future<Output = Result<RouterReport, FetchError>> + Send + 'a>> {
-        Box::pin(async move {
-            tokio::time::timeout(self.timeout, self.get(address))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(FetchError::Timeout {
-                        address: address.to_owned(),
-                        seconds: self.timeout.as_secs_f64(),
-                    })
-                })
-        })
+        Box::pin(self.get(address))
     }
 }
 

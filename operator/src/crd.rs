@@ -50,7 +50,8 @@ pub const MAX_TOTAL_PODS: i32 = 1024;
     validation = Rule::new("self.replicas * self.expertShards <= 1024").message("replicas x expertShards must be at most 1024 pods"),
     validation = Rule::new("!has(self.resources) || !has(self.resources.gpus) || self.resources.gpus == 0 || !has(self.resources.limits) || !((has(self.resources.gpuResourceName) ? self.resources.gpuResourceName : 'nvidia.com/gpu') in self.resources.limits)").message("resources.gpus and resources.limits must not both set the GPU resource"),
     validation = Rule::new("!has(self.autoscaling) || self.autoscaling.maxReplicas * self.expertShards <= 1024").message("autoscaling.maxReplicas x expertShards must be at most 1024 pods"),
-    validation = Rule::new("!has(self.autoscaling) || !has(self.router) || self.router.replicas >= 1").message("autoscaling needs the router (router.replicas >= 1): the operator reads the signal from it, and it holds requests while no group runs")
+    validation = Rule::new("!has(self.autoscaling) || !has(self.router) || self.router.replicas >= 1").message("autoscaling needs the router (router.replicas >= 1): the operator reads the signal from it, and it holds requests while no group runs"),
+    validation = Rule::new("!has(self.expertPlacement) || self.expertShards > 1 || ((!has(self.expertPlacement.policy) || self.expertPlacement.policy == 'Contiguous') && (!has(self.expertPlacement.redundantExperts) || self.expertPlacement.redundantExperts == 0))").message("expertPlacement needs expertShards > 1: one shard holds every expert")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ModelDeploymentSpec {
@@ -116,6 +117,85 @@ pub struct ModelDeploymentSpec {
     /// While set, `replicas` and the scale subresource are ignored. Needs the router.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
+    /// Which shard of a group holds which routed expert: the fixed default layout, or balanced
+    /// placements the operator computes from the experts' measured load and rolls out group by
+    /// group. Needs `expertShards` > 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_placement: Option<ExpertPlacementSpec>,
+}
+
+/// `spec.expertPlacement`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.policy == 'Balanced' || !has(self.rebalance) || self.rebalance.mode == 'Off'").message("rebalance needs policy Balanced"))]
+pub struct ExpertPlacementSpec {
+    /// `Contiguous`: each shard holds whole expert groups (or a contiguous range of expert ids),
+    /// the same in every layer. `Balanced`: the operator measures each expert's load and
+    /// computes per-layer placements that even out the shards' load (DeepSeek's EPLB method).
+    #[serde(default)]
+    pub policy: PlacementPolicy,
+    /// Extra expert slots per shard, for copies of other shards' experts: with `Contiguous`,
+    /// shard r copies the experts of shard r + 1; with `Balanced`, the hottest experts get the
+    /// copies. At least (routed experts / expertShards) of them put every expert on two
+    /// shards, so a group keeps serving when one shard is lost.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1024))]
+    pub redundant_experts: i32,
+    /// When the operator computes a new balanced placement (policy `Balanced` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebalance: Option<RebalanceSpec>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PlacementPolicy {
+    #[default]
+    Contiguous,
+    Balanced,
+}
+
+/// `spec.expertPlacement.rebalance`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RebalanceSpec {
+    /// `Periodic`: measure over every `interval` and roll out a new placement when it pays.
+    /// `Off`: keep the placement the groups run (a balanced one computed before stays).
+    #[serde(default)]
+    pub mode: RebalanceMode,
+    /// The measurement window (a duration such as `30s`, `10m`, `1h`).
+    #[serde(default = "default_rebalance_interval")]
+    #[schemars(length(min = 2, max = 32), regex(pattern = r"^([0-9]+(h|m|s))+$"))]
+    pub interval: String,
+    /// Roll out a new placement only when the measured imbalance (slowest shard's expert load
+    /// over the mean, summed over layers) is at least this, and the new placement is predicted
+    /// to lower it.
+    #[serde(default = "default_min_imbalance")]
+    #[schemars(range(min = 1.0, max = 100.0))]
+    pub min_imbalance: f64,
+}
+
+impl Default for RebalanceSpec {
+    fn default() -> Self {
+        Self {
+            mode: RebalanceMode::default(),
+            interval: default_rebalance_interval(),
+            min_imbalance: default_min_imbalance(),
+        }
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RebalanceMode {
+    #[default]
+    Periodic,
+    Off,
+}
+
+fn default_rebalance_interval() -> String {
+    "10m".to_owned()
+}
+
+fn default_min_imbalance() -> f64 {
+    1.15
 }
 
 /// `spec.autoscaling`: serving groups follow a per-group target, as the Kubernetes HPA does for
@@ -537,6 +617,43 @@ pub struct ModelDeploymentStatus {
     /// What the autoscaler saw and decided; absent without `spec.autoscaling`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingStatus>,
+    /// The expert placement the groups run, and how even it keeps the shards (policy
+    /// `Balanced`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_placement: Option<ExpertPlacementStatus>,
+}
+
+/// `status.expertPlacement`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ExpertPlacementStatus {
+    /// The placement version the groups are rolled onto; 0 is the default layout. Version V
+    /// lives in the immutable ConfigMap `NAME-placement-V`.
+    pub version: i64,
+    /// Serving groups running `version`.
+    pub groups_on_version: i32,
+    /// The group being moved onto `version` now (one at a time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolling_group: Option<i32>,
+    /// Expert load imbalance over the last measurement window: the slowest shard's routed
+    /// tokens over the mean, summed over MoE layers and groups (1.0 is even).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_imbalance: Option<f64>,
+    /// Routed (token, expert) pairs the last window counted.
+    #[serde(default)]
+    pub window_tokens: i64,
+    /// The imbalance measured when `version` was computed, and the one predicted for it on the
+    /// same counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imbalance_before: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_imbalance: Option<f64>,
+    /// When `version` was computed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rebalance_time: Option<Time>,
+    /// Groups serving with a shard down (their other shards hold copies of its experts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub degraded_groups: Vec<i32>,
 }
 
 /// The autoscaler's view of one ModelDeployment.
@@ -769,8 +886,10 @@ mod tests {
     #[test]
     fn cel_rules_are_present_and_can_be_left_out() {
         let with = serde_json::to_string(&crd()).unwrap();
-        // The spec's, extraArgs', autoscaling's and its target's.
-        assert_eq!(with.matches("x-kubernetes-validations").count(), 4);
+        // The spec's, extraArgs', autoscaling's, its target's and expertPlacement's.
+        assert_eq!(with.matches("x-kubernetes-validations").count(), 5);
+        assert!(with.contains("rebalance needs policy Balanced"));
+        assert!(with.contains("expertPlacement needs expertShards > 1"));
         assert!(with.contains("self.replicas * self.expertShards <= 1024"));
         assert!(with.contains("self.minReplicas <= self.maxReplicas"));
         assert!(with.contains("self.router.replicas >= 1"));

@@ -10,14 +10,17 @@
 //! [`discovery`] adapts the builders to the cluster, [`leader`] elects one active process,
 //! [`policy`] holds the installer's allow-lists, [`metrics`] serves Prometheus and health endpoints, [`capacity`] reads the cache figures
 //! from a worker, and [`autoscaling`] decides the number of serving groups from the router's
-//! signal (`spec.autoscaling`).
+//! signal (`spec.autoscaling`), and [`placement`] balances the routed experts over the shards of
+//! each group (`spec.expertPlacement`).
 
 pub mod autoscaling;
 pub mod capacity;
 pub mod crd;
 pub mod discovery;
+pub mod http_get;
 pub mod leader;
 pub mod metrics;
+pub mod placement;
 pub mod policy;
 pub mod reconcile;
 pub mod resources;

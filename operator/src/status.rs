@@ -9,7 +9,8 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{
-    AutoscalingStatus, Capacity, ModelDeployment, ModelDeploymentStatus, RouterStatus,
+    AutoscalingStatus, Capacity, ExpertPlacementStatus, ModelDeployment, ModelDeploymentStatus,
+    RouterStatus,
 };
 use crate::resources::{DEFAULT_SERVICE_PORT, HTTP_PORT, LABEL_GROUP, Owner};
 use crate::validate::InvalidSpec;
@@ -51,6 +52,52 @@ impl GroupObservation {
     pub fn ready(&self, expert_shards: i32) -> bool {
         self.shards == expert_shards && self.ready_pods >= expert_shards
     }
+
+    /// Whether the group serves. A worker is ready only while its own experts and those of its
+    /// ready peers cover every expert of every layer, so with redundant copies
+    /// (`expertPlacement.redundantExperts` > 0) one ready shard means the group serves; without
+    /// copies every shard must be ready.
+    pub fn serving(&self, expert_shards: i32, redundant: bool) -> bool {
+        self.ready(expert_shards)
+            || (redundant && self.shards == expert_shards && self.ready_pods >= 1)
+    }
+
+    /// Serving with some shard down, on the copies of its experts.
+    pub fn degraded(&self, expert_shards: i32, redundant: bool) -> bool {
+        self.serving(expert_shards, redundant) && !self.ready(expert_shards)
+    }
+}
+
+/// Whether `spec.expertPlacement` gives the shards copies of each other's experts.
+pub fn has_redundancy(md: &ModelDeployment) -> bool {
+    md.spec
+        .expert_placement
+        .as_ref()
+        .is_some_and(|p| p.redundant_experts > 0)
+}
+
+/// `status.expertPlacement`: the placement stage's view of this reconcile (the last one's
+/// when the stage did not run), with the degraded groups as observed now.
+pub fn expert_placement(
+    md: &ModelDeployment,
+    groups: &[GroupObservation],
+    view: Option<&ExpertPlacementStatus>,
+) -> Option<ExpertPlacementStatus> {
+    md.spec.expert_placement.as_ref()?;
+    if md.spec.expert_shards < 2 {
+        return None;
+    }
+    let mut status = view
+        .cloned()
+        .or_else(|| md.status.as_ref()?.expert_placement.clone())
+        .unwrap_or_default();
+    let redundant = has_redundancy(md);
+    status.degraded_groups = groups
+        .iter()
+        .filter(|g| g.degraded(md.spec.expert_shards, redundant))
+        .map(|g| g.group)
+        .collect();
+    Some(status)
 }
 
 /// Groups as seen through their StatefulSets and pods.
@@ -253,7 +300,11 @@ pub fn compute(
         .filter(|g| wanted.contains(&g.group))
         .collect();
     let draining = groups.len() - current.len();
-    let ready = current.iter().filter(|g| g.ready(shards)).count() as i32;
+    let redundant = has_redundancy(md);
+    let ready = current
+        .iter()
+        .filter(|g| g.serving(shards, redundant))
+        .count() as i32;
     let failing: Vec<String> = groups
         .iter()
         .flat_map(|g| g.failing.iter().cloned())
@@ -515,6 +566,8 @@ pub fn compute(
             None if autoscaled => previous.and_then(|p| p.autoscaling.clone()),
             None => None,
         },
+        // Set by the placement stage's caller (`expert_placement`).
+        expert_placement: None,
     }
 }
 

@@ -12,11 +12,12 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::autoscaling::{self, Settings};
 use crate::crd::{
-    AutoscalingMetric, AutoscalingSpec, MAX_TOTAL_PODS, ModelDeployment, ModelDeploymentSpec,
-    ModelSource, RESERVED_WORKER_FLAGS, RouterSpec, ServiceSpec, ServingSpec, TlsSpec,
-    WorkerResources,
+    AutoscalingMetric, AutoscalingSpec, ExpertPlacementSpec, MAX_TOTAL_PODS, ModelDeployment,
+    ModelDeploymentSpec, ModelSource, PlacementPolicy, RESERVED_WORKER_FLAGS, RebalanceMode,
+    RouterSpec, ServiceSpec, ServingSpec, TlsSpec, WorkerResources,
 };
 use crate::discovery::Features;
+use crate::placement::{self, PlacementPlan};
 use crate::policy::{Policy, host_path_allowed, image_allowed};
 use crate::resources::{HTTP_PORT, Owner};
 use crate::worker_args::flag_of;
@@ -163,6 +164,8 @@ pub struct ValidatedSpec<'a> {
     service: ServiceSpec,
     router: RouterSpec,
     autoscaling: Option<Settings>,
+    placement: Option<placement::Settings>,
+    placement_plan: PlacementPlan,
 }
 
 impl<'a> ValidatedSpec<'a> {
@@ -205,6 +208,29 @@ impl<'a> ValidatedSpec<'a> {
             draining,
         };
         self
+    }
+
+    /// The same spec with the placement version of every group (and the files of the versions
+    /// in use), as the placement stage chose them.
+    pub fn with_placement(mut self, plan: PlacementPlan) -> Self {
+        self.placement_plan = plan;
+        self
+    }
+
+    /// `spec.expertPlacement`, parsed; `None` when unset (the default layout, no copies).
+    pub fn placement(&self) -> Option<&placement::Settings> {
+        self.placement.as_ref()
+    }
+
+    /// Which placement version each group runs; all on version 0 until the placement stage
+    /// says otherwise.
+    pub fn placement_plan(&self) -> &PlacementPlan {
+        &self.placement_plan
+    }
+
+    /// `spec.expertPlacement.redundantExperts` (0 when unset).
+    pub fn redundant_experts(&self) -> usize {
+        self.placement.as_ref().map_or(0, |p| p.redundant_experts)
     }
 
     /// `spec.autoscaling`, parsed; `None` when the scale subresource sets the groups.
@@ -426,6 +452,11 @@ pub fn validate<'a>(
         .as_ref()
         .map(|autoscaling| check_autoscaling(autoscaling, &router, spec.expert_shards))
         .transpose()?;
+    let placement = spec
+        .expert_placement
+        .as_ref()
+        .map(|placement| check_expert_placement(placement, spec.expert_shards))
+        .transpose()?;
     Ok(ValidatedSpec {
         md,
         owner: Owner::of(md),
@@ -436,6 +467,74 @@ pub fn validate<'a>(
         service,
         router,
         autoscaling,
+        placement,
+        placement_plan: PlacementPlan::default(),
+    })
+}
+
+/// `spec.expertPlacement`: copies and balancing need more than one shard; rebalancing needs the
+/// `Balanced` policy; the window must parse.
+fn check_expert_placement(
+    spec: &ExpertPlacementSpec,
+    expert_shards: i32,
+) -> Result<placement::Settings, InvalidSpec> {
+    if spec.redundant_experts < 0 {
+        return Err(invalid(
+            "spec.expertPlacement.redundantExperts",
+            "must be at least 0",
+        ));
+    }
+    if expert_shards < 2 && spec.redundant_experts > 0 {
+        return Err(invalid(
+            "spec.expertPlacement.redundantExperts",
+            "needs expertShards > 1: one shard holds every expert already",
+        ));
+    }
+    if expert_shards < 2 && spec.policy == PlacementPolicy::Balanced {
+        return Err(invalid(
+            "spec.expertPlacement.policy",
+            "Balanced needs expertShards > 1: one shard holds every expert",
+        ));
+    }
+    let rebalance = match (&spec.rebalance, spec.policy) {
+        (Some(r), _) if r.mode == RebalanceMode::Off => None,
+        (Some(_), PlacementPolicy::Contiguous) => {
+            return Err(invalid(
+                "spec.expertPlacement.rebalance",
+                "needs policy Balanced (or mode Off)",
+            ));
+        }
+        (None, PlacementPolicy::Contiguous) => None,
+        (rebalance, PlacementPolicy::Balanced) => {
+            let rebalance = rebalance.clone().unwrap_or_default();
+            let interval = autoscaling::parse_duration(&rebalance.interval)
+                .filter(|d| *d >= placement::MIN_INTERVAL)
+                .ok_or_else(|| {
+                    invalid(
+                        "spec.expertPlacement.rebalance.interval",
+                        format!(
+                            "{:?} is not a duration between {}s and 24h such as 30s, 10m or 1h",
+                            rebalance.interval,
+                            placement::MIN_INTERVAL.as_secs()
+                        ),
+                    )
+                })?;
+            if !(rebalance.min_imbalance.is_finite() && rebalance.min_imbalance >= 1.0) {
+                return Err(invalid(
+                    "spec.expertPlacement.rebalance.minImbalance",
+                    "must be at least 1.0 (1.0: shards exactly even)",
+                ));
+            }
+            Some(placement::Rebalance {
+                interval,
+                min_imbalance: rebalance.min_imbalance,
+            })
+        }
+    };
+    Ok(placement::Settings {
+        policy: spec.policy,
+        redundant_experts: spec.redundant_experts as usize,
+        rebalance,
     })
 }
 

@@ -28,9 +28,11 @@ pub const MAX_SEQ_LEN: &str = "--max-seq-len";
 pub const KV_CACHE_MEMORY: &str = "--kv-cache-memory";
 pub const NO_PREFIX_CACHING: &str = "--no-prefix-caching";
 pub const DTYPE: &str = "--dtype";
-/// Never written by the operator, but reserved: every rank must hold the experts the
-/// operator's shard plan gives it, so a placement file in `extraArgs` would break the group.
+/// The placement file of a group on a balanced placement (`spec.expertPlacement`), from the
+/// version's ConfigMap.
 pub const EXPERT_PLACEMENT: &str = "--expert-placement";
+/// Extra expert slots per shard in the default layout (`expertPlacement.redundantExperts`).
+pub const REDUNDANT_EXPERTS: &str = "--redundant-experts";
 
 /// TLS on the client ports, from `spec.tls`'s Secret.
 pub const TLS_CERT: &str = "--tls-cert";
@@ -55,6 +57,7 @@ pub const RESERVED: &[&str] = &[
     PEERS,
     DRAIN_TIMEOUT,
     EXPERT_PLACEMENT,
+    REDUNDANT_EXPERTS,
     MAX_BATCH_SIZE,
     MAX_SEQ_LEN,
     KV_CACHE_MEMORY,
@@ -113,8 +116,20 @@ pub struct ServeArgs {
     pub tls: Option<TlsFiles>,
     /// The expert exchange's token file (groups of more than one shard).
     pub experts_token_file: Option<String>,
+    /// Which experts each shard holds: a placement file, or the default layout with this many
+    /// redundant slots per shard (0: none, the flag is left out).
+    pub expert_placement: ExpertPlacementArg,
     /// Appended last, as written in the spec.
     pub extra_args: Vec<String>,
+}
+
+/// Where a worker's expert placement comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpertPlacementArg {
+    /// The worker's default layout, with `redundant` extra slots per shard.
+    Default { redundant: usize },
+    /// A placement file (a version's ConfigMap, mounted).
+    File(String),
 }
 
 impl ServeArgs {
@@ -168,6 +183,13 @@ impl ServeArgs {
         if let Some(path) = &self.experts_token_file {
             flag(EXPERTS_TOKEN_FILE, Some(path.clone()));
         }
+        match &self.expert_placement {
+            ExpertPlacementArg::File(path) => flag(EXPERT_PLACEMENT, Some(path.clone())),
+            ExpertPlacementArg::Default { redundant: 0 } => {}
+            ExpertPlacementArg::Default { redundant } => {
+                flag(REDUNDANT_EXPERTS, Some(redundant.to_string()))
+            }
+        }
         args.extend(self.extra_args.iter().cloned());
         args
     }
@@ -184,7 +206,7 @@ mod tests {
             "self.all(a, !(a.split('=')[0] in ['--model', '--grpc-addr', '--openai-addr', \
              '--experts-addr', '--metrics-addr', '--shard-rank', '--shard-rank-from-pod-name', \
              '--shard-count', '--peers', '--drain-timeout', '--expert-placement', \
-             '--max-batch-size', '--max-seq-len', '--kv-cache-memory', '--no-prefix-caching', \
+             '--redundant-experts', '--max-batch-size', '--max-seq-len', '--kv-cache-memory', '--no-prefix-caching', \
              '--dtype', '--tls-cert', '--tls-key', '--tls-client-ca', '--experts-token-file']))"
         );
     }
@@ -213,9 +235,17 @@ mod tests {
                 client_ca: Some("/tls/ca.crt".into()),
             }),
             experts_token_file: Some("/token/token".into()),
+            expert_placement: ExpertPlacementArg::Default { redundant: 2 },
             extra_args: vec![],
         };
-        for arg in args.render().iter().filter(|a| a.starts_with("--")) {
+        let with_file = ServeArgs {
+            expert_placement: ExpertPlacementArg::File("/p/placement.json".into()),
+            ..args.clone()
+        };
+        assert!(with_file.render().contains(&EXPERT_PLACEMENT.to_owned()));
+        assert!(args.render().contains(&REDUNDANT_EXPERTS.to_owned()));
+        let rendered = [with_file.render(), args.render()].concat();
+        for arg in rendered.iter().filter(|a| a.starts_with("--")) {
             let flag = flag_of(arg);
             assert!(
                 flag == MODEL_NAME || RESERVED.contains(&flag),

@@ -203,6 +203,7 @@ fn deployment(path: &str, extra_args: Vec<String>) -> ModelDeployment {
             tls: None,
             router: None,
             autoscaling: None,
+            expert_placement: None,
         },
     );
     md.metadata.namespace = Some("models".into());
@@ -292,8 +293,8 @@ async fn every_finding_of_issue_17_is_fixed() {
         .unwrap()
         .into_inner()
         .fingerprint;
-    let placement = Placement::default_for(8, 4, 2).unwrap();
-    let expert = placement.experts_of(1)[0] as u32;
+    let placement = Placement::default_for(8, 4, 2, 0, &[1]).unwrap();
+    let expert = placement.experts_of(1, 1)[0] as u32;
     let hidden = latentserve_worker::experts::wire::encode(&[0.5; 128], 1, 128, WireDtype::F32);
     let amplify = RunExpertsRequest {
         layer: 1,

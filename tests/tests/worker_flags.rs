@@ -43,6 +43,7 @@ fn deployment(expert_shards: i32, serving: Option<ServingSpec>) -> ModelDeployme
             paused: false,
             tls: None,
             autoscaling: None,
+            expert_placement: None,
         },
     );
     md.metadata.namespace = Some("models".into());

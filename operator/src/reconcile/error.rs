@@ -19,6 +19,12 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("deleting Pod {name}: {source}")]
+    DeletePod {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("listing {what}: {source}")]
     List {
         what: &'static str,
@@ -50,7 +56,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Apply { .. } => "apply",
-            Error::Delete { .. } => "delete",
+            Error::Delete { .. } | Error::DeletePod { .. } => "delete",
             Error::List { .. } => "list",
             Error::Secret { .. } => "secret",
             Error::Status(_) => "status",

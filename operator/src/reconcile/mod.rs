@@ -13,6 +13,7 @@ pub mod autoscale;
 mod error;
 pub mod events;
 pub mod experts_token;
+pub mod placement;
 pub mod prune;
 pub mod update_status;
 
@@ -40,6 +41,7 @@ use crate::autoscaling::fetch::{HttpReports, ReportSource};
 use crate::capacity::ModelInfoSource;
 use crate::crd::ModelDeployment;
 use crate::metrics::Metrics;
+use crate::placement::fetch::{HttpLoads, LoadSource};
 use crate::resources::{
     self, BuildContext, FIELD_MANAGER, LABEL_GROUP, LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY,
     Owner,
@@ -68,6 +70,10 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// The autoscaler's memory per object (`namespace/name`).
     autoscalers: Mutex<HashMap<String, autoscale::Memory>>,
+    /// Where the placement stage reads the workers' expert counters.
+    pub loads: Arc<dyn LoadSource>,
+    /// The placement stage's measurement windows per object.
+    placements: Mutex<HashMap<String, placement::Memory>>,
 }
 
 impl Context {
@@ -96,7 +102,15 @@ impl Context {
             autoscale_interval: autoscale::DEFAULT_INTERVAL,
             failures: Mutex::new(HashMap::new()),
             autoscalers: Mutex::new(HashMap::new()),
+            loads: Arc::new(HttpLoads::default()),
+            placements: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Where the placement stage reads the workers' expert counters (tests answer themselves).
+    pub fn with_loads(mut self, loads: Arc<dyn LoadSource>) -> Self {
+        self.loads = loads;
+        self
     }
 
     /// The autoscaler's pass interval and where it reads the routers' reports.
@@ -243,6 +257,7 @@ async fn reconcile_valid(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
         // The garbage collector removes the children through their owner references.
         ctx.metrics.set_conditions(&key(md), None);
         autoscale::forget(md, ctx);
+        placement::forget(md, ctx);
         return Ok(Action::await_change());
     }
     if md.spec.autoscaling.is_none() {
@@ -252,6 +267,7 @@ async fn reconcile_valid(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
     let checked = validate(md, &ctx.build.features)
         .and_then(|spec| check_allowed(&spec, &ctx.build.policy).map(|()| spec));
     let mut view = None;
+    let mut placement_view = None;
     let mut next_pass = RESYNC;
     let (outcome, groups) = match checked {
         Err(invalid) => (Outcome::Invalid(invalid), existing),
@@ -270,13 +286,31 @@ async fn reconcile_valid(md: &ModelDeployment, ctx: &Context) -> Result<Action, 
                 }
                 None => spec,
             };
+            let spec = match placement::place(&spec, ctx, &existing).await {
+                Ok(placed) => {
+                    placement_view = placed.view;
+                    if let Some(pass) = placed.next_pass {
+                        next_pass = next_pass.min(pass);
+                    }
+                    spec.with_placement(placed.plan)
+                }
+                Err(err) => return failed(md, ctx, &existing, view.as_ref(), err).await,
+            };
             match apply_and_prune(&spec, ctx, &existing).await {
                 Ok(groups) => (Outcome::Applied, groups),
                 Err(err) => return failed(md, ctx, &existing, view.as_ref(), err).await,
             }
         }
     };
-    update_status::update_status(md, ctx, &groups, &outcome, view.as_ref()).await?;
+    update_status::update_status(
+        md,
+        ctx,
+        &groups,
+        &outcome,
+        view.as_ref(),
+        placement_view.as_ref(),
+    )
+    .await?;
     // Under autoscaling the next pass comes at the autoscaler's interval, events or not.
     Ok(Action::requeue(next_pass))
 }
@@ -294,7 +328,9 @@ async fn failed(
         reason: err.reason(),
         message: err.to_string(),
     };
-    if let Err(status_err) = update_status::update_status(md, ctx, existing, &outcome, view).await {
+    if let Err(status_err) =
+        update_status::update_status(md, ctx, existing, &outcome, view, None).await
+    {
         tracing::warn!(error = %status_err, "cannot record the failure in the status");
     }
     events::reconcile_failed(md, ctx, &err).await;
@@ -339,7 +375,7 @@ async fn existing_groups(md: &ModelDeployment, ctx: &Context) -> Result<Vec<Stat
         .collect())
 }
 
-fn group_of(sts: &StatefulSet) -> Option<i32> {
+pub(crate) fn group_of(sts: &StatefulSet) -> Option<i32> {
     sts.labels().get(LABEL_GROUP)?.parse().ok()
 }
 

@@ -1075,3 +1075,216 @@ async fn reconciles_within_the_interval_reuse_the_last_pass() {
     reconcile_once(&changed, &ctx).await.unwrap();
     assert_eq!(routers.calls.load(std::sync::atomic::Ordering::Relaxed), 2);
 }
+
+/// Expert counters that grow by the same step on every read: rank 0 of every group runs
+/// experts 0 and 1 (hot), rank 1 experts 2 and 3 (cold), as the default layout of 4 experts
+/// over 2 shards puts them.
+#[derive(Default)]
+struct SkewedLoads {
+    reads: std::sync::Mutex<HashMap<String, u32>>,
+}
+
+impl crate::placement::fetch::LoadSource for SkewedLoads {
+    fn expert_load<'a>(
+        &'a self,
+        address: &'a str,
+    ) -> Pin<
+        Box<
+            dyn Future<
+                    Output = Result<
+                        latentserve_placement::load::ExpertLoad,
+                        crate::placement::fetch::FetchError,
+                    >,
+                > + Send
+                + 'a,
+        >,
+    > {
+        Box::pin(async move {
+            let reads = {
+                let mut reads = self.reads.lock().unwrap();
+                let n = reads.entry(address.to_owned()).or_default();
+                *n += 1;
+                f64::from(*n)
+            };
+            let rank1 = address.starts_with("10.1.");
+            let counts = if rank1 {
+                vec![0.0, 0.0, reads, reads]
+            } else {
+                vec![100.0 * reads, 100.0 * reads]
+            };
+            Ok(latentserve_placement::load::ExpertLoad {
+                layers: [(1, counts.clone()), (2, counts)].into(),
+            })
+        })
+    }
+}
+
+/// Two settled groups of two shards on placement `version`, pods with addresses 10.RANK.GROUP.1.
+fn setup_balanced(md: &ModelDeployment, version: i64) -> (FakeApi, Arc<Context>) {
+    let fake = FakeApi::new();
+    fake.insert(MODEL_DEPLOYMENTS, serde_json::to_value(md).unwrap());
+    for group in 0..2 {
+        let mut sts = owned_child(
+            "StatefulSet",
+            "apps/v1",
+            &format!("demo-{group}"),
+            Some(group),
+        );
+        sts["metadata"]["annotations"] =
+            json!({crate::placement::VERSION_ANNOTATION: version.to_string()});
+        sts["spec"] = json!({"replicas": 2});
+        sts["status"] = json!({
+            "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2,
+            "currentRevision": "r1", "updateRevision": "r1", "observedGeneration": 1,
+        });
+        fake.insert(STATEFUL_SETS, sts);
+        for rank in 0..2 {
+            let mut pod = owned_child("Pod", "v1", &format!("demo-{group}-{rank}"), Some(group));
+            pod["metadata"]["uid"] = json!(format!("uid-{group}-{rank}"));
+            pod["metadata"]["annotations"] =
+                json!({crate::placement::VERSION_ANNOTATION: version.to_string()});
+            pod["status"] = json!({
+                "podIP": format!("10.{rank}.{group}.1"),
+                "conditions": [{"type": "Ready", "status": "True"}],
+            });
+            fake.insert(PODS, pod);
+        }
+    }
+    let ctx = Context::new(
+        fake.client(),
+        build_context(),
+        Arc::new(Metrics::new()),
+        Arc::new(NoWorkers),
+    )
+    .with_loads(Arc::new(SkewedLoads::default()));
+    (fake, Arc::new(ctx))
+}
+
+fn balanced_demo() -> ModelDeployment {
+    let mut md = demo();
+    md.spec.replicas = 2;
+    md.spec.expert_placement = Some(
+        serde_json::from_value(json!({
+            "policy": "Balanced",
+            "rebalance": {"interval": "10s", "minImbalance": 1.1},
+        }))
+        .unwrap(),
+    );
+    md
+}
+
+#[tokio::test]
+async fn skewed_expert_load_makes_a_placement_version_and_groups_move_one_at_a_time() {
+    let md = balanced_demo();
+    let (fake, ctx) = setup_balanced(&md, 0);
+    // Pass 1 opens the window: the first counters, nothing decided.
+    let action = reconcile_once(&md, &ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+    assert!(fake.get(CONFIG_MAPS, "demo-placement-1").is_none());
+    let sts = fake.get(STATEFUL_SETS, "demo-0").unwrap();
+    assert!(args_of(&sts).iter().all(|a| a != "--expert-placement"));
+
+    // Pass 2, after the window: rank 0 ran 200 pairs per layer, rank 1 2 -> imbalance 1.98.
+    placement::age_windows(&ctx, Duration::from_secs(11));
+    reconcile_once(&md, &ctx).await.unwrap();
+    let requests = fake.take_requests();
+    assert!(event_posted(&requests, "Rebalanced"));
+    let config_map = fake
+        .get(CONFIG_MAPS, "demo-placement-1")
+        .expect("a new placement version");
+    assert_eq!(config_map["immutable"], true);
+    let file = latentserve_placement::file::PlacementFile::parse(
+        config_map["data"]["placement.json"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(file.version.as_deref(), Some("1"));
+    let shape = latentserve_placement::file::ModelShape {
+        n_experts: 4,
+        moe_layers: &[1, 2],
+        shard_count: 2,
+    };
+    let placement = file.resolve(shape).unwrap();
+    // The two hot experts end up on different shards.
+    let layer = &placement.layers[&1];
+    assert_ne!(layer.replicas(0), layer.replicas(1));
+    let status = stored(&fake).status.unwrap().expert_placement.unwrap();
+    assert_eq!(status.version, 1);
+    assert_eq!(status.groups_on_version, 0);
+    assert!((status.imbalance_before.unwrap() - 200.0 / 101.0).abs() < 1e-3);
+    assert!(status.predicted_imbalance.unwrap() < 1.05, "{status:?}");
+    assert_eq!(status.window_tokens, 2 * 2 * 202);
+
+    // Pass 3: both groups settled, so group 0 (only) moves onto version 1.
+    reconcile_once(&md, &ctx).await.unwrap();
+    let group0 = fake.get(STATEFUL_SETS, "demo-0").unwrap();
+    let args = args_of(&group0);
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--expert-placement"
+                && w[1] == "/etc/latentserve/placement/placement.json"),
+        "{args:?}"
+    );
+    let volumes = group0["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap();
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v["configMap"]["name"] == "demo-placement-1")
+    );
+    let group1 = fake.get(STATEFUL_SETS, "demo-1").unwrap();
+    assert!(args_of(&group1).iter().all(|a| a != "--expert-placement"));
+    let status = stored(&fake).status.unwrap().expert_placement.unwrap();
+    assert_eq!(status.rolling_group, Some(0));
+
+    // Pass 4: the StatefulSet of group 0 names version 1 and its pods run version 0: they are
+    // replaced together; group 1 waits for group 0 to be back.
+    fake.take_requests();
+    reconcile_once(&md, &ctx).await.unwrap();
+    let requests = fake.take_requests();
+    let deleted = paths(&requests, "DELETE");
+    assert!(
+        deleted.contains(&format!("{PODS}/demo-0-0").as_str()),
+        "{deleted:?}"
+    );
+    assert!(
+        deleted.contains(&format!("{PODS}/demo-0-1").as_str()),
+        "{deleted:?}"
+    );
+    assert!(
+        !deleted.iter().any(|p| p.contains("demo-1-")),
+        "{deleted:?}"
+    );
+    assert!(
+        !deleted.iter().any(|p| p.contains("placement")),
+        "{deleted:?}"
+    );
+    let group1 = fake.get(STATEFUL_SETS, "demo-1").unwrap();
+    assert!(args_of(&group1).iter().all(|a| a != "--expert-placement"));
+}
+
+#[tokio::test]
+async fn redundant_experts_reach_the_workers_and_a_group_with_a_shard_down_still_serves() {
+    let mut md = demo();
+    md.spec.expert_placement =
+        Some(serde_json::from_value(json!({"redundantExperts": 4})).unwrap());
+    let (fake, ctx) = setup_balanced(&md, 0);
+    // Group 0 lost a pod.
+    let mut pod = fake.get(PODS, "demo-0-1").unwrap();
+    pod["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+    fake.insert(PODS, pod);
+    reconcile_once(&md, &ctx).await.unwrap();
+    let sts = fake.get(STATEFUL_SETS, "demo-0").unwrap();
+    let args = args_of(&sts);
+    assert!(
+        args.windows(2)
+            .any(|w| w[0] == "--redundant-experts" && w[1] == "4"),
+        "{args:?}"
+    );
+    let status = stored(&fake).status.unwrap();
+    assert_eq!(status.ready_replicas, 1, "group 0 serves on the copies");
+    let placement = status.expert_placement.unwrap();
+    assert_eq!(placement.degraded_groups, vec![0]);
+    assert_eq!(placement.version, 0);
+    assert!(fake.get(CONFIG_MAPS, "demo-placement-1").is_none());
+}

@@ -13,7 +13,7 @@ use tracing::instrument;
 
 use super::{Context, Error, apply::params, events, key};
 use crate::capacity::capacity_from;
-use crate::crd::{Capacity, ModelDeployment};
+use crate::crd::{Capacity, ExpertPlacementStatus, ModelDeployment};
 use crate::resources::{GRPC_PORT, Owner, names, selector_string};
 use crate::status::{self, AutoscalingView, GroupObservation, Outcome, RouterObservation};
 
@@ -25,6 +25,7 @@ pub async fn update_status(
     stateful_sets: &[StatefulSet],
     outcome: &Outcome,
     autoscaling: Option<&AutoscalingView>,
+    placement: Option<&ExpertPlacementStatus>,
 ) -> Result<(), Error> {
     let owner = Owner::of(md);
     let pods = super::list_pods(ctx, &owner.namespace, &owner.selector_string()).await?;
@@ -33,7 +34,8 @@ pub async fn update_status(
     let capacity = capacity(md, ctx, &groups, &pods).await;
     let now =
         Time(Timestamp::from_second(Timestamp::now().as_second()).expect("the clock is in range"));
-    let new = status::compute(md, &groups, &router, outcome, capacity, autoscaling, &now);
+    let mut new = status::compute(md, &groups, &router, outcome, capacity, autoscaling, &now);
+    new.expert_placement = status::expert_placement(md, &groups, placement);
     ctx.metrics.set_conditions(&key(md), Some(&new));
     if md.status.as_ref() == Some(&new) {
         return Ok(());

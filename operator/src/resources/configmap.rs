@@ -1,14 +1,16 @@
 //! `NAME-config`: the shard plan and serving settings, for people and tools that inspect a
 //! deployment (the workers get the same facts on their command line). `NAME-routing`: the
 //! groups the routers must stop sending new requests to, written by the autoscaler before it
-//! removes a group (the contract of issue 19).
+//! removes a group (the contract of issue 19). `NAME-placement-V`: expert placement version V
+//! (`spec.expertPlacement`).
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use serde_json::json;
 
-use super::{COMPONENT_ROUTER, names};
+use super::{COMPONENT_PLACEMENT, COMPONENT_ROUTER, Owner, names};
+use crate::placement;
 use crate::validate::ValidatedSpec;
 
 /// The key of `NAME-routing` the routers read: a JSON object mapping group name (`NAME-G`) to the
@@ -73,6 +75,28 @@ pub fn routing_config_map(spec: &ValidatedSpec<'_>) -> ConfigMap {
             DRAINING_GROUPS_KEY.to_owned(),
             serde_json::to_string(&draining).expect("a map of strings serializes"),
         )])),
+        ..ConfigMap::default()
+    }
+}
+
+/// `NAME-placement-V`: placement version V as the workers read it (`--expert-placement`).
+/// Immutable: a version never changes, a new placement is a new version.
+pub fn placement_config_map(owner: &Owner, version: i64, file: &str) -> ConfigMap {
+    let mut metadata = owner.meta(
+        placement::config_map_name(&owner.name, version),
+        owner.labels(COMPONENT_PLACEMENT),
+    );
+    metadata.annotations = Some(BTreeMap::from([(
+        placement::VERSION_ANNOTATION.to_owned(),
+        version.to_string(),
+    )]));
+    ConfigMap {
+        metadata,
+        data: Some(BTreeMap::from([(
+            placement::PLACEMENT_KEY.to_owned(),
+            file.to_owned(),
+        )])),
+        immutable: Some(true),
         ..ConfigMap::default()
     }
 }

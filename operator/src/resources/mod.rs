@@ -33,6 +33,8 @@ pub const LABEL_GROUP: &str = "latentserve.io/group";
 pub const APP_NAME: &str = "latentserve-worker";
 /// The component label of the router's objects and pods.
 pub const COMPONENT_ROUTER: &str = "router";
+/// The expert placement ConfigMaps (`NAME-placement-V`).
+pub const COMPONENT_PLACEMENT: &str = "placement";
 pub const MANAGED_BY: &str = "latentserve-operator";
 
 /// Worker container ports. Clients and probes use `grpc`; OpenAI-compatible clients (and the
@@ -260,6 +262,12 @@ pub fn build_all(spec: &ValidatedSpec<'_>, ctx: &BuildContext) -> Vec<Desired> {
         Desired::Service(service::client_service(spec)),
         Desired::NetworkPolicy(networkpolicy::network_policy(spec, &ctx.policy)),
     ]);
+    // Before the StatefulSets whose pods mount them.
+    for (version, file) in &spec.placement_plan().files {
+        desired.push(Desired::ConfigMap(configmap::placement_config_map(
+            owner, *version, file,
+        )));
+    }
     for group in spec.plan().groups() {
         // Before the pods: `NAME` alone closes the expert port.
         desired.push(Desired::NetworkPolicy(

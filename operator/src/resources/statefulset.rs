@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, GRPCAction, HTTPGetAction, HostPathVolumeSource,
-    ImageVolumeSource, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
-    SecurityContext, Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, GRPCAction,
+    HTTPGetAction, HostPathVolumeSource, ImageVolumeSource, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -17,8 +17,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{BuildContext, EXPERTS_PORT, GRPC_PORT, HTTP_PORT, LABEL_GROUP, METRICS_PORT, names};
 use crate::crd::ModelSource;
+use crate::placement::{self, PLACEMENT_KEY, PLACEMENT_MOUNT, VERSION_ANNOTATION};
 use crate::validate::ValidatedSpec;
-use crate::worker_args::{self, ServeArgs, TlsFiles};
+use crate::worker_args::{self, ExpertPlacementArg, ServeArgs, TlsFiles};
 
 /// Where the model is mounted in every worker.
 pub const MODEL_MOUNT: &str = "/model";
@@ -46,8 +47,16 @@ pub fn stateful_set(spec: &ValidatedSpec<'_>, group: i32, ctx: &BuildContext) ->
     let mut labels = owner.labels("worker");
     labels.insert(LABEL_GROUP.to_owned(), group.to_string());
 
+    // On the StatefulSet and its pods: which placement they run (the placement stage reads it
+    // back, and a pod whose value differs from its StatefulSet's is replaced).
+    let version = spec.placement_plan().version_of(group).to_string();
+    let mut metadata = owner.meta(names::group(&owner.name, group), labels.clone());
+    metadata.annotations = Some(BTreeMap::from([(
+        VERSION_ANNOTATION.to_owned(),
+        version.clone(),
+    )]));
     StatefulSet {
-        metadata: owner.meta(names::group(&owner.name, group), labels.clone()),
+        metadata,
         spec: Some(StatefulSetSpec {
             replicas: Some(spec.plan().expert_shards),
             service_name: Some(names::peers_service(&owner.name)),
@@ -67,6 +76,7 @@ pub fn stateful_set(spec: &ValidatedSpec<'_>, group: i32, ctx: &BuildContext) ->
                         ("prometheus.io/scrape".to_owned(), "true".to_owned()),
                         ("prometheus.io/port".to_owned(), METRICS_PORT.to_string()),
                         ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
+                        (VERSION_ANNOTATION.to_owned(), version),
                     ])),
                     ..ObjectMeta::default()
                 }),
@@ -94,6 +104,19 @@ fn pod_spec(validated: &ValidatedSpec<'_>, group: i32, ctx: &BuildContext) -> Po
     if needs_experts_token(validated) {
         let name = names::experts_token(&validated.owner().name);
         volumes.push(secret_volume("experts-token", &name));
+    }
+    let version = validated.placement_plan().version_of(group);
+    if version > 0 {
+        // Immutable and named by version: a group moves to a new placement only when its
+        // StatefulSet names a new ConfigMap, never by the kubelet rewriting a file under it.
+        volumes.push(Volume {
+            name: "placement".to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: placement::config_map_name(&validated.owner().name, version),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
     }
     PodSpec {
         containers: vec![worker_container(validated, group, ctx)],
@@ -200,6 +223,12 @@ pub fn serve_args(spec: &ValidatedSpec<'_>, group: i32) -> ServeArgs {
         tls: spec.worker_tls().map(tls_files),
         experts_token_file: needs_experts_token(spec)
             .then(|| format!("{EXPERTS_TOKEN_MOUNT}/token")),
+        expert_placement: match spec.placement_plan().version_of(group) {
+            0 => ExpertPlacementArg::Default {
+                redundant: spec.redundant_experts(),
+            },
+            _ => ExpertPlacementArg::File(format!("{PLACEMENT_MOUNT}/{PLACEMENT_KEY}")),
+        },
         extra_args: serving.extra_args.clone(),
     }
 }
@@ -234,7 +263,7 @@ fn worker_container(spec: &ValidatedSpec<'_>, group: i32, ctx: &BuildContext) ->
             port("metrics", METRICS_PORT),
         ]),
         resources: Some(resources(spec)),
-        volume_mounts: Some(volume_mounts(spec, sub_path)),
+        volume_mounts: Some(volume_mounts(spec, group, sub_path)),
         startup_probe: Some(Probe {
             period_seconds: Some(STARTUP_PERIOD_SECONDS),
             failure_threshold: Some(STARTUP_FAILURES),
@@ -265,7 +294,11 @@ fn worker_container(spec: &ValidatedSpec<'_>, group: i32, ctx: &BuildContext) ->
     }
 }
 
-fn volume_mounts(spec: &ValidatedSpec<'_>, model_sub_path: Option<String>) -> Vec<VolumeMount> {
+fn volume_mounts(
+    spec: &ValidatedSpec<'_>,
+    group: i32,
+    model_sub_path: Option<String>,
+) -> Vec<VolumeMount> {
     let read_only = |name: &str, path: &str| VolumeMount {
         name: name.to_owned(),
         mount_path: path.to_owned(),
@@ -290,6 +323,9 @@ fn volume_mounts(spec: &ValidatedSpec<'_>, model_sub_path: Option<String>) -> Ve
     }
     if needs_experts_token(spec) {
         mounts.push(read_only("experts-token", EXPERTS_TOKEN_MOUNT));
+    }
+    if spec.placement_plan().version_of(group) > 0 {
+        mounts.push(read_only("placement", PLACEMENT_MOUNT));
     }
     mounts
 }

@@ -40,6 +40,7 @@ pub fn demo() -> ModelDeployment {
             paused: false,
             tls: None,
             autoscaling: None,
+            expert_placement: None,
         },
     );
     md.metadata.namespace = Some("models".into());

@@ -4,6 +4,7 @@ pub mod demo;
 pub mod k8s;
 pub mod node_agent;
 pub mod pods;
+pub mod scenario;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -474,14 +474,15 @@ fn mount_map(
             let dir = volume_dir(pod, placement.scratch_root, &volume.name);
             scratch.push(dir.clone());
             dir
-        } else if volume.secret.is_some() {
-            // Written by the agent before the process starts (see [`secret_volumes`]).
+        } else if volume.secret.is_some() || volume.config_map.is_some() {
+            // Written by the agent before the process starts (see [`secret_volumes`] and
+            // [`config_map_volumes`]).
             volume_dir(pod, placement.scratch_root, &volume.name)
         } else {
             return Err(unsupported(
                 &pod_ref,
                 &format!("volume {}", volume.name),
-                "only hostPath, emptyDir and secret volumes",
+                "only hostPath, emptyDir, secret and configMap volumes",
             ));
         };
         let host = match mount.sub_path.as_deref().filter(|s| !s.is_empty()) {
@@ -512,6 +513,19 @@ pub fn secret_volumes(pod: &Pod, scratch_root: &Path) -> Vec<(PathBuf, String)> 
         .filter_map(|volume| {
             let secret = volume.secret.as_ref()?.secret_name.clone()?;
             Some((volume_dir(pod, scratch_root, &volume.name), secret))
+        })
+        .collect()
+}
+
+/// The pod's configMap volumes: where the agent writes each one (one file per key) and the
+/// name of the ConfigMap.
+pub fn config_map_volumes(pod: &Pod, scratch_root: &Path) -> Vec<(PathBuf, String)> {
+    pod.spec
+        .iter()
+        .flat_map(|spec| spec.volumes.iter().flatten())
+        .filter_map(|volume| {
+            let config_map = volume.config_map.as_ref()?.name.clone();
+            Some((volume_dir(pod, scratch_root, &volume.name), config_map))
         })
         .collect()
 }
@@ -1061,7 +1075,7 @@ mod tests {
         let err = run(&worker_pod("demo-0-0", pvc), &mut AddressBook::default()).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "pod models/demo-0-0: volume model is not supported by the test node agent (only hostPath, emptyDir and secret volumes)"
+            "pod models/demo-0-0: volume model is not supported by the test node agent (only hostPath, emptyDir, secret and configMap volumes)"
         );
 
         let mut pod = worker_pod("demo-0-0", host_path_volume());

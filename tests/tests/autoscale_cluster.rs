@@ -13,61 +13,32 @@
 //! the third group serving, for docs/benchmarks.md. Needs what `e2e_cluster` needs; skipped
 //! without a control plane except under `CI=true`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use futures::FutureExt as _;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt as _};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use latentserve_e2e::demo::{MODEL, ROUTERS, WORKERS, agent_config, repo_root};
 use latentserve_e2e::k8s::{
-    OperatorOptions, OperatorProcess, admin_client, create_namespace, delete_namespace,
-    install_crd, operator_kubeconfig,
+    OperatorOptions, OperatorProcess, admin_client, create_namespace, install_crd,
+    operator_kubeconfig,
 };
 use latentserve_e2e::node_agent::runtime::{NodeAgent, wait_for};
-use latentserve_e2e::pods::{get_from_metrics_port, grpc_address, metric_sum, pod_ready};
+use latentserve_e2e::pods::{get_from_metrics_port, grpc_address, metric_sum};
+use latentserve_e2e::scenario::{
+    Load, STEP_LIMIT, Started, client_loop, diagnostics, generate, wait_for_pods, workers,
+};
 use latentserve_operator::crd::ModelDeployment;
-use latentserve_proto::v1::inference_client::InferenceClient;
-use latentserve_proto::v1::{GenerateRequest, SamplingParams, StoppingCriteria, generate_request};
 use serde_json::json;
 
 const MAX_GROUPS: usize = 3;
 /// Clients generating in a loop during the load step: four requests in flight for a target of
 /// one per group asks for four groups, capped at three.
 const CLIENTS: usize = 4;
-/// Generous bounds: model load of debug builds on a busy 2-core machine, and the operator's
-/// windows (2 s passes, 10 s scale-down delay, 20 s to zero).
-const STEP_LIMIT: Duration = Duration::from_secs(300);
-
-struct Started {
-    client: Client,
-    namespace: String,
-    scratch: PathBuf,
-    agent: Option<NodeAgent>,
-    operator: Option<OperatorProcess>,
-}
-
-impl Started {
-    async fn cleanup(mut self) -> Vec<String> {
-        let mut problems = Vec::new();
-        let models: Api<ModelDeployment> = Api::namespaced(self.client.clone(), &self.namespace);
-        let _ = models.delete(MODEL, &DeleteParams::default()).await;
-        if let Some(agent) = self.agent.take()
-            && let Err(err) = agent.shutdown().await
-        {
-            problems.push(format!("stopping the node agent: {err:#}"));
-        }
-        drop(self.operator.take());
-        delete_namespace(&self.client, &self.namespace).await;
-        let _ = std::fs::remove_dir_all(&self.scratch);
-        problems
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn zero_to_three_groups_and_back_to_zero_without_losing_a_request() {
@@ -100,32 +71,6 @@ async fn zero_to_three_groups_and_back_to_zero_without_losing_a_request() {
         }
     }
     assert!(problems.is_empty(), "cleanup failed: {problems:?}");
-}
-
-/// The last lines of the operator's log and of every pod's process log, for a failure message.
-fn diagnostics(started: &Started) -> String {
-    fn tail(out: &mut String, title: &str, text: &str, lines: usize) {
-        let all: Vec<&str> = text.lines().collect();
-        out.push_str(&format!("--- {title} (last {lines} lines)\n"));
-        for line in &all[all.len().saturating_sub(lines)..] {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    let mut out = String::new();
-    if let Some(operator) = &started.operator {
-        tail(&mut out, "operator log", &operator.log_text(), 30);
-    }
-    if let Some(agent) = &started.agent
-        && let Some(dir) = agent.log_path(&started.namespace, "x").parent()
-        && let Ok(entries) = std::fs::read_dir(dir)
-    {
-        for entry in entries.flatten() {
-            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            tail(&mut out, &entry.file_name().to_string_lossy(), &text, 20);
-        }
-    }
-    out
 }
 
 async fn scenario(started: &mut Started) -> anyhow::Result<()> {
@@ -326,97 +271,6 @@ async fn scenario(started: &mut Started) -> anyhow::Result<()> {
         "spec.replicas made groups although the autoscaler owns the count"
     );
     Ok(())
-}
-
-/// What the load clients saw.
-#[derive(Clone, Default)]
-struct Load {
-    ok: Arc<AtomicUsize>,
-    failures: Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-async fn client_loop(address: String, stop: Arc<AtomicBool>, load: Load) {
-    while !stop.load(Ordering::SeqCst) {
-        match generate(&address, Duration::from_secs(120)).await {
-            Ok(_) => {
-                load.ok.fetch_add(1, Ordering::SeqCst);
-            }
-            Err(err) => load
-                .failures
-                .lock()
-                .expect("not poisoned")
-                .push(format!("{err:#}")),
-        }
-    }
-}
-
-/// One streamed Generate through `address`; returns when its first message arrived, after
-/// reading the stream to its end.
-async fn generate(address: &str, limit: Duration) -> anyhow::Result<Instant> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
-        .timeout(limit)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {address}"))?;
-    let request = GenerateRequest {
-        prompt: Some(generate_request::Prompt::Text(
-            "What is 12 plus 30?".to_owned(),
-        )),
-        sampling: Some(SamplingParams {
-            temperature: Some(0.0),
-            ..SamplingParams::default()
-        }),
-        stopping: Some(StoppingCriteria {
-            max_tokens: Some(40),
-            ignore_eos: true,
-            ..StoppingCriteria::default()
-        }),
-        ..GenerateRequest::default()
-    };
-    let run = async {
-        let mut stream = InferenceClient::new(channel)
-            .generate(request)
-            .await?
-            .into_inner();
-        let mut first = None;
-        while let Some(_message) = stream.message().await? {
-            first.get_or_insert_with(Instant::now);
-        }
-        first.context("the stream ended without a message")
-    };
-    tokio::time::timeout(limit, run)
-        .await
-        .with_context(|| format!("Generate did not finish within {limit:?}"))?
-}
-
-async fn workers(pods: &Api<Pod>) -> anyhow::Result<Vec<Pod>> {
-    Ok(pods
-        .list(&ListParams::default().labels(WORKERS))
-        .await?
-        .items)
-}
-
-async fn wait_for_pods(
-    pods: &Api<Pod>,
-    selector: &str,
-    count: usize,
-    what: &str,
-) -> anyhow::Result<Vec<Pod>> {
-    let deadline = Instant::now() + STEP_LIMIT;
-    loop {
-        let list = pods
-            .list(&ListParams::default().labels(selector))
-            .await?
-            .items;
-        if list.len() == count && list.iter().all(pod_ready) {
-            return Ok(list);
-        }
-        if Instant::now() >= deadline {
-            let names: Vec<String> = list.iter().map(|p| p.name_any()).collect();
-            bail!("timed out after {STEP_LIMIT:?} waiting for {what}; pods: {names:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
 }
 
 async fn wait_for_autoscaling(

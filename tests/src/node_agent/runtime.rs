@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    Binding, ConfigMap, Node, ObjectReference, Pod, Secret, ServiceAccount,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
@@ -398,9 +400,9 @@ impl Agent {
         Ok(())
     }
 
-    /// Writes the pod's secret volumes as the kubelet mounts them: one file per key of the
-    /// Secret. A Secret that does not exist (yet) keeps the pod from starting, as on a node; the
-    /// next round asks again.
+    /// Writes the pod's secret and configMap volumes as the kubelet mounts them: one file per
+    /// key. A Secret or ConfigMap that does not exist (yet) keeps the pod from starting, as on a
+    /// node; the next round asks again.
     async fn write_secret_volumes(&self, pod: &Pod) -> anyhow::Result<()> {
         let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
@@ -413,6 +415,19 @@ impl Agent {
             for (key, value) in secret.data.into_iter().flatten() {
                 let path = dir.join(&key);
                 std::fs::write(&path, &value.0)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+        let config_maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
+        for (dir, name) in crate::node_agent::config_map_volumes(pod, &self.config.scratch_root) {
+            let config_map = config_maps
+                .get(&name)
+                .await
+                .with_context(|| format!("reading ConfigMap {namespace}/{name} for a volume"))?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for (key, value) in config_map.data.into_iter().flatten() {
+                let path = dir.join(&key);
+                std::fs::write(&path, value)
                     .with_context(|| format!("writing {}", path.display()))?;
             }
         }

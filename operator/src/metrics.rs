@@ -34,6 +34,11 @@ pub struct Metrics {
     /// Also `direction` (`up`, `down`).
     autoscaler_decisions: IntCounterVec,
     autoscaler_signal_errors: IntCounterVec,
+    /// Per ModelDeployment under `spec.expertPlacement` (`namespace`, `name`).
+    placement_version: IntGaugeVec,
+    placement_imbalance: GaugeVec,
+    placement_degraded: IntGaugeVec,
+    placement_rebalances: IntCounterVec,
     /// Latest condition statuses per ModelDeployment (`namespace/name`), summed into `deployments`.
     conditions: Mutex<BTreeMap<String, Vec<(String, String)>>>,
     ready: AtomicBool,
@@ -123,6 +128,38 @@ impl Metrics {
             &object,
         )
         .expect("valid metric");
+        let placement_version = IntGaugeVec::new(
+            Opts::new(
+                "latentserve_operator_expert_placement_version",
+                "The expert placement version the serving groups are moved onto (0: the default layout)",
+            ),
+            &object,
+        )
+        .expect("valid metric");
+        let placement_imbalance = GaugeVec::new(
+            Opts::new(
+                "latentserve_operator_expert_imbalance",
+                "Busiest shard's routed expert tokens over the mean, summed over MoE layers and groups, in the last window (1: even)",
+            ),
+            &object,
+        )
+        .expect("valid metric");
+        let placement_degraded = IntGaugeVec::new(
+            Opts::new(
+                "latentserve_operator_degraded_groups",
+                "Serving groups that serve with a shard down, on redundant expert copies",
+            ),
+            &object,
+        )
+        .expect("valid metric");
+        let placement_rebalances = IntCounterVec::new(
+            Opts::new(
+                "latentserve_operator_expert_rebalances_total",
+                "Balanced expert placement versions the operator stored",
+            ),
+            &object,
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reconcile_errors.clone()),
@@ -134,6 +171,10 @@ impl Metrics {
             Box::new(autoscaler_signal.clone()),
             Box::new(autoscaler_decisions.clone()),
             Box::new(autoscaler_signal_errors.clone()),
+            Box::new(placement_version.clone()),
+            Box::new(placement_imbalance.clone()),
+            Box::new(placement_degraded.clone()),
+            Box::new(placement_rebalances.clone()),
         ] {
             registry
                 .register(collector)
@@ -151,6 +192,10 @@ impl Metrics {
             autoscaler_signal,
             autoscaler_decisions,
             autoscaler_signal_errors,
+            placement_version,
+            placement_imbalance,
+            placement_degraded,
+            placement_rebalances,
             conditions: Mutex::new(BTreeMap::new()),
             ready: AtomicBool::new(false),
         }
@@ -240,6 +285,45 @@ impl Metrics {
                 .autoscaler_decisions
                 .remove_label_values(&[namespace, name, direction]);
         }
+    }
+
+    /// Records `status.expertPlacement` of `namespace/name`; `None` drops its series.
+    pub fn record_placement(
+        &self,
+        namespace: &str,
+        name: &str,
+        status: Option<&crate::crd::ExpertPlacementStatus>,
+    ) {
+        let object = [namespace, name];
+        let Some(status) = status else {
+            let _ = self.placement_version.remove_label_values(&object);
+            let _ = self.placement_imbalance.remove_label_values(&object);
+            let _ = self.placement_degraded.remove_label_values(&object);
+            let _ = self.placement_rebalances.remove_label_values(&object);
+            return;
+        };
+        self.placement_version
+            .with_label_values(&object)
+            .set(status.version);
+        self.placement_degraded
+            .with_label_values(&object)
+            .set(status.degraded_groups.len() as i64);
+        match status.measured_imbalance {
+            Some(imbalance) => self
+                .placement_imbalance
+                .with_label_values(&object)
+                .set(imbalance),
+            None => {
+                let _ = self.placement_imbalance.remove_label_values(&object);
+            }
+        }
+    }
+
+    /// Counts a placement version the operator stored for `namespace/name`.
+    pub fn placement_rebalanced(&self, namespace: &str, name: &str) {
+        self.placement_rebalances
+            .with_label_values(&[namespace, name])
+            .inc();
     }
 
     /// Marks the process ready (`/readyz`): it reached the API server and runs or waits for the

@@ -64,6 +64,11 @@ struct Window {
 
 /// Forgets a deleted object.
 pub fn forget(md: &ModelDeployment, ctx: &Context) {
+    ctx.metrics.record_placement(
+        md.namespace().as_deref().unwrap_or_default(),
+        &md.name_any(),
+        None,
+    );
     ctx.placements
         .lock()
         .expect("placement memory is never poisoned")
@@ -409,6 +414,10 @@ async fn measure_window(
             }
         }
         let made = (new_version, file);
+        ctx.metrics.placement_rebalanced(
+            md.namespace().as_deref().unwrap_or_default(),
+            &md.name_any(),
+        );
         view.version = new_version;
         view.groups_on_version = 0;
         view.imbalance_before = Some(round(measured));

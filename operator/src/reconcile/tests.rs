@@ -1213,6 +1213,14 @@ async fn skewed_expert_load_makes_a_placement_version_and_groups_move_one_at_a_t
     assert!((status.imbalance_before.unwrap() - 200.0 / 101.0).abs() < 1e-3);
     assert!(status.predicted_imbalance.unwrap() < 1.05, "{status:?}");
     assert_eq!(status.window_tokens, 2 * 2 * 202);
+    let metrics = ctx.metrics.render();
+    for line in [
+        r#"latentserve_operator_expert_placement_version{name="demo",namespace="models"} 1"#,
+        r#"latentserve_operator_expert_rebalances_total{name="demo",namespace="models"} 1"#,
+        r#"latentserve_operator_expert_imbalance{name="demo",namespace="models"} 1.98"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
 
     // Pass 3: both groups settled, so group 0 (only) moves onto version 1.
     reconcile_once(&md, &ctx).await.unwrap();

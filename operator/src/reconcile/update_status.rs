@@ -36,6 +36,8 @@ pub async fn update_status(
         Time(Timestamp::from_second(Timestamp::now().as_second()).expect("the clock is in range"));
     let mut new = status::compute(md, &groups, &router, outcome, capacity, autoscaling, &now);
     new.expert_placement = status::expert_placement(md, &groups, placement);
+    ctx.metrics
+        .record_placement(&owner.namespace, &owner.name, new.expert_placement.as_ref());
     ctx.metrics.set_conditions(&key(md), Some(&new));
     if md.status.as_ref() == Some(&new) {
         return Ok(());

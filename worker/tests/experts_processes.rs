@@ -751,3 +751,76 @@ async fn bad_placement_files_and_flags_are_refused_at_start_naming_what_is_wrong
         "{log}"
     );
 }
+
+/// A group whose shards all get SIGTERM at once (a rollout, a new expert placement) finishes
+/// the requests in flight: a shard with nothing of its own in flight keeps serving its experts
+/// while its peers still call, and only then exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_terminated_at_once_finishes_its_requests() {
+    const STREAMS: usize = 3;
+    let logs = tempfile::tempdir().unwrap();
+    let model_dir = serve_support::long_context_model(logs.path());
+    let model = model_dir.to_str().unwrap();
+    let prompt = reference_ids("v3-tiny-f32", "prompt_ids");
+    let ports = group_ports(2);
+    let mut workers: Vec<Worker> = (0..2)
+        .map(|rank| Worker::start(model, rank, &ports, logs.path(), &[]))
+        .collect();
+    for worker in &mut workers {
+        wait_health(worker, ServingStatus::Serving).await;
+    }
+    let (started, mut started_rx) = tokio::sync::mpsc::channel(STREAMS);
+    let streams: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            tokio::spawn(stream_after_first_token(
+                workers[0].address(),
+                greedy_request(&prompt[i..i + 8], STREAM_TOKENS),
+                started.clone(),
+            ))
+        })
+        .collect();
+    drop(started);
+    for _ in 0..STREAMS {
+        tokio::time::timeout(Duration::from_secs(120), started_rx.recv())
+            .await
+            .expect("every stream gets its first token")
+            .expect("a stream ended before its first token");
+    }
+    // Rank 1 has nothing of its own in flight.
+    for worker in &workers {
+        let status = Command::new("kill")
+            .args(["-TERM", &worker.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    for (i, stream) in streams.into_iter().enumerate() {
+        let tokens = tokio::time::timeout(Duration::from_secs(120), stream)
+            .await
+            .expect("the drain ends every stream")
+            .unwrap()
+            .unwrap_or_else(|status| {
+                panic!(
+                    "stream {i} failed while its group drained: {status:?}\n{}\n{}",
+                    workers[0].log_text(),
+                    workers[1].log_text()
+                )
+            });
+        assert_eq!(tokens.len(), STREAM_TOKENS as usize, "stream {i}");
+    }
+    for worker in &mut workers {
+        let until = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = worker.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < until,
+                "still running:\n{}",
+                worker.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "{}", worker.log_text());
+    }
+}

@@ -175,6 +175,7 @@ pub async fn start(args: &ServeArgs) -> anyhow::Result<Serving> {
         service: shard.service.clone().into_server(),
         addr: args.shard.experts_addr,
         auth: shard.auth.clone(),
+        activity: shard.service.activity(),
     });
     let server = RunningServer::start(&addrs, metrics.clone(), experts)
         .await

@@ -38,6 +38,41 @@ pub struct ExpertsService {
     identity: Arc<ShardIdentity>,
     backend: Arc<OnceLock<LocalBackend>>,
     metrics: Arc<Metrics>,
+    activity: Arc<PeerActivity>,
+}
+
+/// When a peer last called RunExperts: a draining shard keeps its exchange up while its peers
+/// still finish requests that need its experts.
+#[derive(Debug)]
+pub struct PeerActivity {
+    since: std::time::Instant,
+    /// Milliseconds after `since` of the last call's start.
+    last_call_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for PeerActivity {
+    fn default() -> Self {
+        Self {
+            since: std::time::Instant::now(),
+            last_call_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl PeerActivity {
+    fn record(&self) {
+        let now = self.since.elapsed().as_millis() as u64;
+        self.last_call_ms
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long ago a peer last called (since start when none has).
+    pub fn idle_for(&self) -> std::time::Duration {
+        let last = self.last_call_ms.load(std::sync::atomic::Ordering::Relaxed);
+        self.since
+            .elapsed()
+            .saturating_sub(std::time::Duration::from_millis(last))
+    }
 }
 
 impl ExpertsService {
@@ -46,7 +81,13 @@ impl ExpertsService {
             identity: Arc::new(identity),
             backend: Arc::new(OnceLock::new()),
             metrics,
+            activity: Arc::new(PeerActivity::default()),
         }
+    }
+
+    /// When peers last called; shared with the server's drain.
+    pub fn activity(&self) -> Arc<PeerActivity> {
+        self.activity.clone()
     }
 
     /// Where the loaded model's experts go; set once.
@@ -175,6 +216,7 @@ impl Experts for ExpertsService {
         &self,
         request: Request<RunExpertsRequest>,
     ) -> Result<Response<RunExpertsResponse>, Status> {
+        self.activity.record();
         let backend = self
             .backend
             .get()

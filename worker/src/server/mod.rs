@@ -31,7 +31,7 @@ use crate::engine::codec::TokenCodec;
 use crate::experts::EXPERTS_SERVICE_NAME;
 use crate::experts::auth::{ExpertsAuth, RequireToken};
 use crate::experts::peers::GroupHealth;
-use crate::experts::service::ExpertsService;
+use crate::experts::service::{ExpertsService, PeerActivity};
 use crate::metrics::Metrics;
 use crate::model::chat_template::ChatTemplate;
 use connections::{CappedListener, ConnectionLimits, HttpLimits, TrackRequestsLayer};
@@ -95,6 +95,9 @@ pub struct RunningServer {
     draining: watch::Sender<bool>,
     grpc_task: JoinHandle<Result<(), tonic::transport::Error>>,
     experts_task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    /// The exchange's own shutdown, after the client ports' (see [`PEER_QUIET`]).
+    experts_shutdown: watch::Sender<bool>,
+    peer_activity: Option<Arc<PeerActivity>>,
     http_task: JoinHandle<std::io::Result<()>>,
     openai_task: Option<JoinHandle<std::io::Result<()>>>,
     /// Where the expert exchange listens when it has a port of its own.
@@ -149,7 +152,14 @@ pub struct ExpertsEndpoint {
     pub addr: SocketAddr,
     /// The group's token every caller must present (open: none).
     pub auth: ExpertsAuth,
+    /// When peers last called: the drain keeps the exchange up while they do.
+    pub activity: Arc<PeerActivity>,
 }
+
+/// How long a draining shard keeps serving its experts after the last call from a peer: the
+/// peers of a group drain at the same time (a rollout, a new expert placement), and a shard
+/// that stopped at once would fail the requests its peers are still finishing.
+pub const PEER_QUIET: Duration = Duration::from_secs(2);
 
 impl RunningServer {
     /// Binds every port (port 0 picks a free one) and serves health, reflection and metrics at
@@ -233,6 +243,8 @@ impl RunningServer {
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (experts_shutdown, experts_shutdown_rx) = watch::channel(false);
+        let mut peer_activity = None;
         let wait_for = |mut receiver: watch::Receiver<bool>| async move {
             let _ = receiver.wait_for(|stop| *stop).await;
         };
@@ -261,7 +273,9 @@ impl RunningServer {
                 service,
                 addr,
                 auth,
+                activity,
             }) => {
+                peer_activity = Some(activity);
                 let listener =
                     TcpListener::bind(addr)
                         .await
@@ -284,7 +298,7 @@ impl RunningServer {
                         .add_service(service)
                         .serve_with_incoming_shutdown(
                             incoming.into_incoming(),
-                            wait_for(shutdown_rx.clone()),
+                            wait_for(experts_shutdown_rx),
                         ),
                 );
                 (Some(task), Some(addr))
@@ -334,6 +348,8 @@ impl RunningServer {
             draining,
             grpc_task,
             experts_task,
+            experts_shutdown,
+            peer_activity,
             http_task,
             openai_task,
             experts_addr,
@@ -380,6 +396,7 @@ impl RunningServer {
         self.readiness.draining.store(true, Ordering::SeqCst);
         let _ = self.draining.send(true);
         self.readiness.refresh().await;
+        let until_peers = Instant::now() + timeout;
         if let Some(model) = self.loaded.get() {
             let engine = &model.engine;
             tracing::info!(in_flight = engine.in_flight(), ?timeout, "draining");
@@ -403,6 +420,13 @@ impl RunningServer {
         }
         let _ = self.shutdown.send(true);
         self.grpc_task.await??;
+        if let Some(activity) = &self.peer_activity {
+            // Until the peers stop calling (they finish their own requests), within the drain.
+            while activity.idle_for() < PEER_QUIET && Instant::now() < until_peers {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let _ = self.experts_shutdown.send(true);
         if let Some(task) = self.experts_task {
             task.await??;
         }

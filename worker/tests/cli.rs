@@ -351,3 +351,98 @@ fn bench_with_random_weights_prints_json() {
         &["--model"],
     );
 }
+
+/// A worker's expert counters as `/metrics` shows them: `counts[layer - 1][expert]`.
+fn exposition(counts: &[&[u64]]) -> String {
+    let mut text = String::from(
+        "# HELP latentserve_expert_tokens_total Tokens run by this shard's experts\n\
+         # TYPE latentserve_expert_tokens_total counter\n",
+    );
+    for (i, layer) in counts.iter().enumerate() {
+        for (expert, n) in layer.iter().enumerate() {
+            if *n > 0 {
+                text.push_str(&format!(
+                    "latentserve_expert_tokens_total{{expert=\"{expert}\",layer=\"{}\",model=\"demo\"}} {n}\n",
+                    i + 1
+                ));
+            }
+        }
+    }
+    text
+}
+
+#[test]
+fn plan_placement_spreads_the_hot_experts_of_a_skewed_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/demo");
+    // The demo model: 8 experts, MoE layers 1-3. Default layout over 2 shards: 0-3 and 4-7.
+    // Experts 0 and 1 are hot, so shard 0 does almost all the work.
+    let hot: &[u64] = &[900, 800, 10, 10];
+    let rank0 = dir.path().join("rank0.txt");
+    let rank1 = dir.path().join("rank1.txt");
+    std::fs::write(&rank0, exposition(&[hot, hot, hot])).unwrap();
+    let cold: &[u64] = &[0, 0, 0, 0, 10, 10, 10, 10];
+    std::fs::write(&rank1, exposition(&[cold, cold, cold])).unwrap();
+    let out = dir.path().join("placement.json");
+    let result = worker(&[
+        "plan-placement",
+        "--model",
+        model.to_str().unwrap(),
+        "--shard-count",
+        "2",
+        "--redundant-experts",
+        "1",
+        "--version",
+        "1",
+        "--output",
+        out.to_str().unwrap(),
+        rank0.to_str().unwrap(),
+        rank1.to_str().unwrap(),
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    assert!(
+        stderr(&result).contains("imbalance measured"),
+        "{}",
+        stderr(&result)
+    );
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(file["version"], "1");
+    assert_eq!(file["shardCount"], 2);
+    for layer in ["1", "2", "3"] {
+        let entries = file["layers"][layer].as_array().unwrap();
+        assert_eq!(entries.len(), 8, "every expert has an entry");
+        // The two hot experts do not share a shard (or one is on both).
+        let shards = |e: usize| entries[e].as_array().unwrap().clone();
+        assert!(
+            shards(0) != shards(1) || shards(0).len() == 2,
+            "layer {layer}: {entries:?}"
+        );
+    }
+    // The file is what serve accepts: it is checked against the model at start; here the
+    // per-layer entries name only layers 1-3, the demo's MoE layers.
+    assert!(file["layers"].get("0").is_none());
+
+    // A file that is not an exposition, and a count of files that is not whole groups.
+    let junk = dir.path().join("junk.txt");
+    std::fs::write(&junk, "latentserve_expert_tokens_total{layer=\"x\"} 1\n").unwrap();
+    let result = worker(&[
+        "plan-placement",
+        "--model",
+        model.to_str().unwrap(),
+        "--shard-count",
+        "2",
+        rank0.to_str().unwrap(),
+        junk.to_str().unwrap(),
+    ]);
+    assert_fails_with(&result, &["junk.txt"]);
+    let result = worker(&[
+        "plan-placement",
+        "--model",
+        model.to_str().unwrap(),
+        "--shard-count",
+        "2",
+        rank0.to_str().unwrap(),
+    ]);
+    assert_fails_with(&result, &["not whole groups of --shard-count 2"]);
+}

@@ -6,6 +6,7 @@ pub mod generate;
 pub mod init_random;
 pub mod model_dir;
 pub mod parse;
+pub mod plan_placement;
 pub mod serve;
 pub mod shard_args;
 
@@ -33,6 +34,8 @@ pub enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Load against a running server: throughput and TTFT/ITL/end-to-end latency percentiles.
     BenchServe(bench_serve::BenchServeArgs),
+    /// A balanced expert placement file from a group's expert counters (EPLB).
+    PlanPlacement(plan_placement::PlanPlacementArgs),
 }
 
 impl Cli {
@@ -43,6 +46,7 @@ impl Cli {
             Command::Bench(args) => bench::run(&args),
             Command::Serve(args) => async_runtime()?.block_on(serve::run(*args)),
             Command::BenchServe(args) => async_runtime()?.block_on(bench_serve::run(args)),
+            Command::PlanPlacement(args) => plan_placement::run(&args),
         }
     }
 }

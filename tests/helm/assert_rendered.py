@@ -30,7 +30,7 @@ CONTRACT_RULES = {
     ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "services"): {"get", "list", "watch", "create", "patch"},
     ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
-    ("", "pods"): {"get", "list", "watch"},
+    ("", "pods"): {"get", "list", "watch", "delete"},
     ("policy", "poddisruptionbudgets"): {"get", "create", "patch", "delete"},
     ("networking.k8s.io", "networkpolicies"): {"get", "create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
@@ -47,6 +47,9 @@ WORKER_METRICS = {
     "e2e_request_latency_seconds", "request_queue_time_seconds", "batch_size",
     "step_duration_seconds", "expert_tokens_total", "expert_rpc_seconds",
     "expert_rpc_errors_total", "expert_dispatch_bytes_total",
+    # Expert placement and redundancy (issue 20).
+    "expert_retries_total", "expert_peers_usable", "expert_group_degraded",
+    "expert_placement_info",
 }
 OPERATOR_METRICS = {
     "operator_reconciles_total", "operator_reconcile_errors_total",
@@ -55,6 +58,9 @@ OPERATOR_METRICS = {
     "operator_autoscaler_desired_groups", "operator_autoscaler_current_groups",
     "operator_autoscaler_signal_value", "operator_autoscaler_decisions_total",
     "operator_autoscaler_signal_errors_total",
+    # The expert placement loop (issue 20).
+    "operator_expert_placement_version", "operator_expert_imbalance",
+    "operator_expert_rebalances_total", "operator_degraded_groups",
 }
 # The request router's families (issue 16; router/src/metrics.rs, docs/metrics.md).
 ROUTER_METRICS = {
@@ -70,7 +76,7 @@ KNOWN_METRICS = {"latentserve_" + m for m in WORKER_METRICS | OPERATOR_METRICS |
 EXPECTED_ALERTS = {
     "LatentServeModelDeploymentNotAvailable", "LatentServeModelDeploymentDegraded",
     "LatentServeReconcileErrors", "LatentServeOperatorDown", "LatentServeOperatorNoLeader",
-    "LatentServeQueueGrowing",
+    "LatentServeQueueGrowing", "LatentServeExpertGroupDegraded",
     "LatentServeKVCacheFull", "LatentServeExpertRPCErrors",
     "LatentServeRequestsHeld", "LatentServeAutoscalerBlind",
 }

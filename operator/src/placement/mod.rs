@@ -6,6 +6,7 @@
 //! - [`rollout`]: which version each group runs, and which group moves next (pure);
 //! - [`measure`]: expert load per group and rank from the workers' counters, and the decision
 //!   to rebalance (pure);
+//! - [`topology`]: how the shards sit on nodes, for the hierarchical policy (pure);
 //! - [`fetch`]: reads the workers' `/metrics` (I/O).
 //!
 //! The reconcile stage that wires them together is `reconcile::placement`.
@@ -13,6 +14,7 @@
 pub mod fetch;
 pub mod measure;
 pub mod rollout;
+pub mod topology;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -26,6 +26,7 @@ use super::{Context, Error, events, key};
 use crate::crd::{ExpertPlacementStatus, ModelDeployment, PlacementPolicy};
 use crate::placement::measure::{self, Decision, PodLoad};
 use crate::placement::rollout::{self, GroupState};
+use crate::placement::topology;
 use crate::placement::{
     self, PLACEMENT_KEY, PlacementPlan, Rebalance, Settings, VERSION_ANNOTATION,
 };
@@ -348,13 +349,13 @@ async fn measure_window(
         return Ok((rebalance.interval, None));
     };
     memory(ctx, md, |m| m.measured = Some((imbalance, measured.tokens)));
-    let n_experts = n_experts(ctx, pods, &measured.total).await;
+    let (n_experts, n_group) = model_shape(ctx, pods, &measured.total).await;
     let total = measured.total.with_experts(n_experts);
     let options = BalanceOptions {
         shard_count: shards,
         redundant: settings.redundant_experts,
-        n_group: 1,
-        nodes: 1,
+        n_group,
+        nodes: topology::nodes(&rank_nodes(pods), shards),
         // Enough slots for every expert twice: keep the group alive without any one shard.
         min_replicas: if settings.redundant_experts * shards >= n_experts {
             2
@@ -484,19 +485,44 @@ fn pod_address(pod: &Pod, port: i32) -> Option<String> {
     })
 }
 
-/// The model's routed experts per layer, from a ready worker (the counters only name experts
-/// that ran); the counters' own width when no worker answers.
-async fn n_experts(ctx: &Context, pods: &[Pod], load: &ExpertLoad) -> usize {
+/// The model's routed experts per layer and expert groups, from a ready worker (the counters
+/// only name experts that ran); the counters' own width and no groups when no worker answers.
+async fn model_shape(ctx: &Context, pods: &[Pod], load: &ExpertLoad) -> (usize, usize) {
     let seen = load.layers.values().map(Vec::len).max().unwrap_or(0);
     for pod in pods.iter().filter(|p| status::pod_ready(p)) {
         let Some(address) = pod_address(pod, GRPC_PORT) else {
             continue;
         };
         if let Ok(info) = ctx.model_info.model_info(&address).await {
-            return (info.num_routed_experts as usize).max(seen);
+            let n_experts = (info.num_routed_experts as usize).max(seen);
+            let n_group = (info.num_expert_groups as usize).max(1);
+            // A worker before num_expert_groups, or groups that do not divide: none.
+            let n_group = if n_experts.is_multiple_of(n_group) {
+                n_group
+            } else {
+                1
+            };
+            return (n_experts, n_group);
         }
     }
-    seen
+    (seen, 1)
+}
+
+/// Per group, rank -> the node its pod runs on (pods not scheduled yet left out).
+fn rank_nodes(pods: &[Pod]) -> Vec<BTreeMap<usize, String>> {
+    let mut groups: BTreeMap<i32, BTreeMap<usize, String>> = BTreeMap::new();
+    for pod in pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        let group = pod.labels().get(LABEL_GROUP).and_then(|g| g.parse().ok());
+        let rank = measure::rank_of_pod(&pod.name_any());
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+        if let (Some(group), Some(rank), Some(node)) = (group, rank, node) {
+            groups.entry(group).or_default().insert(rank, node);
+        }
+    }
+    groups.into_values().collect()
 }
 
 /// Three decimals: the status changes only when the figure does.

@@ -293,6 +293,7 @@ fn load_engine(
         vocab_size: config.vocab_size as u32,
         peers: args.shard.peers.clone(),
         max_queue: args.max_queue,
+        num_expert_groups: moe.map_or(1, |m| m.n_group) as u32,
     };
     tracing::info!(
         blocks = num_blocks,

@@ -1,7 +1,8 @@
 //! `latentserve-worker bench-serve`: load against a running server, like vLLM's serving benchmark.
 //! Sends `--requests` generations with `--concurrency` in flight, random token-id prompts of
 //! `--input-len` tokens (the first `--shared-prefix` of them common to all, or to one of
-//! `--prefixes` system prompts), `--output-len` new tokens each (EOS ignored, greedy), and reports
+//! `--prefixes` system prompts; with `--token-pool`, drawn from a few token ids only),
+//! `--output-len` new tokens each (EOS ignored, greedy), and reports
 //! throughput, latency percentiles and prefix-cache hits. The load goes through gRPC `Generate`
 //! or, with `--api openai`, through streamed `/v1/completions`; to one server, or with `--pin`
 //! to several, each client keeping to one (what a Kubernetes ClusterIP Service does to
@@ -73,6 +74,12 @@ pub struct BenchServeArgs {
     /// Seed of the random prompts (change it to avoid hits on an earlier run's prompts).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Draw every prompt token from this many distinct token ids (chosen at random with
+    /// `--seed`) instead of the whole vocabulary: a narrow-topic workload, whose tokens keep
+    /// visiting the same few routed experts (what skews expert load in real traffic). 0: the
+    /// whole vocabulary.
+    #[arg(long, default_value_t = 0)]
+    pub token_pool: u32,
     /// Count failed requests (before or after their first token) instead of stopping at the
     /// first one: for runs that kill a server on purpose.
     #[arg(long)]
@@ -133,6 +140,8 @@ pub struct BenchReport {
     pub output_len: u32,
     pub shared_prefix: u32,
     pub prefixes: u32,
+    /// Distinct token ids the prompts were drawn from (0: the whole vocabulary).
+    pub token_pool: u32,
     pub pinned_targets: usize,
     pub duration_seconds: f64,
     pub output_tokens: usize,
@@ -194,6 +203,7 @@ impl BenchReport {
             output_len: args.output_len,
             shared_prefix: args.shared_prefix,
             prefixes: args.prefixes,
+            token_pool: args.token_pool,
             pinned_targets: if args.pin {
                 args.target.split(',').count()
             } else {
@@ -281,23 +291,39 @@ impl BenchReport {
 
 /// The prompts: `count` random id sequences of `input_len` whose first `shared_prefix` ids are
 /// one of `prefixes` random prefixes (chosen at random per prompt), and which prefix each has.
+/// With `token_pool` > 0 every id is drawn from that many distinct ids (fewer when the
+/// vocabulary has fewer), themselves drawn once at random.
 pub fn make_prompts(
     count: usize,
     input_len: usize,
     shared_prefix: usize,
     prefixes: usize,
     vocab_size: u32,
+    token_pool: usize,
     seed: u64,
 ) -> Vec<(Vec<u32>, usize)> {
     let mut rng = StdRng::seed_from_u64(seed);
     // Low ids are the tokenizer's special tokens; random text never contains them.
     let low = 3.min(vocab_size.saturating_sub(1));
+    let pool: Vec<u32> = if token_pool > 0 {
+        let size = token_pool.min(vocab_size.saturating_sub(low).max(1) as usize);
+        let mut chosen = std::collections::BTreeSet::new();
+        while chosen.len() < size {
+            chosen.insert(rng.random_range(low..vocab_size));
+        }
+        chosen.into_iter().collect()
+    } else {
+        Vec::new()
+    };
+    let draw = |rng: &mut StdRng| {
+        if pool.is_empty() {
+            rng.random_range(low..vocab_size)
+        } else {
+            pool[rng.random_range(0..pool.len())]
+        }
+    };
     let heads: Vec<Vec<u32>> = (0..prefixes.max(1))
-        .map(|_| {
-            (0..shared_prefix)
-                .map(|_| rng.random_range(low..vocab_size))
-                .collect()
-        })
+        .map(|_| (0..shared_prefix).map(|_| draw(&mut rng)).collect())
         .collect();
     (0..count)
         .map(|_| {
@@ -307,7 +333,7 @@ pub fn make_prompts(
                 0
             };
             let mut prompt = heads[which].clone();
-            prompt.extend((shared_prefix..input_len).map(|_| rng.random_range(low..vocab_size)));
+            prompt.extend((shared_prefix..input_len).map(|_| draw(&mut rng)));
             (prompt, which)
         })
         .collect()
@@ -664,6 +690,7 @@ pub async fn run(args: BenchServeArgs) -> anyhow::Result<()> {
         args.shared_prefix as usize,
         args.prefixes as usize,
         info.vocab_size,
+        args.token_pool as usize,
         args.seed,
     );
     let miss = if with_miss {
@@ -755,7 +782,7 @@ mod tests {
 
     #[test]
     fn prompts_share_exactly_the_prefix() {
-        let prompts: Vec<Vec<u32>> = make_prompts(3, 10, 4, 1, 100, 1)
+        let prompts: Vec<Vec<u32>> = make_prompts(3, 10, 4, 1, 100, 0, 1)
             .into_iter()
             .map(|(p, _)| p)
             .collect();
@@ -764,7 +791,7 @@ mod tests {
         assert_ne!(prompts[0][4..], prompts[1][4..]);
         assert!(prompts.iter().flatten().all(|&id| (3..100).contains(&id)));
         assert_eq!(
-            make_prompts(3, 10, 4, 1, 100, 1)
+            make_prompts(3, 10, 4, 1, 100, 0, 1)
                 .into_iter()
                 .map(|(p, _)| p)
                 .collect::<Vec<_>>(),
@@ -774,7 +801,7 @@ mod tests {
 
     #[test]
     fn several_prefixes_are_shared_by_the_prompts_that_name_them() {
-        let prompts = make_prompts(64, 12, 8, 4, 1000, 3);
+        let prompts = make_prompts(64, 12, 8, 4, 1000, 0, 3);
         let mut seen = std::collections::BTreeSet::new();
         for (prompt, prefix) in &prompts {
             seen.insert(*prefix);
@@ -784,6 +811,32 @@ mod tests {
         assert_eq!(seen.len(), 4, "64 draws reach all 4 prefixes");
         let other = prompts.iter().find(|(_, p)| *p != prompts[0].1).unwrap();
         assert_ne!(other.0[..8], prompts[0].0[..8]);
+    }
+
+    #[test]
+    fn a_token_pool_limits_the_ids_and_keeps_the_default_prompts() {
+        let pooled = make_prompts(32, 64, 16, 2, 32000, 8, 5);
+        let ids: std::collections::BTreeSet<u32> =
+            pooled.iter().flat_map(|(p, _)| p.iter().copied()).collect();
+        assert_eq!(ids.len(), 8, "32 x 64 draws reach all 8 ids of the pool");
+        assert!(ids.iter().all(|&id| (3..32000).contains(&id)));
+        assert!(pooled.iter().all(|(p, _)| p.len() == 64));
+        // Prefixes stay shared, and the same seed gives the same prompts.
+        for (prompt, prefix) in &pooled {
+            let first = pooled.iter().find(|(_, p)| p == prefix).unwrap();
+            assert_eq!(prompt[..16], first.0[..16]);
+        }
+        assert_eq!(make_prompts(32, 64, 16, 2, 32000, 8, 5), pooled);
+        // A pool larger than the vocabulary is the vocabulary (ids 3..10 here).
+        let small: std::collections::BTreeSet<u32> = make_prompts(16, 32, 0, 1, 10, 100, 1)
+            .into_iter()
+            .flat_map(|(p, _)| p)
+            .collect();
+        assert_eq!(small, (3..10).collect());
+        // Without a pool the prompts are the ones earlier runs sent.
+        let mut rng = StdRng::seed_from_u64(1);
+        let first: Vec<u32> = (0..10).map(|_| rng.random_range(3..100)).collect();
+        assert_eq!(make_prompts(1, 10, 0, 1, 100, 0, 1)[0].0, first);
     }
 
     #[test]
@@ -810,6 +863,7 @@ mod tests {
             pin: false,
             keep_going: false,
             seed: 0,
+            token_pool: 0,
             json: true,
         };
         let timing = |ttft| RequestTiming {

@@ -48,6 +48,17 @@ fn populated() -> Metrics {
         },
     );
     metrics.autoscaler_signal_error("models", "demo");
+    metrics.record_placement(
+        "models",
+        "demo",
+        Some(&latentserve_operator::crd::ExpertPlacementStatus {
+            version: 2,
+            measured_imbalance: Some(1.4),
+            degraded_groups: vec![1],
+            ..Default::default()
+        }),
+    );
+    metrics.placement_rebalanced("models", "demo");
     metrics
 }
 

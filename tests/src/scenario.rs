@@ -37,6 +37,67 @@ pub struct Started {
 }
 
 impl Started {
+    /// A fresh namespace `<prefix>-...` with the CRD installed and a scratch directory; `None`
+    /// without a test control plane (the test is then skipped, except under `CI=true`).
+    pub async fn begin(prefix: &str) -> Option<Started> {
+        let client = crate::k8s::admin_client().await?;
+        let scratch =
+            std::env::temp_dir().join(format!("latentserve-{prefix}-{}", std::process::id()));
+        std::fs::create_dir_all(&scratch).expect("the scratch directory");
+        crate::k8s::install_crd(&client)
+            .await
+            .expect("the CRD installs");
+        let namespace = crate::k8s::create_namespace(&client, prefix)
+            .await
+            .expect("the test namespace");
+        Some(Started {
+            client,
+            namespace,
+            scratch,
+            agent: None,
+            operator: None,
+        })
+    }
+
+    /// The operator as a process with the checked-in RBAC, watching this namespace, and the
+    /// node agent that runs the demo's worker and router pods.
+    pub async fn start_operator_and_agent(
+        &mut self,
+        identity: &str,
+        extra_args: &[&str],
+    ) -> anyhow::Result<()> {
+        let kubeconfig = crate::k8s::operator_kubeconfig(&self.client)
+            .await
+            .context("the operator's RBAC")?;
+        let mut operator = OperatorProcess::start(&crate::k8s::OperatorOptions {
+            kubeconfig: &kubeconfig,
+            namespace: &self.namespace,
+            leader_lease: None,
+            identity,
+            extra_args,
+        })?;
+        operator.ensure_running()?;
+        self.operator = Some(operator);
+        let config = crate::demo::agent_config(&self.namespace, &self.scratch)?;
+        self.agent = Some(NodeAgent::start(self.client.clone(), config).await?);
+        Ok(())
+    }
+
+    /// Cleans up, then fails the test with the scenario's error (or its panic) and the logs.
+    pub async fn finish(self, outcome: std::thread::Result<anyhow::Result<()>>) {
+        let logs = diagnostics(&self);
+        let problems = self.cleanup().await;
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => panic!("{err:#}\n{logs}"),
+            Err(panic) => {
+                eprintln!("{logs}");
+                std::panic::resume_unwind(panic)
+            }
+        }
+        assert!(problems.is_empty(), "cleanup failed: {problems:?}");
+    }
+
     /// Deletes the ModelDeployment, stops the agent and the operator, deletes the namespace and
     /// the scratch directory; returns what went wrong.
     pub async fn cleanup(mut self) -> Vec<String> {

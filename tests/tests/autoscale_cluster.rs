@@ -22,15 +22,11 @@ use futures::FutureExt as _;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use latentserve_e2e::demo::{MODEL, ROUTERS, WORKERS, agent_config, repo_root};
-use latentserve_e2e::k8s::{
-    OperatorOptions, OperatorProcess, admin_client, create_namespace, install_crd,
-    operator_kubeconfig,
-};
-use latentserve_e2e::node_agent::runtime::{NodeAgent, wait_for};
+use latentserve_e2e::demo::{MODEL, ROUTERS, WORKERS, repo_root};
+use latentserve_e2e::node_agent::runtime::wait_for;
 use latentserve_e2e::pods::{get_from_metrics_port, grpc_address, metric_sum};
 use latentserve_e2e::scenario::{
-    Load, STEP_LIMIT, Started, client_loop, diagnostics, generate, wait_for_pods, workers,
+    Load, STEP_LIMIT, Started, client_loop, generate, wait_for_pods, workers,
 };
 use latentserve_operator::crd::ModelDeployment;
 use serde_json::json;
@@ -42,55 +38,21 @@ const CLIENTS: usize = 4;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn zero_to_three_groups_and_back_to_zero_without_losing_a_request() {
-    let Some(client) = admin_client().await else {
+    let Some(mut started) = Started::begin("e2e-autoscale").await else {
         return;
-    };
-    let scratch =
-        std::env::temp_dir().join(format!("latentserve-autoscale-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).unwrap();
-    install_crd(&client).await.expect("the CRD installs");
-    let namespace = create_namespace(&client, "e2e-autoscale").await.unwrap();
-    let mut started = Started {
-        client,
-        namespace,
-        scratch,
-        agent: None,
-        operator: None,
     };
     let outcome = std::panic::AssertUnwindSafe(scenario(&mut started))
         .catch_unwind()
         .await;
-    let logs = diagnostics(&started);
-    let problems = started.cleanup().await;
-    match outcome {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => panic!("{err:#}\n{logs}"),
-        Err(panic) => {
-            eprintln!("{logs}");
-            std::panic::resume_unwind(panic)
-        }
-    }
-    assert!(problems.is_empty(), "cleanup failed: {problems:?}");
+    started.finish(outcome).await;
 }
 
 async fn scenario(started: &mut Started) -> anyhow::Result<()> {
     let client = started.client.clone();
     let ns = started.namespace.clone();
-    let kubeconfig = operator_kubeconfig(&client)
-        .await
-        .context("the operator's RBAC")?;
-    let mut operator = OperatorProcess::start(&OperatorOptions {
-        kubeconfig: &kubeconfig,
-        namespace: &ns,
-        leader_lease: None,
-        identity: "autoscale",
-        extra_args: &["--autoscale-interval", "2s"],
-    })?;
-    operator.ensure_running()?;
-    started.operator = Some(operator);
-
-    let config = agent_config(&ns, &started.scratch)?;
-    started.agent = Some(NodeAgent::start(client.clone(), config).await?);
+    started
+        .start_operator_and_agent("autoscale", &["--autoscale-interval", "2s"])
+        .await?;
 
     // The demo example with one shard per group (fewer processes on a small machine) and an
     // autoscaler with short windows.

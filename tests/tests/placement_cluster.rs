@@ -20,16 +20,9 @@ use futures::FutureExt as _;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, ListParams, PostParams};
-use latentserve_e2e::demo::{MODEL, ROUTERS, WORKERS, agent_config, repo_root};
-use latentserve_e2e::k8s::{
-    OperatorOptions, OperatorProcess, admin_client, create_namespace, install_crd,
-    operator_kubeconfig,
-};
-use latentserve_e2e::node_agent::runtime::NodeAgent;
+use latentserve_e2e::demo::{MODEL, ROUTERS, WORKERS, repo_root};
 use latentserve_e2e::pods::{grpc_address, pod_ready};
-use latentserve_e2e::scenario::{
-    Load, STEP_LIMIT, Started, client_loop, diagnostics, wait_for_pods,
-};
+use latentserve_e2e::scenario::{Load, STEP_LIMIT, Started, client_loop, wait_for_pods};
 use latentserve_operator::crd::{ExpertPlacementStatus, ModelDeployment};
 use serde_json::json;
 
@@ -39,54 +32,19 @@ const CLIENTS: usize = 3;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn skewed_load_rebalances_the_experts_and_rolls_groups_one_at_a_time() {
-    let Some(client) = admin_client().await else {
+    let Some(mut started) = Started::begin("e2e-placement").await else {
         return;
-    };
-    let scratch =
-        std::env::temp_dir().join(format!("latentserve-placement-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).unwrap();
-    install_crd(&client).await.expect("the CRD installs");
-    let namespace = create_namespace(&client, "e2e-placement").await.unwrap();
-    let mut started = Started {
-        client,
-        namespace,
-        scratch,
-        agent: None,
-        operator: None,
     };
     let outcome = std::panic::AssertUnwindSafe(scenario(&mut started))
         .catch_unwind()
         .await;
-    let logs = diagnostics(&started);
-    let problems = started.cleanup().await;
-    match outcome {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => panic!("{err:#}\n{logs}"),
-        Err(panic) => {
-            eprintln!("{logs}");
-            std::panic::resume_unwind(panic)
-        }
-    }
-    assert!(problems.is_empty(), "cleanup failed: {problems:?}");
+    started.finish(outcome).await;
 }
 
 async fn scenario(started: &mut Started) -> anyhow::Result<()> {
     let client = started.client.clone();
     let ns = started.namespace.clone();
-    let kubeconfig = operator_kubeconfig(&client)
-        .await
-        .context("the operator's RBAC")?;
-    let mut operator = OperatorProcess::start(&OperatorOptions {
-        kubeconfig: &kubeconfig,
-        namespace: &ns,
-        leader_lease: None,
-        identity: "placement",
-        extra_args: &[],
-    })?;
-    operator.ensure_running()?;
-    started.operator = Some(operator);
-    let config = agent_config(&ns, &started.scratch)?;
-    started.agent = Some(NodeAgent::start(client.clone(), config).await?);
+    started.start_operator_and_agent("placement", &[]).await?;
 
     let example = std::fs::read_to_string(repo_root().join("examples/demo-hostpath.yaml"))?;
     let mut model: serde_json::Value = serde_yaml::from_str(&example)?;

@@ -82,9 +82,17 @@ pub async fn place(
     ctx: &Context,
     existing: &[StatefulSet],
 ) -> Result<Placed, Error> {
-    let Some(settings) = spec.placement().filter(|_| spec.plan().expert_shards > 1) else {
+    if spec.plan().expert_shards < 2 {
         return Ok(Placed::default());
+    }
+    // Without spec.expertPlacement: the default layout, and groups still on a balanced version
+    // (the field was removed) move back to it one at a time like any other move.
+    let default_settings = Settings {
+        policy: PlacementPolicy::Contiguous,
+        redundant_experts: 0,
+        rebalance: None,
     };
+    let settings = spec.placement().unwrap_or(&default_settings);
     let owner = spec.owner();
     let stored = stored_versions(ctx, owner).await?;
     let pods = super::list_pods(ctx, &owner.namespace, &owner.selector_string()).await?;
@@ -93,12 +101,25 @@ pub async fn place(
         PlacementPolicy::Balanced => stored.keys().copied().max().unwrap_or(0),
         PlacementPolicy::Contiguous => 0,
     };
+    // Draining groups (the autoscaler's) keep what they run: they are about to go.
     let states: Vec<GroupState> = spec
         .plan()
-        .groups()
+        .serving_groups()
         .map(|group| group_state(group, existing, &observed, &pods, spec.plan().expert_shards))
         .collect();
-    let rollout = rollout::next(target, &states);
+    let mut rollout = rollout::next(target, &states);
+    for group in spec.plan().draining().keys() {
+        let state = group_state(
+            *group,
+            existing,
+            &observed,
+            &pods,
+            spec.plan().expert_shards,
+        );
+        rollout
+            .versions
+            .insert(*group, state.version.unwrap_or(target));
+    }
     replace_stale_pods(ctx, owner, existing, &pods).await?;
 
     let mut view = ExpertPlacementStatus {

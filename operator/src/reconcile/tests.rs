@@ -1296,3 +1296,27 @@ async fn redundant_experts_reach_the_workers_and_a_group_with_a_shard_down_still
     assert_eq!(placement.version, 0);
     assert!(fake.get(CONFIG_MAPS, "demo-placement-1").is_none());
 }
+
+#[tokio::test]
+async fn without_expert_placement_groups_on_a_balanced_version_move_back_one_at_a_time() {
+    let mut md = demo();
+    md.spec.replicas = 2;
+    let (fake, ctx) = setup_balanced(&md, 1);
+    let mut version = owned_child("ConfigMap", "v1", "demo-placement-1", None);
+    version["metadata"]["labels"]["app.kubernetes.io/component"] = json!("placement");
+    version["data"] = json!({"placement.json": r#"{"experts": [[0], [1], [0], [1]]}"#});
+    fake.insert(CONFIG_MAPS, version);
+    reconcile_once(&md, &ctx).await.unwrap();
+    let group0 = fake.get(STATEFUL_SETS, "demo-0").unwrap();
+    assert!(args_of(&group0).iter().all(|a| a != "--expert-placement"));
+    let group1 = fake.get(STATEFUL_SETS, "demo-1").unwrap();
+    assert!(
+        args_of(&group1).iter().any(|a| a == "--expert-placement"),
+        "group 1 waits for group 0"
+    );
+    assert!(
+        fake.get(CONFIG_MAPS, "demo-placement-1").is_some(),
+        "kept while group 1 runs it"
+    );
+    assert!(stored(&fake).status.unwrap().expert_placement.is_none());
+}

@@ -74,10 +74,11 @@ pub struct BenchServeArgs {
     /// Seed of the random prompts (change it to avoid hits on an earlier run's prompts).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Draw every prompt token from this many distinct token ids (chosen at random with
-    /// `--seed`) instead of the whole vocabulary: a narrow-topic workload, whose tokens keep
-    /// visiting the same few routed experts (what skews expert load in real traffic). 0: the
-    /// whole vocabulary.
+    /// Draw every prompt token from this many distinct token ids instead of the whole
+    /// vocabulary: a narrow-topic workload, whose tokens keep visiting the same few routed
+    /// experts (what skews expert load in real traffic). The pool depends on its size and the
+    /// vocabulary only, not on `--seed`: runs with other seeds send other prompts (no prefix-cache
+    /// hits between them) that load the same experts. 0: the whole vocabulary.
     #[arg(long, default_value_t = 0)]
     pub token_pool: u32,
     /// Count failed requests (before or after their first token) instead of stopping at the
@@ -289,10 +290,14 @@ impl BenchReport {
     }
 }
 
+/// Seed of the `--token-pool` draw, the same for every `--seed`.
+const TOKEN_POOL_SEED: u64 = 0x706f_6f6c;
+
 /// The prompts: `count` random id sequences of `input_len` whose first `shared_prefix` ids are
 /// one of `prefixes` random prefixes (chosen at random per prompt), and which prefix each has.
 /// With `token_pool` > 0 every id is drawn from that many distinct ids (fewer when the
-/// vocabulary has fewer), themselves drawn once at random.
+/// vocabulary has fewer), themselves drawn at random with a fixed seed (the same pool for every
+/// `seed`).
 pub fn make_prompts(
     count: usize,
     input_len: usize,
@@ -307,9 +312,10 @@ pub fn make_prompts(
     let low = 3.min(vocab_size.saturating_sub(1));
     let pool: Vec<u32> = if token_pool > 0 {
         let size = token_pool.min(vocab_size.saturating_sub(low).max(1) as usize);
+        let mut pool_rng = StdRng::seed_from_u64(TOKEN_POOL_SEED);
         let mut chosen = std::collections::BTreeSet::new();
         while chosen.len() < size {
-            chosen.insert(rng.random_range(low..vocab_size));
+            chosen.insert(pool_rng.random_range(low..vocab_size));
         }
         chosen.into_iter().collect()
     } else {
@@ -827,6 +833,14 @@ mod tests {
             assert_eq!(prompt[..16], first.0[..16]);
         }
         assert_eq!(make_prompts(32, 64, 16, 2, 32000, 8, 5), pooled);
+        // Another seed: other prompts over the same pool.
+        let reseeded = make_prompts(32, 64, 16, 2, 32000, 8, 6);
+        assert_ne!(reseeded, pooled);
+        let reseeded_ids: std::collections::BTreeSet<u32> = reseeded
+            .iter()
+            .flat_map(|(p, _)| p.iter().copied())
+            .collect();
+        assert_eq!(reseeded_ids, ids);
         // A pool larger than the vocabulary is the vocabulary (ids 3..10 here).
         let small: std::collections::BTreeSet<u32> = make_prompts(16, 32, 0, 1, 10, 100, 1)
             .into_iter()

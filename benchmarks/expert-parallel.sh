@@ -231,9 +231,24 @@ skew_run() { # label base round
   scrape "$run-end" "$base" 4
   python3 "$work/imbalance.py" 4 "$run-start:$run-end" >"$run-imb.txt"
   echo "round $round, $label: $(json_field "$run.json" output_tokens_per_second | xargs printf '%.1f') output tok/s," \
-    "imbalance $(head -1 "$run-imb.txt"), load $(cut -d' ' -f1-3 /proc/loadavg)"
+    "imbalance $(head -1 "$run-imb.txt"), rank 0 sent $(sent_per_token "$run-start/rank0.txt" "$run-end/rank0.txt")" \
+    "expert bytes per token per MoE layer, load $(cut -d' ' -f1-3 /proc/loadavg)"
   windows[$label]+=" $run-start:$run-end"
   tps[$label]+=" $(json_field "$run.json" output_tokens_per_second)"
+}
+# Expert request bytes a rank sent per token it served per MoE layer, between two scrapes.
+sent_per_token() { # start.txt end.txt
+  python3 - "$1" "$2" "$MODEL/config.json" <<'EOF'
+import json, re, sys
+def total(path, pattern):
+    return sum(float(l.split()[-1]) for l in open(path) if re.match(pattern, l))
+def delta(pattern):
+    return total(sys.argv[2], pattern) - total(sys.argv[1], pattern)
+c = json.load(open(sys.argv[3]))
+layers = c["num_hidden_layers"] - c["first_k_dense_replace"]
+tokens = delta(r"latentserve_(prompt|generation)_tokens_total[{ ]")
+print(round(delta(r"latentserve_expert_dispatch_bytes_total[{ ]") / max(tokens, 1) / layers))
+EOF
 }
 median() { python3 -c "import statistics, sys; print(f'{statistics.median(map(float, sys.argv[1:])):.1f}')" "$@"; }
 

@@ -43,15 +43,32 @@ fn group_ports(n: usize) -> Vec<u16> {
     free_ports(2 * n)
 }
 
-/// Free 127.0.0.1 ports (bound, noted, released).
+/// Free 127.0.0.1 ports, checked by binding them. They come from below Linux's ephemeral range
+/// (32768-60999): a port the kernel hands out for `:0` can be taken by any test's outgoing
+/// connection between our check and the worker's bind, which failed a group start with
+/// "Address already in use". Each test process takes its own slice of 600 ports (by pid), and a
+/// counter keeps the tests of this process apart.
 fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    const SLICE: u16 = 600;
+    let base = 20_000 + (std::process::id() % 20) as u16 * SLICE;
+    let mut ports = Vec::with_capacity(n);
+    for _ in 0..SLICE {
+        if ports.len() == n {
+            break;
+        }
+        let port = base + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SLICE;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    assert_eq!(
+        ports.len(),
+        n,
+        "no {n} free ports in {base}..{}",
+        base + SLICE
+    );
+    ports
 }
 
 /// A worker process; killed when dropped.

@@ -138,8 +138,10 @@ for ns in "$NS" default; do
     fi
   done <<< "$needed"
   # Least privilege: what the operator must never be able to do.
-  cannot delete pods -n "$ns"
+  # Pods: deleted when their group moves to a new expert placement; never created or changed.
   cannot create pods -n "$ns"
+  cannot patch pods -n "$ns"
+  cannot update pods -n "$ns"
   # Secrets: read, create and patch for the expert exchange's token; never delete or update.
   cannot delete secrets -n "$ns"
   cannot update secrets -n "$ns"

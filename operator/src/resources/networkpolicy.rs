@@ -87,7 +87,8 @@ fn client_and_metrics_rules(
 
 /// `NAME`: the client and metrics ports of every worker. With the router on, clients reach the
 /// workers only through it; the operator's namespace stays admitted either way (it reads the
-/// capacity over gRPC).
+/// capacity over gRPC), and to the metrics port while it measures the experts' load
+/// (`expertPlacement.rebalance`).
 pub fn network_policy(spec: &ValidatedSpec<'_>, policy: &Policy) -> NetworkPolicy {
     let owner = spec.owner();
     let clients = if spec.router_enabled() {
@@ -112,7 +113,12 @@ pub fn network_policy(spec: &ValidatedSpec<'_>, policy: &Policy) -> NetworkPolic
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(match_labels(owner.pod_selector())),
             policy_types: Some(vec!["Ingress".to_owned()]),
-            ingress: Some(client_and_metrics_rules(clients, policy, None)),
+            ingress: Some(client_and_metrics_rules(
+                clients,
+                policy,
+                operator_namespace(policy)
+                    .filter(|_| spec.placement().is_some_and(|p| p.rebalance.is_some())),
+            )),
             ..NetworkPolicySpec::default()
         }),
     }
@@ -354,6 +360,31 @@ mod tests {
             .unwrap(),
         );
         assert_eq!(metrics_sources(&md), ["monitoring", "latentserve-system"]);
+    }
+
+    #[test]
+    fn while_it_balances_experts_the_operator_reaches_the_workers_metrics_port() {
+        let monitoring = BTreeMap::from([(NAMESPACE_NAME_LABEL.into(), "monitoring".into())]);
+        let settings = Policy {
+            metrics_namespace_selector: Some(monitoring),
+            operator_namespace: Some("latentserve-system".into()),
+            ..Policy::default()
+        };
+        let metrics_sources = |md: &crate::crd::ModelDeployment| {
+            let spec = validate(md, &features_latest()).unwrap();
+            let ingress = network_policy(&spec, &settings)
+                .spec
+                .unwrap()
+                .ingress
+                .unwrap();
+            assert_eq!(ports(&ingress[1]), [METRICS_PORT]);
+            ingress[1].from.iter().flatten().count()
+        };
+        assert_eq!(metrics_sources(&demo()), 1, "the scrapers only");
+        let mut md = demo();
+        md.spec.expert_placement =
+            Some(serde_json::from_value(serde_json::json!({"policy": "Balanced"})).unwrap());
+        assert_eq!(metrics_sources(&md), 2, "and the operator's namespace");
     }
 
     #[test]

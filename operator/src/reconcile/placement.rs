@@ -370,7 +370,15 @@ async fn measure_window(
         return Ok((rebalance.interval, None));
     };
     memory(ctx, md, |m| m.measured = Some((imbalance, measured.tokens)));
-    let (n_experts, n_group) = model_shape(ctx, pods, &measured.total).await;
+    let Some((n_experts, n_group)) = model_shape(ctx, pods, &measured.total).await else {
+        // The counters name only experts that ran: a file sized from them could miss the
+        // model's last experts, and the workers would refuse it.
+        tracing::info!(
+            deployment = key(md),
+            "no ready worker answered GetModelInfo; the placement waits for the next window"
+        );
+        return Ok((rebalance.interval, None));
+    };
     let total = measured.total.with_experts(n_experts);
     let options = BalanceOptions {
         shard_count: shards,
@@ -507,8 +515,8 @@ fn pod_address(pod: &Pod, port: i32) -> Option<String> {
 }
 
 /// The model's routed experts per layer and expert groups, from a ready worker (the counters
-/// only name experts that ran); the counters' own width and no groups when no worker answers.
-async fn model_shape(ctx: &Context, pods: &[Pod], load: &ExpertLoad) -> (usize, usize) {
+/// only name experts that ran); `None` when no worker answers.
+async fn model_shape(ctx: &Context, pods: &[Pod], load: &ExpertLoad) -> Option<(usize, usize)> {
     let seen = load.layers.values().map(Vec::len).max().unwrap_or(0);
     for pod in pods.iter().filter(|p| status::pod_ready(p)) {
         let Some(address) = pod_address(pod, GRPC_PORT) else {
@@ -523,10 +531,10 @@ async fn model_shape(ctx: &Context, pods: &[Pod], load: &ExpertLoad) -> (usize, 
             } else {
                 1
             };
-            return (n_experts, n_group);
+            return Some((n_experts, n_group));
         }
     }
-    (seen, 1)
+    None
 }
 
 /// Per group, rank -> the node its pod runs on (pods not scheduled yet left out).

@@ -1119,6 +1119,24 @@ impl crate::placement::fetch::LoadSource for SkewedLoads {
     }
 }
 
+/// Every worker serves a model of 4 routed experts in 2 groups.
+struct FourExperts;
+
+impl ModelInfoSource for FourExperts {
+    fn model_info<'a>(
+        &'a self,
+        _address: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<ModelInfo, ModelInfoError>> + Send + 'a>> {
+        Box::pin(async move {
+            Ok(ModelInfo {
+                num_routed_experts: 4,
+                num_expert_groups: 2,
+                ..ModelInfo::default()
+            })
+        })
+    }
+}
+
 /// Two settled groups of two shards on placement `version`, pods with addresses 10.RANK.GROUP.1.
 fn setup_balanced(md: &ModelDeployment, version: i64) -> (FakeApi, Arc<Context>) {
     let fake = FakeApi::new();
@@ -1154,7 +1172,7 @@ fn setup_balanced(md: &ModelDeployment, version: i64) -> (FakeApi, Arc<Context>)
         fake.client(),
         build_context(),
         Arc::new(Metrics::new()),
-        Arc::new(NoWorkers),
+        Arc::new(FourExperts),
     )
     .with_loads(Arc::new(SkewedLoads::default()));
     (fake, Arc::new(ctx))

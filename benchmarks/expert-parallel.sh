@@ -5,12 +5,12 @@
 #   scale  N = 1, 2 and 4 worker processes (routed experts split across them), loaded with
 #          bench-serve at concurrency 16 against rank 0. Prints bench-serve's JSON per N and the
 #          expert bytes each rank sent per token per MoE layer (latentserve_expert_dispatch_bytes_total).
-#   skew   N = 4 under a workload whose expert load is skewed (bench-serve --token-pool: every
+#   skew   N = SKEW_SHARDS (4) under a workload whose expert load is skewed (bench-serve --token-pool: every
 #          prompt token drawn from a few token ids, a narrow-topic workload), before and after one
 #          rebalance: the expert counters of every rank (latentserve_expert_tokens_total) give the
 #          imbalance (per MoE layer the busiest rank's tokens over the mean rank's, summed over
 #          layers: sum of maxes / sum of means); `latentserve-worker plan-placement` turns the
-#          counters of the first run into a placement file; 4 more ranks start with
+#          counters of the first run into a placement file; as many ranks again start with
 #          --expert-placement, and the two groups (both up, one loaded at a time) take turns for
 #          ROUNDS runs each, seed r in round r (same token pool, other prompts: no prefix-cache
 #          hits), alternating which goes first. Imbalance over all rounds, median output tok/s.
@@ -26,7 +26,10 @@
 #   Env: PARTS ("scale skew kill"), REQUESTS (64), CONCURRENCY (16), INPUT_LEN (128),
 #   OUTPUT_LEN (64), SHARDS ("1 2 4", scale part), WIRE (f32), TOKEN_POOL (8, skew part),
 #   SKEW_SEED (first seed, 0), ROUNDS (3), REBALANCE_REDUNDANT (--redundant-experts of
-#   plan-placement, 2),
+#   plan-placement, 2), SKEW_SHARDS (ranks of the skew part, 4), PIN (1: each rank pinned to
+#   one core with one compute thread, as with a device per shard; 0), SPREAD (1: the skew part's
+#   clients spread over every rank with bench-serve --pin, as behind the group's Service; 0:
+#   all to rank 0),
 #   KILL_AFTER (seconds into the kill run, 20), KILL_RANK (2), READY_TIMEOUT (seconds a group
 #   may take to become ready, 300), RUN_TIMEOUT (seconds one bench-serve may take, 900).
 set -euo pipefail
@@ -44,6 +47,9 @@ TOKEN_POOL=${TOKEN_POOL:-8}
 SKEW_SEED=${SKEW_SEED:-0}
 ROUNDS=${ROUNDS:-3}
 REBALANCE_REDUNDANT=${REBALANCE_REDUNDANT:-2}
+SKEW_SHARDS=${SKEW_SHARDS:-4}
+PIN=${PIN:-0}
+SPREAD=${SPREAD:-0}
 KILL_AFTER=${KILL_AFTER:-20}
 KILL_RANK=${KILL_RANK:-2}
 READY_TIMEOUT=${READY_TIMEOUT:-300}
@@ -111,7 +117,13 @@ start_group() { # tag n base experts_base [serve args...]
       --shard-rank "$rank" --shard-count "$n"
       --kv-cache-memory 512Mi --expert-wire-dtype "$WIRE" "$@")
     [ "$n" -gt 1 ] && args+=(--peers "$peers")
-    RUST_LOG=warn "$BIN" "${args[@]}" 2>"$work/$tag-$rank.log" &
+    if [ "$PIN" = 1 ]; then
+      # One core per rank, one compute thread: a rank's speed is its own, as with a GPU per
+      # shard, so the busiest rank paces the group.
+      RUST_LOG=warn RAYON_NUM_THREADS=1 taskset -c $((rank % $(nproc))) "$BIN" "${args[@]}" 2>"$work/$tag-$rank.log" &
+    else
+      RUST_LOG=warn "$BIN" "${args[@]}" 2>"$work/$tag-$rank.log" &
+    fi
     pids+=($!)
     group+=($!)
   done
@@ -221,15 +233,21 @@ if has_part scale; then
   done
 fi
 
-# ---- skew: N = 4, a skewed workload before and after one rebalance ----
+# ---- skew: N = SKEW_SHARDS, a skewed workload before and after one rebalance ----
 # One run of the skewed workload on the group at BASE, seed SKEW_SEED + ROUND, between two scrapes
 # ($work/LABEL-rROUND-{start,end}); prints its output tok/s and the run's imbalance.
 skew_run() { # label base round
   local label=$1 base=$2 round=$3 run="$work/$1-r$3"
-  scrape "$run-start" "$base" 4
-  bench "127.0.0.1:$base" "$run.json" --token-pool "$TOKEN_POOL" --seed $((SKEW_SEED + round))
-  scrape "$run-end" "$base" 4
-  python3 "$work/imbalance.py" 4 "$run-start:$run-end" >"$run-imb.txt"
+  scrape "$run-start" "$base" "$SKEW_SHARDS"
+  if [ "$SPREAD" = 1 ]; then
+    # Every rank takes requests, as behind the group's Service: client i sends to rank i mod N.
+    bench "$(seq -s, -f "127.0.0.1:%g" "$base" $((base + SKEW_SHARDS - 1)))" "$run.json" --pin \
+      --token-pool "$TOKEN_POOL" --seed $((SKEW_SEED + round))
+  else
+    bench "127.0.0.1:$base" "$run.json" --token-pool "$TOKEN_POOL" --seed $((SKEW_SEED + round))
+  fi
+  scrape "$run-end" "$base" "$SKEW_SHARDS"
+  python3 "$work/imbalance.py" "$SKEW_SHARDS" "$run-start:$run-end" >"$run-imb.txt"
   echo "round $round, $label: $(json_field "$run.json" output_tokens_per_second | xargs printf '%.1f') output tok/s," \
     "imbalance $(head -1 "$run-imb.txt"), rank 0 sent $(sent_per_token "$run-start/rank0.txt" "$run-end/rank0.txt")" \
     "expert bytes per token per MoE layer, load $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -255,21 +273,23 @@ median() { python3 -c "import statistics, sys; print(f'{statistics.median(map(fl
 if has_part skew; then
   declare -A windows=([before]="" [after]="") tps=([before]="" [after]="")
   base_before=27100 base_after=27150
-  start_group skew-before 4 "$base_before" 28100
+  start_group skew-before "$SKEW_SHARDS" "$base_before" 28100
   before_group=("${group[@]}")
-  echo "== skewed workload (bench-serve --token-pool $TOKEN_POOL), N = 4: default placement (before) against a placement planned from round 0 (after)"
+  echo "== skewed workload (bench-serve --token-pool $TOKEN_POOL), N = $SKEW_SHARDS (PIN=$PIN, SPREAD=$SPREAD): default placement (before) against a placement planned from round 0 (after)"
   skew_run before "$base_before" 0
   cat "$work/before-r0.json"
   echo "imbalance of round 0 under the default placement: $(head -1 "$work/before-r0-imb.txt")"
   tail -n +2 "$work/before-r0-imb.txt"
-  "$BIN" plan-placement --model "$MODEL" --shard-count 4 --redundant-experts "$REBALANCE_REDUNDANT" \
-    --version skew-rebalanced "$work"/before-r0-end/rank{0,1,2,3}.txt \
-    --since "$(printf '%s,' "$work"/before-r0-start/rank{0,1,2,3}.txt | sed 's/,$//')" \
+  ranks=$(seq 0 $((SKEW_SHARDS - 1)))
+  # shellcheck disable=SC2046 # one file per rank
+  "$BIN" plan-placement --model "$MODEL" --shard-count "$SKEW_SHARDS" --redundant-experts "$REBALANCE_REDUNDANT" \
+    --version skew-rebalanced $(for r in $ranks; do echo "$work/before-r0-end/rank$r.txt"; done) \
+    --since "$(for r in $ranks; do printf '%s,' "$work/before-r0-start/rank$r.txt"; done | sed 's/,$//')" \
     --output "$work/placement.json" 2>"$work/plan.log" || { cat "$work/plan.log" >&2; exit 1; }
   cat "$work/plan.log"
   summary_pred=$(sed -n 's/.*predicted with this placement: \([0-9.]*\).*/\1/p' "$work/plan.log")
   echo "placement (plan-placement --redundant-experts $REBALANCE_REDUNDANT): $(python3 -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1])), separators=(',', ':'))[:300])" "$work/placement.json")..."
-  start_group skew-after 4 "$base_after" 28150 --expert-placement "$work/placement.json"
+  start_group skew-after "$SKEW_SHARDS" "$base_after" 28150 --expert-placement "$work/placement.json"
   after_group=("${group[@]}")
   skew_run after "$base_after" 0
   cat "$work/after-r0.json"
@@ -286,8 +306,8 @@ if has_part skew; then
   done
   # shellcheck disable=SC2086 # lists of words
   {
-    python3 "$work/imbalance.py" 4 ${windows[before]} >"$work/imb-before-all.txt"
-    python3 "$work/imbalance.py" 4 ${windows[after]} >"$work/imb-after-all.txt"
+    python3 "$work/imbalance.py" "$SKEW_SHARDS" ${windows[before]} >"$work/imb-before-all.txt"
+    python3 "$work/imbalance.py" "$SKEW_SHARDS" ${windows[after]} >"$work/imb-after-all.txt"
     summary_imb_before=$(head -1 "$work/imb-before-all.txt")
     summary_imb_after=$(head -1 "$work/imb-after-all.txt")
     summary_tps_before=$(median ${tps[before]})

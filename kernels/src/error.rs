@@ -34,6 +34,23 @@ pub enum KernelError {
         expected: usize,
         got: usize,
     },
+    #[error(
+        "{what} view of {rows}x{cols} with strides ({row_stride}, {col_stride}) reaches past its {len} values"
+    )]
+    ViewOutOfBounds {
+        what: &'static str,
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+        len: usize,
+    },
+    #[error("matmul shapes do not fit: dst {dst:?} = lhs {lhs:?} x rhs {rhs:?}")]
+    MatmulShape {
+        dst: (usize, usize),
+        lhs: (usize, usize),
+        rhs: (usize, usize),
+    },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

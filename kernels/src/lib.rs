@@ -6,11 +6,12 @@
 //! accumulating in f32) and runs such products with kernels of its own: each weight row is read
 //! once per call and applied to every input row, SIMD via runtime-detected AVX-512 or AVX2 (with
 //! a portable fallback), split over the crate's thread pool by blocks of output rows. Larger
-//! batches (prefill) go to candle's matmul, which is compute-optimal there. [`GatheredRows`]
+//! batches (prefill) go to the `gemm` crate's blocked product (`gemm.rs`). [`GatheredRows`]
 //! runs the same kernels over rows that start anywhere in a buffer (a paged KV cache).
 
 mod attention;
 mod error;
+mod gemm;
 mod isa;
 mod kernel;
 mod parallel;
@@ -18,6 +19,7 @@ mod pool;
 
 pub use attention::GatheredRows;
 pub use error::KernelError;
+pub use gemm::{Strided, StridedMut, matmul};
 pub use isa::Isa;
 pub use kernel::Element;
 
@@ -27,12 +29,12 @@ use half::slice::HalfFloatSliceExt;
 
 use crate::parallel::{Projection, Rows};
 
-/// Batches of at least this many rows go to candle's matmul instead of our kernels: from here on
+/// Batches of at least this many rows go to `gemm` instead of our kernels: from here on
 /// the product is bound by arithmetic, not by reading the weights, and gemm's blocking wins.
 /// Measured with `cargo bench -p latentserve-kernels` (see the crate's README).
 pub const GEMM_MIN_ROWS: usize = 32;
 
-/// Bytes of f32 an f16 weight is widened into at a time for candle's matmul: each block costs
+/// Bytes of f32 an f16 weight is widened into at a time for the gemm product: each block costs
 /// gemm one more packing of the input, so blocks are large, but bounded for wide models. 16 MiB
 /// measured best of 1, 4 and 16 MiB for a 512-token prefill of the standard model.
 pub const GEMM_F16_BLOCK_BYTES: usize = 16 << 20;
@@ -91,7 +93,7 @@ impl Linear {
         self.out_features * self.in_features * self.weight.dtype().size_in_bytes()
     }
 
-    /// x: (n, in) f32 -> (n, out) f32. Our kernels for n < [`GEMM_MIN_ROWS`], candle's matmul
+    /// x: (n, in) f32 -> (n, out) f32. Our kernels for n < [`GEMM_MIN_ROWS`], the gemm product
     /// from there on.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, KernelError> {
         self.check_input(x)?;
@@ -108,11 +110,12 @@ impl Linear {
         Ok(forward_kernels(&[(self, x)], isa)?.remove(0))
     }
 
-    /// Like [`Linear::forward`], but always with candle's matmul (the peer our kernels are
-    /// measured against). F16 weights are widened to f32 for the call, so that the inputs and
-    /// the accumulation stay f32 as in the kernels: [`GEMM_F16_BLOCK_BYTES`] at a time with
-    /// F16C. (candle's `to_dtype` widened the whole matrix one element at a time on every call,
-    /// which made an f16 prefill 1.4x slower than an f32 one.)
+    /// Like [`Linear::forward`], but always with the `gemm` crate's blocked product (the one
+    /// candle's matmul runs on, called with operands laid out for it: see `gemm.rs`). F16
+    /// weights are widened to f32 for the call, so that the inputs and the accumulation stay
+    /// f32 as in the kernels: [`GEMM_F16_BLOCK_BYTES`] at a time with F16C. (candle's
+    /// `to_dtype` widened the whole matrix one element at a time on every call, which made an
+    /// f16 prefill 1.4x slower than an f32 one.)
     pub fn forward_gemm(&self, x: &Tensor) -> Result<Tensor, KernelError> {
         let block_rows = (GEMM_F16_BLOCK_BYTES / (4 * self.in_features.max(1))).max(1);
         self.forward_gemm_blocks(x, block_rows)
@@ -121,25 +124,72 @@ impl Linear {
     fn forward_gemm_blocks(&self, x: &Tensor, block_rows: usize) -> Result<Tensor, KernelError> {
         self.check_input(x)?;
         let x = x.contiguous()?;
-        if self.weight.dtype() == DType::F32 {
-            // (n, in) x (in, out) -> (n, out)
-            return Ok(x.matmul(&self.weight.t()?)?);
-        }
-        let (storage, layout) = self.weight.storage_and_layout();
-        let weights = match cpu_storage(&storage)? {
-            CpuStorage::F16(w) => contiguous_part(w, layout)?,
-            other => return Err(KernelError::UnexpectedStorage(other.dtype())),
+        let n = x.dim(0)?;
+        let y = {
+            let (storage, layout) = x.storage_and_layout();
+            let x = match cpu_storage(&storage)? {
+                CpuStorage::F32(x) => contiguous_part(x, layout)?,
+                other => return Err(KernelError::InputDtype(other.dtype())),
+            };
+            self.gemm_rows(x, n, block_rows)?
         };
-        let mut parts = Vec::with_capacity(self.out_features.div_ceil(block_rows));
-        for block in weights.chunks(block_rows * self.in_features) {
-            let rows = block.len() / self.in_features;
-            let mut widened = vec![0f32; block.len()];
-            block.convert_to_f32_slice(&mut widened);
-            let widened = Tensor::from_vec(widened, (rows, self.in_features), &Device::Cpu)?;
-            // (n, in) x (in, rows) -> (n, rows)
-            parts.push(x.matmul(&widened.t()?)?);
+        Ok(Tensor::from_vec(y, (n, self.out_features), &Device::Cpu)?)
+    }
+
+    /// Like [`Linear::forward`] on `n` rows of a row-major slice `x (n, in)`, returning
+    /// `(n, out)` row-major, with no tensor in between (a prefill's activations are large enough
+    /// that the copies into and out of tensors showed in profiles).
+    pub fn forward_rows(&self, x: &[f32], n: usize) -> Result<Vec<f32>, KernelError> {
+        if x.len() != n * self.in_features {
+            return Err(KernelError::Length {
+                what: "projection input",
+                expected: n * self.in_features,
+                got: x.len(),
+            });
         }
-        Ok(Tensor::cat(&parts, 1)?)
+        if n >= GEMM_MIN_ROWS {
+            let block_rows = (GEMM_F16_BLOCK_BYTES / (4 * self.in_features.max(1))).max(1);
+            self.gemm_rows(x, n, block_rows)
+        } else {
+            let x = Tensor::from_slice(x, (n, self.in_features), &Device::Cpu)?;
+            Ok(self
+                .forward_kernel(&x, Isa::detect())?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        }
+    }
+
+    /// `x (n, in)` row-major -> `(n, out)` row-major through gemm, f16 weights widened
+    /// `block_rows` rows at a time.
+    fn gemm_rows(&self, x: &[f32], n: usize, block_rows: usize) -> Result<Vec<f32>, KernelError> {
+        let (in_features, out_features) = (self.in_features, self.out_features);
+        // (in, n): the column-major left operand gemm wants (see gemm.rs).
+        let mut xt = vec![0f32; n * in_features];
+        gemm::transpose(x, n, in_features, &mut xt);
+        // (out, n): the product, column-major.
+        let mut yt = vec![0f32; out_features * n];
+        let (storage, layout) = self.weight.storage_and_layout();
+        match cpu_storage(&storage)? {
+            CpuStorage::F32(w) => {
+                gemm::gemm_rows(&xt, n, in_features, contiguous_part(w, layout)?, &mut yt)
+            }
+            CpuStorage::F16(w) => {
+                let weights = contiguous_part(w, layout)?;
+                let mut widened = vec![0f32; block_rows.min(out_features) * in_features];
+                for (block, yt_block) in weights
+                    .chunks(block_rows * in_features)
+                    .zip(yt.chunks_mut(block_rows * n))
+                {
+                    let widened = &mut widened[..block.len()];
+                    block.convert_to_f32_slice(widened);
+                    gemm::gemm_rows(&xt, n, in_features, widened, yt_block);
+                }
+            }
+            other => return Err(KernelError::UnexpectedStorage(other.dtype())),
+        }
+        let mut y = vec![0f32; n * out_features];
+        gemm::transpose(&yt, out_features, n, &mut y);
+        Ok(y)
     }
 
     /// Runs several projections (e.g. the MoE experts of one layer, each on the rows routed to

@@ -1,17 +1,14 @@
 //! Small f32 building blocks shared by the layers: row-major activations are plain `Vec<f32>`
 //! slices of `(rows, width)`; projections go through `latentserve_kernels::Linear`.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use latentserve_kernels::Linear;
 
 use super::ModelError;
 
 /// y = x W^T for `rows` rows of x (rows, in) -> (rows, out).
 pub fn project(linear: &Linear, x: &[f32], rows: usize) -> Result<Vec<f32>, ModelError> {
-    debug_assert_eq!(x.len(), rows * linear.in_features());
-    let input = Tensor::from_slice(x, (rows, linear.in_features()), &Device::Cpu)?;
-    let output = linear.forward(&input)?;
-    Ok(output.flatten_all()?.to_vec1::<f32>()?)
+    Ok(linear.forward_rows(x, rows)?)
 }
 
 /// Builds a projection from a weight tensor (out, in) in the storage dtype.

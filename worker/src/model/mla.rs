@@ -6,8 +6,7 @@
 //! `W_UK` is folded into the query, attention runs directly over the latent rows, and `W_UV` is
 //! applied to the attended latent; nothing per head outlives the step.
 
-use candle_core::{Device, Tensor};
-use latentserve_kernels::{GatheredRows, Isa, Linear};
+use latentserve_kernels::{GatheredRows, Isa, Linear, Strided, StridedMut, matmul};
 use rayon::prelude::*;
 
 use super::ModelError;
@@ -15,6 +14,11 @@ use super::cache::{CacheBuffers, CacheLayout, CacheValue, LatentCache};
 use super::config::ModelConfig;
 use super::ops::{axpy, project, rms_norm, rms_norm_rows};
 use super::rope::RopeTable;
+
+/// Queries of one head scored together in a prefill: large enough for gemm's blocking, small
+/// enough that a block computes little of the masked part of the causal square (on average half
+/// a block's width of its rows).
+const PREFILL_QUERY_BLOCK: usize = 64;
 
 /// Where the tokens of one chunk sit in the flattened batch and in their sequence.
 #[derive(Debug, Clone, Copy)]
@@ -252,7 +256,9 @@ impl MlaAttention {
     }
 
     /// Decompressed causal attention for a prefill chunk over positions 0..start_pos + len.
-    /// q: (len, heads * qk) -> out (len, heads * v).
+    /// q: (len, heads * qk) -> out (len, heads * v). Heads run in parallel; each scores its
+    /// queries in blocks of [`PREFILL_QUERY_BLOCK`] against only the positions the block can
+    /// see, so the masked half of the causal square is mostly never computed.
     fn prefill(
         &self,
         q: &[f32],
@@ -265,66 +271,80 @@ impl MlaAttention {
         let (qk, n) = (d.qk(), span.len);
         let total = span.start_pos + span.len;
         let rows = cache.gather(layer, span.block_table, total);
-        // (heads, total, qk) and (heads, total, v)
-        let mut k = vec![0f32; d.heads * total * qk];
-        let mut v = vec![0f32; d.heads * total * d.v];
-        match cache.layout() {
-            CacheLayout::Latent => {
-                let kv = self.decompress(&rows, total)?;
-                for t in 0..total {
-                    let k_pe = &rows[t * d.latent() + d.kv_lora..][..d.rope];
-                    let kv_row = &kv[t * d.heads * (d.nope + d.v)..];
-                    for h in 0..d.heads {
-                        let src = &kv_row[h * (d.nope + d.v)..][..d.nope + d.v];
-                        let k_dst = &mut k[(h * total + t) * qk..][..qk];
-                        k_dst[..d.nope].copy_from_slice(&src[..d.nope]);
-                        k_dst[d.nope..].copy_from_slice(k_pe);
-                        v[(h * total + t) * d.v..][..d.v].copy_from_slice(&src[d.nope..]);
+        // (total, kv_width) rows holding every head's V (and, decompressed, K); V of head h at
+        // column v_at(h). The latent layout keeps its rows for k_pe.
+        let (kv, latents, kv_width) = match cache.layout() {
+            CacheLayout::Latent => (
+                self.decompress(&rows, total)?,
+                rows,
+                d.heads * (d.nope + d.v),
+            ),
+            CacheLayout::DecompressedHeads => (rows, Vec::new(), d.heads * (qk + d.v)),
+        };
+        let v_at = |h: usize| match cache.layout() {
+            CacheLayout::Latent => h * (d.nope + d.v) + d.nope,
+            CacheLayout::DecompressedHeads => d.heads * qk + h * d.v,
+        };
+        // K^T of head h, (qk, total): the layout gemm packs fastest as the scores' left side.
+        let k_transposed = |h: usize| {
+            let mut kt = vec![0f32; qk * total];
+            for t in 0..total {
+                let (nope, pe) = match cache.layout() {
+                    CacheLayout::Latent => (
+                        &kv[t * kv_width + h * (d.nope + d.v)..][..d.nope],
+                        &latents[t * d.latent() + d.kv_lora..][..d.rope],
+                    ),
+                    CacheLayout::DecompressedHeads => {
+                        let k = &kv[t * kv_width + h * qk..][..qk];
+                        (&k[..d.nope], &k[d.nope..])
                     }
+                };
+                for (i, &value) in nope.iter().chain(pe).enumerate() {
+                    kt[i * total + t] = value;
                 }
             }
-            CacheLayout::DecompressedHeads => {
-                let width = d.heads * (qk + d.v);
-                for t in 0..total {
-                    let row = &rows[t * width..][..width];
-                    for h in 0..d.heads {
-                        k[(h * total + t) * qk..][..qk].copy_from_slice(&row[h * qk..][..qk]);
-                        v[(h * total + t) * d.v..][..d.v]
-                            .copy_from_slice(&row[d.heads * qk + h * d.v..][..d.v]);
+            kt
+        };
+        let q_width = d.heads * qk;
+        // (heads) x (n, v)
+        let per_head = (0..d.heads)
+            .into_par_iter()
+            .map(|h| -> Result<Vec<f32>, ModelError> {
+                let kt = k_transposed(h);
+                let mut scores = vec![0f32; PREFILL_QUERY_BLOCK.min(n) * total];
+                let mut o = vec![0f32; n * d.v];
+                for first in (0..n).step_by(PREFILL_QUERY_BLOCK) {
+                    let block = PREFILL_QUERY_BLOCK.min(n - first);
+                    // Positions the block's last query sees; earlier queries mask their tail.
+                    let seen = span.start_pos + first + block;
+                    // (block, seen) = q (block, qk) K^T (qk, seen)
+                    matmul(
+                        StridedMut::rows(&mut scores, block, seen, seen),
+                        Strided::rows(&q[first * q_width + h * qk..], block, qk, q_width),
+                        Strided::rows(&kt, qk, seen, total),
+                    )?;
+                    for (r, row) in scores[..block * seen].chunks_exact_mut(seen).enumerate() {
+                        // query first + r sits at start_pos + first + r and sees up to there
+                        let (visible, masked) = row.split_at_mut(span.start_pos + first + r + 1);
+                        for s in visible.iter_mut() {
+                            *s *= self.softmax_scale;
+                        }
+                        super::ops::softmax(visible);
+                        masked.fill(0.0);
                     }
+                    // (block, v) = probs (block, seen) V (seen, v)
+                    matmul(
+                        StridedMut::rows(&mut o[first * d.v..], block, d.v, d.v),
+                        Strided::rows(&scores, block, seen, seen),
+                        Strided::rows(&kv[v_at(h)..], seen, d.v, kv_width),
+                    )?;
                 }
-            }
-        }
-        // (heads, n, qk)
-        let mut q_heads = vec![0f32; d.heads * n * qk];
-        for i in 0..n {
-            for h in 0..d.heads {
-                q_heads[(h * n + i) * qk..][..qk]
-                    .copy_from_slice(&q[(i * d.heads + h) * qk..][..qk]);
-            }
-        }
-        let dev = Device::Cpu;
-        let q_t = Tensor::from_vec(q_heads, (d.heads, n, qk), &dev)?;
-        let k_t = Tensor::from_vec(k, (d.heads, total, qk), &dev)?;
-        let v_t = Tensor::from_vec(v, (d.heads, total, d.v), &dev)?;
-        // (heads, n, total)
-        let mut scores = q_t.matmul(&k_t.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-        for (r, row) in scores.chunks_exact_mut(total).enumerate() {
-            // query i sits at position start_pos + i and sees positions 0..=start_pos + i
-            let visible = span.start_pos + r % n + 1;
-            for s in row[..visible].iter_mut() {
-                *s *= self.softmax_scale;
-            }
-            row[visible..].fill(f32::NEG_INFINITY);
-            super::ops::softmax(row);
-        }
-        let probs = Tensor::from_vec(scores, (d.heads, n, total), &dev)?;
-        // (heads, n, v)
-        let o = probs.matmul(&v_t)?.flatten_all()?.to_vec1::<f32>()?;
-        for h in 0..d.heads {
-            for i in 0..n {
-                out[(i * d.heads + h) * d.v..][..d.v]
-                    .copy_from_slice(&o[(h * n + i) * d.v..][..d.v]);
+                Ok(o)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for (h, o) in per_head.iter().enumerate() {
+            for (i, o_row) in o.chunks_exact(d.v).enumerate() {
+                out[(i * d.heads + h) * d.v..][..d.v].copy_from_slice(o_row);
             }
         }
         Ok(())

@@ -27,6 +27,47 @@ fn gflops(flops: f64, mut run: impl FnMut()) -> f64 {
     flops / best / 1e9
 }
 
+/// `y (n, out) = x (n, in) R` for a right operand `R (in, out)` read from `r` with
+/// `(row, column)` strides, row-major `y` and `x`, as candle's matmul calls gemm.
+fn product(
+    y: &mut [f32],
+    x: &[f32],
+    n: usize,
+    in_features: usize,
+    r: &[f32],
+    r_strides: (usize, usize),
+) {
+    let out_features = y.len() / n;
+    assert_eq!(x.len(), n * in_features);
+    assert_eq!(r.len(), in_features * out_features);
+    // SAFETY: y is (n, out) and x (n, in) row-major inside their slices; both r layouts used
+    // here ((1, in) for W^T of a row-major W, (out, 1) for a row-major W^T) address exactly the
+    // in * out elements of r; y aliases neither input.
+    unsafe {
+        gemm::gemm(
+            n,
+            out_features,
+            in_features,
+            y.as_mut_ptr(),
+            1,
+            out_features as isize,
+            false,
+            x.as_ptr(),
+            1,
+            in_features as isize,
+            r.as_ptr(),
+            r_strides.1 as isize,
+            r_strides.0 as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        )
+    }
+}
+
 fn main() {
     let (in_features, out_features) = (1024usize, 1024usize);
     let w: Vec<f32> = (0..out_features * in_features)
@@ -43,7 +84,6 @@ fn main() {
             .expect("weight tensor");
     let linear = Linear::new(&weight, candle_core::DType::F32).expect("linear");
     let threads = rayon::current_num_threads();
-    let parallelism = gemm::Parallelism::Rayon(threads);
     println!("y (n, {out_features}) = x (n, {in_features}) W^T, {threads} threads, GFLOP/s");
     println!(
         "{:>5} {:>8} {:>8} {:>18}",
@@ -53,57 +93,16 @@ fn main() {
         let x: Vec<f32> = (0..n * in_features).map(|i| (i % 7) as f32 * 0.1).collect();
         let mut y = vec![0f32; n * out_features];
         let flops = 2.0 * (n * in_features * out_features) as f64;
-        let y_ptr = y.as_mut_ptr();
-        // SAFETY (both unsafe blocks): every view lies inside its Vec (n x out for y, n x in for
-        // x, out x in for w and wt), and y aliases neither input.
-        let candle = gflops(flops, || unsafe {
-            gemm::gemm(
-                n,
-                out_features,
-                in_features,
-                y_ptr,
-                1,
-                out_features as isize,
-                false,
-                x.as_ptr(),
-                1,
-                in_features as isize,
-                w.as_ptr(),
-                in_features as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            )
+        // W as gemm's right operand (in, out): the transposed view of W (candle's way), or the
+        // pre-transposed copy.
+        let candle = gflops(flops, || {
+            product(&mut y, &x, n, in_features, &w, (1, in_features))
         });
         let ours = gflops(flops, || {
             linear.forward_rows(&x, n).expect("forward_rows");
         });
-        let pre_transposed = gflops(flops, || unsafe {
-            gemm::gemm(
-                n,
-                out_features,
-                in_features,
-                y_ptr,
-                1,
-                out_features as isize,
-                false,
-                x.as_ptr(),
-                1,
-                in_features as isize,
-                wt.as_ptr(),
-                1,
-                out_features as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            )
+        let pre_transposed = gflops(flops, || {
+            product(&mut y, &x, n, in_features, &wt, (out_features, 1))
         });
         println!("{n:>5} {candle:>8.1} {ours:>8.1} {pre_transposed:>18.1}");
     }

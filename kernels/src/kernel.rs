@@ -357,6 +357,7 @@ mod x86 {
                     out: &mut [f32],
                     first_row: usize,
                     first_input: usize,
+                    next_starts: Option<&[usize; R]>,
                 ) {
                     let starts: [usize; R] = std::array::from_fn(|j| rows.start(first_row + j));
                     let input_rows = &x[first_input * in_features..(first_input + B) * in_features];
@@ -370,6 +371,15 @@ mod x86 {
                             // input row b of `input_rows` (length B * in_features).
                             inputs[b] =
                                 unsafe { $load_f32(input_rows.as_ptr().add(b * in_features + i)) };
+                        }
+                        if let Some(next_starts) = next_starts {
+                            // The next block's rows, fetched while this block's later inputs
+                            // run from cache, so that memory is never idle between blocks.
+                            for &start in next_starts {
+                                _mm_prefetch::<_MM_HINT_T0>(
+                                    w.as_ptr().wrapping_add(start + i).cast::<i8>(),
+                                );
+                            }
                         }
                         for j in 0..R {
                             if E::IS_F16 {
@@ -416,6 +426,12 @@ mod x86 {
                     out: &mut [f32],
                     first_row: usize,
                 ) {
+                    // With several blocks of inputs, the first streams this block's weight rows
+                    // from memory and the others reuse them from cache; those prefetch the next
+                    // weight rows (a prefetch never faults, so past the last row is harmless).
+                    let next_starts: [usize; R] = std::array::from_fn(|j| {
+                        rows.start((first_row + R + j).min(rows.len().saturating_sub(1)))
+                    });
                     let mut first_input = 0;
                     while first_input + INPUTS <= n {
                         block::<R, INPUTS, E, S>(
@@ -427,6 +443,7 @@ mod x86 {
                             out,
                             first_row,
                             first_input,
+                            (first_input > 0).then_some(&next_starts),
                         );
                         first_input += INPUTS;
                     }
@@ -441,6 +458,7 @@ mod x86 {
                             out,
                             first_row,
                             first_input,
+                            None,
                         ),
                         2 => block::<R, 2, E, S>(
                             w,
@@ -451,6 +469,7 @@ mod x86 {
                             out,
                             first_row,
                             first_input,
+                            None,
                         ),
                         3 => block::<R, 3, E, S>(
                             w,
@@ -461,6 +480,7 @@ mod x86 {
                             out,
                             first_row,
                             first_input,
+                            None,
                         ),
                         _ => unreachable!("fewer than INPUTS inputs remain"),
                     }

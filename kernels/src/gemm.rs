@@ -68,52 +68,31 @@ pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) 
     }
 }
 
-/// `yt (rows_w, n) = W x^T` for `xt = x^T (in, n)` and `weights = W (rows_w, in)` row-major, f32.
-/// `yt` is the column-major `(n, rows_w)` product `x W^T`.
-pub(crate) fn gemm_rows(xt: &[f32], n: usize, in_features: usize, weights: &[f32], yt: &mut [f32]) {
+/// `yt (rows_w, n) = W x^T` for `xt = x^T (in, n)` and `weights = W (rows_w, in)` row-major, f32,
+/// over rayon's threads. `yt` is the column-major `(n, rows_w)` product `x W^T`.
+pub(crate) fn gemm_rows(
+    xt: &[f32],
+    n: usize,
+    in_features: usize,
+    weights: &[f32],
+    yt: &mut [f32],
+) -> Result<(), KernelError> {
     let rows_w = weights.len() / in_features.max(1);
-    assert_eq!(xt.len(), in_features * n, "xt must be (in, n)");
-    assert_eq!(
-        weights.len(),
-        rows_w * in_features,
-        "weights must be (rows, in)"
-    );
-    assert_eq!(yt.len(), rows_w * n, "yt must be (rows, n)");
-    if n == 0 || rows_w == 0 {
-        return;
-    }
-    if in_features == 0 {
-        yt.fill(0.0);
-        return;
-    }
-    // SAFETY: the three asserts above bound every element gemm reads or writes: the destination
-    // (n x rows_w, column stride n, row stride 1) lies in yt, the left operand (n x in, column
-    // stride n) in xt and the right operand (in x rows_w, column stride in) in weights; yt does
-    // not alias the inputs (it is borrowed mutably). `read_dst` is false, so yt's old contents
-    // are never read.
-    unsafe {
-        gemm::gemm(
-            n,
-            rows_w,
-            in_features,
-            yt.as_mut_ptr(),
-            n as isize,
-            1,
-            false,
-            xt.as_ptr(),
-            n as isize,
-            1,
-            weights.as_ptr(),
-            in_features as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::Rayon(rayon::current_num_threads()),
-        );
-    }
+    product(
+        // (n, rows_w), column-major
+        StridedMut {
+            data: yt,
+            rows: n,
+            cols: rows_w,
+            row_stride: 1,
+            col_stride: n,
+        },
+        // (n, in), column-major
+        Strided::rows(xt, in_features, n, n).t(),
+        // (in, rows_w): the rows of W as columns
+        Strided::rows(weights, rows_w, in_features, in_features).t(),
+        Parallelism::Rayon(rayon::current_num_threads()),
+    )
 }
 
 /// A read-only f32 matrix view: element `(r, c)` is `data[r * row_stride + c * col_stride]`.
@@ -217,6 +196,16 @@ fn check_view(
 /// one attention head each). Any strides: `gemm` picks its own packing; it is fastest when `dst`
 /// and `lhs` have unit row stride or, both, unit column stride (it transposes the problem).
 pub fn matmul(dst: StridedMut, lhs: Strided, rhs: Strided) -> Result<(), KernelError> {
+    product(dst, lhs, rhs, Parallelism::None)
+}
+
+/// `dst = lhs rhs` through `gemm` with `parallelism`, every view checked against its buffer.
+fn product(
+    dst: StridedMut,
+    lhs: Strided,
+    rhs: Strided,
+    parallelism: Parallelism,
+) -> Result<(), KernelError> {
     let shape_error = || KernelError::MatmulShape {
         dst: (dst.rows, dst.cols),
         lhs: (lhs.rows, lhs.cols),
@@ -273,7 +262,7 @@ pub fn matmul(dst: StridedMut, lhs: Strided, rhs: Strided) -> Result<(), KernelE
             false,
             false,
             false,
-            Parallelism::None,
+            parallelism,
         );
     }
     Ok(())
@@ -353,7 +342,7 @@ mod tests {
         let mut xt = vec![0.0; n * k];
         transpose(&x, n, k, &mut xt);
         let mut yt = vec![f32::NAN; rows_w * n];
-        gemm_rows(&xt, n, k, &w, &mut yt);
+        gemm_rows(&xt, n, k, &w, &mut yt).unwrap();
         for t in 0..n {
             for o in 0..rows_w {
                 let expected: f32 = (0..k).map(|i| x[t * k + i] * w[o * k + i]).sum();

@@ -117,8 +117,12 @@ impl Linear {
     /// `to_dtype` widened the whole matrix one element at a time on every call, which made an
     /// f16 prefill 1.4x slower than an f32 one.)
     pub fn forward_gemm(&self, x: &Tensor) -> Result<Tensor, KernelError> {
-        let block_rows = (GEMM_F16_BLOCK_BYTES / (4 * self.in_features.max(1))).max(1);
-        self.forward_gemm_blocks(x, block_rows)
+        self.forward_gemm_blocks(x, self.f16_block_rows())
+    }
+
+    /// Rows of an f16 weight widened at a time: [`GEMM_F16_BLOCK_BYTES`] of f32.
+    fn f16_block_rows(&self) -> usize {
+        (GEMM_F16_BLOCK_BYTES / (4 * self.in_features.max(1))).max(1)
     }
 
     fn forward_gemm_blocks(&self, x: &Tensor, block_rows: usize) -> Result<Tensor, KernelError> {
@@ -148,8 +152,7 @@ impl Linear {
             });
         }
         if n >= GEMM_MIN_ROWS {
-            let block_rows = (GEMM_F16_BLOCK_BYTES / (4 * self.in_features.max(1))).max(1);
-            self.gemm_rows(x, n, block_rows)
+            self.gemm_rows(x, n, self.f16_block_rows())
         } else {
             let x = Tensor::from_slice(x, (n, self.in_features), &Device::Cpu)?;
             Ok(self
@@ -171,7 +174,7 @@ impl Linear {
         let (storage, layout) = self.weight.storage_and_layout();
         match cpu_storage(&storage)? {
             CpuStorage::F32(w) => {
-                gemm::gemm_rows(&xt, n, in_features, contiguous_part(w, layout)?, &mut yt)
+                gemm::gemm_rows(&xt, n, in_features, contiguous_part(w, layout)?, &mut yt)?
             }
             CpuStorage::F16(w) => {
                 let weights = contiguous_part(w, layout)?;
@@ -182,7 +185,7 @@ impl Linear {
                 {
                     let widened = &mut widened[..block.len()];
                     block.convert_to_f32_slice(widened);
-                    gemm::gemm_rows(&xt, n, in_features, widened, yt_block);
+                    gemm::gemm_rows(&xt, n, in_features, widened, yt_block)?;
                 }
             }
             other => return Err(KernelError::UnexpectedStorage(other.dtype())),

@@ -189,6 +189,21 @@ fn group_of(labels: &Option<BTreeMap<String, String>>) -> Option<i32> {
     labels.as_ref()?.get(LABEL_GROUP)?.parse().ok()
 }
 
+/// The worker group a pod belongs to, from its group label.
+pub fn pod_group(pod: &Pod) -> Option<i32> {
+    group_of(&pod.metadata.labels)
+}
+
+/// `IP:PORT` of a pod (`[IP]:PORT` for IPv6), once it has an IP.
+pub fn pod_address(pod: &Pod, port: i32) -> Option<String> {
+    let ip = pod.status.as_ref()?.pod_ip.as_deref()?;
+    Some(if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    })
+}
+
 pub fn pod_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()

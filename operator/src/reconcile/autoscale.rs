@@ -377,14 +377,7 @@ async fn read_signal(ctx: &Context, owner: &Owner) -> Result<Option<Signal>, Err
     let addresses: Vec<String> = routers
         .iter()
         .filter(|pod| pod.metadata.deletion_timestamp.is_none() && status::pod_ready(pod))
-        .filter_map(|pod| pod.status.as_ref()?.pod_ip.clone())
-        .map(|ip| {
-            if ip.contains(':') {
-                format!("[{ip}]:{METRICS_PORT}")
-            } else {
-                format!("{ip}:{METRICS_PORT}")
-            }
-        })
+        .filter_map(|pod| status::pod_address(pod, METRICS_PORT))
         .collect();
     let answers = join_all(addresses.iter().map(|a| ctx.reports.report(a))).await;
     let mut reports = Vec::new();

@@ -32,7 +32,7 @@ use crate::placement::{
 };
 use crate::resources::configmap::placement_config_map;
 use crate::resources::{
-    COMPONENT_PLACEMENT, GRPC_PORT, LABEL_COMPONENT, LABEL_GROUP, METRICS_PORT, OwnedKind, Owner,
+    COMPONENT_PLACEMENT, GRPC_PORT, LABEL_COMPONENT, METRICS_PORT, OwnedKind, Owner,
 };
 use crate::status::{self, GroupObservation};
 use crate::validate::ValidatedSpec;
@@ -94,7 +94,7 @@ pub async fn place(
     };
     let settings = spec.placement().unwrap_or(&default_settings);
     let owner = spec.owner();
-    let stored = stored_versions(ctx, owner).await?;
+    let mut stored = stored_versions(ctx, owner).await?;
     let pods = super::list_pods(ctx, &owner.namespace, &owner.selector_string()).await?;
     let observed = status::observe_groups(existing, &pods);
     let target = match settings.policy {
@@ -133,7 +133,6 @@ pub async fn place(
             .iter()
             .all(|s| s.settled && s.version == Some(target));
     let mut next_pass = None;
-    let mut stored = stored;
     if let (Some(rebalance), true) = (&settings.rebalance, settled) {
         let (next, made) =
             measure_window(spec, settings, rebalance, ctx, &pods, target, &mut view).await?;
@@ -227,7 +226,7 @@ fn group_state(
     let version = sts.map(|s| version_annotation(&s.metadata));
     let on_version = pods
         .iter()
-        .filter(|p| p.labels().get(LABEL_GROUP) == Some(&group.to_string()))
+        .filter(|p| status::pod_group(p) == Some(group))
         .all(|p| Some(version_annotation(&p.metadata)) == version);
     let settled = on_version
         && observed
@@ -263,7 +262,7 @@ async fn replace_stale_pods(
         let version = version_annotation(&sts.metadata);
         let stale = pods.iter().filter(|pod| {
             pod.metadata.deletion_timestamp.is_none()
-                && pod.labels().get(LABEL_GROUP) == Some(&group.to_string())
+                && status::pod_group(pod) == Some(group)
                 && version_annotation(&pod.metadata) != version
         });
         for pod in stale {
@@ -416,59 +415,55 @@ async fn measure_window(
     else {
         return Ok((rebalance.interval, None));
     };
-    {
-        let new_version = version + 1;
-        let file =
-            PlacementFile::from_placement(&balanced, Some(new_version.to_string())).to_json();
-        let config_map = placement_config_map(spec.owner(), new_version, &file);
-        let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &spec.owner().namespace);
-        match api
-            .create(
-                &PostParams {
-                    field_manager: Some(crate::resources::FIELD_MANAGER.to_owned()),
-                    ..PostParams::default()
-                },
-                &config_map,
-            )
-            .await
-        {
-            Ok(_) => {}
-            // Another pass made it first (a second operator during a leader change).
-            Err(kube::Error::Api(status)) if status.code == 409 => {}
-            Err(source) => {
-                return Err(Error::Apply {
-                    kind: OwnedKind::ConfigMap,
-                    name: config_map.name_any(),
-                    source,
-                });
-            }
-        }
-        let made = (new_version, file);
-        ctx.metrics.placement_rebalanced(
-            md.namespace().as_deref().unwrap_or_default(),
-            &md.name_any(),
-        );
-        view.version = new_version;
-        view.groups_on_version = 0;
-        view.imbalance_before = Some(round(measured));
-        view.predicted_imbalance = Some(round(predicted));
-        view.last_rebalance_time = Some(Time(
-            Timestamp::from_second(Timestamp::now().as_second()).expect("the clock is in range"),
-        ));
-        events::publish(
-            md,
-            ctx,
-            EventType::Normal,
-            "Rebalanced",
-            "Rebalance",
-            format!(
-                "expert placement version {new_version}: imbalance {measured:.3} measured, \
-                 {predicted:.3} predicted; groups move onto it one at a time"
-            ),
+    let new_version = version + 1;
+    let file = PlacementFile::from_placement(&balanced, Some(new_version.to_string())).to_json();
+    let config_map = placement_config_map(spec.owner(), new_version, &file);
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &spec.owner().namespace);
+    match api
+        .create(
+            &PostParams {
+                field_manager: Some(crate::resources::FIELD_MANAGER.to_owned()),
+                ..PostParams::default()
+            },
+            &config_map,
         )
-        .await;
-        Ok((rebalance.interval, Some(made)))
+        .await
+    {
+        Ok(_) => {}
+        // Another pass made it first (a second operator during a leader change).
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(source) => {
+            return Err(Error::Apply {
+                kind: OwnedKind::ConfigMap,
+                name: config_map.name_any(),
+                source,
+            });
+        }
     }
+    ctx.metrics.placement_rebalanced(
+        md.namespace().as_deref().unwrap_or_default(),
+        &md.name_any(),
+    );
+    view.version = new_version;
+    view.groups_on_version = 0;
+    view.imbalance_before = Some(round(measured));
+    view.predicted_imbalance = Some(round(predicted));
+    view.last_rebalance_time = Some(Time(
+        Timestamp::from_second(Timestamp::now().as_second()).expect("the clock is in range"),
+    ));
+    events::publish(
+        md,
+        ctx,
+        EventType::Normal,
+        "Rebalanced",
+        "Rebalance",
+        format!(
+            "expert placement version {new_version}: imbalance {measured:.3} measured, \
+             {predicted:.3} predicted; groups move onto it one at a time"
+        ),
+    )
+    .await;
+    Ok((rebalance.interval, Some((new_version, file))))
 }
 
 /// Every worker pod's counters: uid -> (group, rank, counts); `None` when a running pod did
@@ -478,9 +473,9 @@ async fn scrape(ctx: &Context, pods: &[Pod]) -> Option<HashMap<String, (i32, usi
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none() && status::pod_ready(p))
         .filter_map(|p| {
-            let group = p.labels().get(LABEL_GROUP)?.parse().ok()?;
+            let group = status::pod_group(p)?;
             let rank = measure::rank_of_pod(&p.name_any())?;
-            let address = pod_address(p, METRICS_PORT)?;
+            let address = status::pod_address(p, METRICS_PORT)?;
             Some((p.uid()?, group, rank, address))
         })
         .collect();
@@ -505,21 +500,12 @@ async fn scrape(ctx: &Context, pods: &[Pod]) -> Option<HashMap<String, (i32, usi
     Some(counters)
 }
 
-fn pod_address(pod: &Pod, port: i32) -> Option<String> {
-    let ip = pod.status.as_ref()?.pod_ip.as_deref()?;
-    Some(if ip.contains(':') {
-        format!("[{ip}]:{port}")
-    } else {
-        format!("{ip}:{port}")
-    })
-}
-
 /// The model's routed experts per layer and expert groups, from a ready worker (the counters
 /// only name experts that ran); `None` when no worker answers.
 async fn model_shape(ctx: &Context, pods: &[Pod], load: &ExpertLoad) -> Option<(usize, usize)> {
     let seen = load.layers.values().map(Vec::len).max().unwrap_or(0);
     for pod in pods.iter().filter(|p| status::pod_ready(p)) {
-        let Some(address) = pod_address(pod, GRPC_PORT) else {
+        let Some(address) = status::pod_address(pod, GRPC_PORT) else {
             continue;
         };
         if let Ok(info) = ctx.model_info.model_info(&address).await {
@@ -544,7 +530,7 @@ fn rank_nodes(pods: &[Pod]) -> Vec<BTreeMap<usize, String>> {
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
     {
-        let group = pod.labels().get(LABEL_GROUP).and_then(|g| g.parse().ok());
+        let group = status::pod_group(pod);
         let rank = measure::rank_of_pod(&pod.name_any());
         let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
         if let (Some(group), Some(rank), Some(node)) = (group, rank, node) {

@@ -99,12 +99,7 @@ async fn capacity(
         return None;
     }
     let pod = pods.iter().find(|p| status::pod_ready(p))?;
-    let ip = pod.status.as_ref()?.pod_ip.as_deref()?;
-    let address = if ip.contains(':') {
-        format!("[{ip}]:{GRPC_PORT}")
-    } else {
-        format!("{ip}:{GRPC_PORT}")
-    };
+    let address = status::pod_address(pod, GRPC_PORT)?;
     match ctx.model_info.model_info(&address).await {
         Ok(info) => Some(capacity_from(
             &info,

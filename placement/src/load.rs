@@ -126,16 +126,19 @@ pub fn rank_loads(layer: &LayerPlacement, shard_count: usize, counts: &[f64]) ->
 
 /// `sum max / sum mean` over per-layer rank loads; 1.0 when nothing ran.
 fn imbalance(layers: impl Iterator<Item = Vec<f64>>) -> f64 {
+    imbalance_of(layers).unwrap_or(1.0)
+}
+
+/// `sum max / sum mean` over rank loads (one vector of per-rank loads per layer, or per group
+/// and layer): the busiest rank's share of a step's routed work against an even split. `None`
+/// when nothing ran.
+pub fn imbalance_of(layers: impl Iterator<Item = Vec<f64>>) -> Option<f64> {
     let (mut max_sum, mut mean_sum) = (0.0, 0.0);
     for loads in layers.filter(|l| !l.is_empty()) {
         max_sum += loads.iter().copied().fold(0.0, f64::max);
         mean_sum += loads.iter().sum::<f64>() / loads.len() as f64;
     }
-    if mean_sum > 0.0 {
-        max_sum / mean_sum
-    } else {
-        1.0
-    }
+    (mean_sum > 0.0).then(|| max_sum / mean_sum)
 }
 
 /// `Some((layer, expert, tokens))` for a sample of [`EXPERT_TOKENS_METRIC`], `None` for any other

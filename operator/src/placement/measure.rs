@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use latentserve_placement::load::ExpertLoad;
+use latentserve_placement::load::{self, ExpertLoad};
 
 /// Routed (token, expert) pairs a window needs per (MoE layer, expert) on average before its
 /// counts decide anything: fewer cannot tell a hot expert from chance.
@@ -49,15 +49,8 @@ pub fn measure(pods: &[PodLoad], shard_count: usize) -> Measurement {
             }
         }
     }
-    let (busiest, mean) = ranks.values().fold((0.0, 0.0), |(busiest, mean), loads| {
-        let max = loads.iter().copied().fold(0.0, f64::max);
-        (
-            busiest + max,
-            mean + loads.iter().sum::<f64>() / shard_count as f64,
-        )
-    });
     Measurement {
-        imbalance: (mean > 0.0).then(|| busiest / mean),
+        imbalance: load::imbalance_of(ranks.into_values()),
         tokens: total.total(),
         total,
     }

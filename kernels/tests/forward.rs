@@ -104,7 +104,7 @@ fn paths() -> Vec<Path> {
 fn matches_f64_reference_for_every_dtype_and_batch() {
     for dtype in [DType::F32, DType::F16] {
         for path in paths() {
-            for n in [1, 2, 3, 7, 16, 33] {
+            for n in [1, 2, 3, 4, 7, 16, 33] {
                 // Sizes off the vector width and the row blocking, one wide enough to be split
                 // over threads, and a single input feature.
                 for (inp, out) in [(1000, 37), (64, 64), (1, 5), (257, 129), (1024, 300)] {

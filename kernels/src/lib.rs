@@ -239,6 +239,64 @@ impl Linear {
     }
 }
 
+/// `out (rows, n)` with `out[o * n + b] = w[o] . x[b]`, for weight rows `w (rows, in_features)`
+/// packed one after the other and inputs `x (n, in_features)`, on the calling thread with the
+/// projection kernels (`isa`). For callers that run many small products in parallel themselves,
+/// such as the absorbed MLA products of a decode step, one head per task (see [`run_tasks`]).
+/// Note the layout of `out`: for n = 1 it is simply one value per row.
+pub fn project_packed<E: Element>(
+    isa: Isa,
+    w: &[E],
+    in_features: usize,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    if !isa.is_supported() {
+        return Err(KernelError::IsaUnsupported(isa));
+    }
+    if in_features == 0 || !w.len().is_multiple_of(in_features) {
+        return Err(KernelError::Length {
+            what: "packed weight rows",
+            expected: w.len().next_multiple_of(in_features.max(1)),
+            got: w.len(),
+        });
+    }
+    let rows = w.len() / in_features;
+    for (what, expected, got) in [
+        ("packed product input", n * in_features, x.len()),
+        ("packed product output", rows * n, out.len()),
+    ] {
+        if expected != got {
+            return Err(KernelError::Length {
+                what,
+                expected,
+                got,
+            });
+        }
+    }
+    if n > 0 && rows > 0 {
+        let packed = kernel::Packed {
+            rows,
+            stride: in_features,
+        };
+        kernel::project(isa, w, packed, in_features, x, n, out);
+    }
+    Ok(())
+}
+
+/// Runs `task(i)` for every `i < count` on the kernels' thread pool, the calling thread taking
+/// part, and returns when all have run. The pieces must be independent; they run in any order.
+/// For work of a decode step that is split finer than one projection (the heads of an
+/// attention): the pool's threads are already awake between the step's projections, where
+/// rayon's would have to be woken. A call made while the pool is busy (from inside one of its
+/// tasks, or from another thread) runs the tasks on the calling thread.
+///
+/// Panics if a task panicked.
+pub fn run_tasks(count: usize, task: &(dyn Fn(usize) + Sync)) {
+    pool::pool().run(count, task);
+}
+
 /// Our kernels over every pair in one parallel pass; each output is (n, out) f32.
 fn forward_kernels(pairs: &[(&Linear, &Tensor)], isa: Isa) -> Result<Vec<Tensor>, KernelError> {
     if !isa.is_supported() {

@@ -223,7 +223,7 @@ impl DeepSeekModel {
                     l.dtype,
                 )?,
             },
-        );
+        )?;
         let layer = layer_index(&l.prefix);
         let feed_forward = match config.moe {
             Some(moe) if config.is_moe_layer(layer) => {

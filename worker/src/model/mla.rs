@@ -10,6 +10,7 @@ use latentserve_kernels::{GatheredRows, Isa, Linear, Strided, StridedMut, matmul
 use rayon::prelude::*;
 
 use super::ModelError;
+use super::absorbed::{AbsorbedDims, AbsorbedKvB};
 use super::cache::{CacheBuffers, CacheLayout, CacheValue, LatentCache};
 use super::config::ModelConfig;
 use super::ops::{axpy, project, rms_norm, rms_norm_rows};
@@ -72,13 +73,8 @@ pub struct MlaAttention {
     kv_a_norm: Vec<f32>,
     /// `kv_b_proj`: (heads * (nope + v), kv_lora) for the decompressed prefill path.
     kv_b_proj: Linear,
-    /// The same weight in f32 for the absorbed path: rows h*(nope+v) .. +nope are W_UK[h]
-    /// (nope, kv_lora), the next v rows are W_UV[h] (v, kv_lora).
-    kv_b_f32: Vec<f32>,
-    /// Where the rows of W_UK[h] (nope per head, head after head) and of W_UV[h] (v per head)
-    /// start in `kv_b_f32`, for the kernels that read them in place.
-    uk_rows: Vec<usize>,
-    uv_rows: Vec<usize>,
+    /// The same weight laid out for the absorbed decode path (W_UK[h] and W_UV[h] per head).
+    absorbed: AbsorbedKvB,
     /// `o_proj`: (hidden, heads * v)
     o_proj: Linear,
     eps: f64,
@@ -92,12 +88,13 @@ pub struct MlaWeights {
     pub q_b_proj: Option<Linear>,
     pub kv_a_norm: Vec<f32>,
     pub kv_b_proj: Linear,
+    /// The values of `kv_b_proj`'s weight, row-major, for the absorbed layout.
     pub kv_b_f32: Vec<f32>,
     pub o_proj: Linear,
 }
 
 impl MlaAttention {
-    pub fn new(config: &ModelConfig, w: MlaWeights) -> Self {
+    pub fn new(config: &ModelConfig, w: MlaWeights) -> Result<Self, ModelError> {
         let heads = config.num_attention_heads;
         let dims = Dims {
             heads,
@@ -107,35 +104,35 @@ impl MlaAttention {
             kv_lora: config.kv_lora_rank,
             q_in: config.q_lora_rank.unwrap_or(heads * config.qk_head_dim()),
         };
-        let stride = dims.nope + dims.v;
-        let row = |h: usize, j: usize| (h * stride + j) * dims.kv_lora;
-        let uk_rows = (0..heads)
-            .flat_map(|h| (0..dims.nope).map(move |j| row(h, j)))
-            .collect();
-        let uv_rows = (0..heads)
-            .flat_map(|h| (dims.nope..stride).map(move |j| row(h, j)))
-            .collect();
-        Self {
+        let absorbed = AbsorbedKvB::new(
+            &w.kv_b_f32,
+            AbsorbedDims {
+                heads,
+                nope: dims.nope,
+                v: dims.v,
+                kv_lora: dims.kv_lora,
+            },
+            w.kv_b_proj.dtype(),
+        )?;
+        Ok(Self {
             dims,
-            uk_rows,
-            uv_rows,
+            absorbed,
             input_proj: w.input_proj,
             q_a_norm: w.q_a_norm,
             q_b_proj: w.q_b_proj,
             kv_a_norm: w.kv_a_norm,
             kv_b_proj: w.kv_b_proj,
-            kv_b_f32: w.kv_b_f32,
             o_proj: w.o_proj,
             eps: config.rms_norm_eps,
             softmax_scale: config.softmax_scale() as f32,
-        }
+        })
     }
 
-    /// Weight bytes one decoded token reads (projections; kv_b in its f32 absorbed form).
+    /// Weight bytes one decoded token reads (projections; kv_b in its absorbed form).
     pub fn decode_weight_bytes(&self) -> usize {
         self.input_proj.weight_bytes()
             + self.q_b_proj.as_ref().map_or(0, Linear::weight_bytes)
-            + self.kv_b_f32.len() * 4
+            + self.absorbed.weight_bytes()
             + self.o_proj.weight_bytes()
     }
 
@@ -182,6 +179,8 @@ impl MlaAttention {
         let out_width = d.heads * d.v;
         let mut attn = vec![0f32; rows * out_width];
         let cache: &LatentCache = cache;
+        // A lone decode token (batch-1 decode) splits its heads over the kernels' pool instead.
+        let heads_in_parallel = spans.len() == 1;
         split_rows(&mut attn, out_width, spans)
             .into_par_iter()
             .try_for_each(|(span, out)| {
@@ -189,7 +188,7 @@ impl MlaAttention {
                 if span.is_decode() {
                     match cache.layout() {
                         CacheLayout::Latent => {
-                            self.decode_absorbed(q_span, span, cache, layer, out)
+                            self.decode_absorbed(q_span, span, cache, layer, out, heads_in_parallel)
                         }
                         CacheLayout::DecompressedHeads => {
                             self.decode_decompressed(q_span, span, cache, layer, out)
@@ -351,7 +350,7 @@ impl MlaAttention {
     }
 
     /// Absorbed decode of one token over its sequence's latent rows. q: (heads * qk) -> out
-    /// (heads * v).
+    /// (heads * v). `heads_in_parallel`: run the per-head products on the kernels' pool.
     fn decode_absorbed(
         &self,
         q: &[f32],
@@ -359,23 +358,16 @@ impl MlaAttention {
         cache: &LatentCache,
         layer: usize,
         out: &mut [f32],
+        heads_in_parallel: bool,
     ) -> Result<(), ModelError> {
         let d = self.dims;
         let (qk, lat) = (d.qk(), d.latent());
-        let isa = Isa::detect();
         // (heads, latent): q_nope W_UK ++ q_pe, so that a score is one dot with a latent row.
         let mut q_lat = vec![0f32; d.heads * lat];
-        for h in 0..d.heads {
-            let q_h = &q[h * qk..][..qk];
-            let dst = &mut q_lat[h * lat..][..lat];
-            let w_uk = &self.uk_rows[h * d.nope..][..d.nope];
-            GatheredRows::new(&self.kv_b_f32, w_uk, 0, d.kv_lora)?.accumulate(
-                isa,
-                &q_h[..d.nope],
-                1,
-                &mut dst[..d.kv_lora],
-            )?;
-            dst[d.kv_lora..].copy_from_slice(&q_h[d.nope..]);
+        self.absorbed
+            .absorb_queries(q, qk, &mut q_lat, lat, heads_in_parallel)?;
+        for (q_h, q_lat_h) in q.chunks_exact(qk).zip(q_lat.chunks_exact_mut(lat)) {
+            q_lat_h[d.kv_lora..].copy_from_slice(&q_h[d.nope..]);
         }
         let total = span.start_pos + 1;
         // (heads, kv_lora): attention-weighted c_kv per head
@@ -395,16 +387,7 @@ impl MlaAttention {
             },
         )?;
         // W_UV: (heads, v)
-        for h in 0..d.heads {
-            let w_uv = &self.uv_rows[h * d.v..][..d.v];
-            GatheredRows::new(&self.kv_b_f32, w_uv, 0, d.kv_lora)?.scores(
-                isa,
-                &o_lat[h * d.kv_lora..][..d.kv_lora],
-                1,
-                &mut out[h * d.v..][..d.v],
-            )?;
-        }
-        Ok(())
+        self.absorbed.expand_values(&o_lat, out, heads_in_parallel)
     }
 
     /// Decode over a per-head K/V cache (for measuring what the latent cache saves).

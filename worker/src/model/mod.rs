@@ -1,6 +1,7 @@
 //! DeepSeek-V2/V3 (MLA + MoE) on the CPU: configuration, checkpoint loading, the forward pass over
 //! a paged latent cache, the tokenizer, and chat templates.
 
+mod absorbed;
 pub mod cache;
 pub mod chat_template;
 pub mod config;

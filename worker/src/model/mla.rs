@@ -6,7 +6,9 @@
 //! `W_UK` is folded into the query, attention runs directly over the latent rows, and `W_UV` is
 //! applied to the attended latent; nothing per head outlives the step.
 
-use latentserve_kernels::{GatheredRows, Isa, Linear, Strided, StridedMut, matmul};
+use std::sync::Mutex;
+
+use latentserve_kernels::{GatheredRows, Isa, Linear, Strided, StridedMut, matmul, run_tasks};
 use rayon::prelude::*;
 
 use super::ModelError;
@@ -175,29 +177,36 @@ impl MlaAttention {
         self.write_cache(&latents, rows, spans, cache, layer)?;
 
         // (rows, heads * v). Sequences attend independently, so they run in parallel: with many
-        // short decode steps in a batch, a serial loop here left the second core idle.
+        // short decode steps in a batch, a serial loop here left the second core idle. A lone
+        // sequence splits its own pieces instead (see `Fanout`).
         let out_width = d.heads * d.v;
         let mut attn = vec![0f32; rows * out_width];
         let cache: &LatentCache = cache;
-        // A lone decode token (batch-1 decode) splits its heads over the kernels' pool instead.
-        let heads_in_parallel = spans.len() == 1;
-        split_rows(&mut attn, out_width, spans)
-            .into_par_iter()
-            .try_for_each(|(span, out)| {
-                let q_span = &q[span.first_row * d.heads * qk..][..span.len * d.heads * qk];
-                if span.is_decode() {
-                    match cache.layout() {
-                        CacheLayout::Latent => {
-                            self.decode_absorbed(q_span, span, cache, layer, out, heads_in_parallel)
-                        }
-                        CacheLayout::DecompressedHeads => {
-                            self.decode_decompressed(q_span, span, cache, layer, out)
-                        }
+        let fanout = if spans.len() == 1 {
+            Fanout::Pool
+        } else {
+            Fanout::Rayon
+        };
+        let attend = |(span, out): (&ChunkSpan, &mut [f32])| {
+            let q_span = &q[span.first_row * d.heads * qk..][..span.len * d.heads * qk];
+            if span.is_decode() {
+                match cache.layout() {
+                    CacheLayout::Latent => {
+                        self.decode_absorbed(q_span, span, cache, layer, out, fanout)
                     }
-                } else {
-                    self.prefill(q_span, span, cache, layer, out)
+                    CacheLayout::DecompressedHeads => {
+                        self.decode_decompressed(q_span, span, cache, layer, out, fanout)
+                    }
                 }
-            })?;
+            } else {
+                self.prefill(q_span, span, cache, layer, out)
+            }
+        };
+        let parts = split_rows(&mut attn, out_width, spans);
+        match fanout {
+            Fanout::Pool => parts.into_iter().try_for_each(attend)?,
+            Fanout::Rayon => parts.into_par_iter().try_for_each(attend)?,
+        }
         project(&self.o_proj, &attn, rows)
     }
 
@@ -350,7 +359,7 @@ impl MlaAttention {
     }
 
     /// Absorbed decode of one token over its sequence's latent rows. q: (heads * qk) -> out
-    /// (heads * v). `heads_in_parallel`: run the per-head products on the kernels' pool.
+    /// (heads * v).
     fn decode_absorbed(
         &self,
         q: &[f32],
@@ -358,8 +367,9 @@ impl MlaAttention {
         cache: &LatentCache,
         layer: usize,
         out: &mut [f32],
-        heads_in_parallel: bool,
+        fanout: Fanout,
     ) -> Result<(), ModelError> {
+        let heads_in_parallel = fanout == Fanout::Pool;
         let d = self.dims;
         let (qk, lat) = (d.qk(), d.latent());
         // (heads, latent): q_nope W_UK ++ q_pe, so that a score is one dot with a latent row.
@@ -384,6 +394,7 @@ impl MlaAttention {
                 value_dim: d.kv_lora,
                 values: RowValues::Shared,
                 scale: self.softmax_scale,
+                fanout,
             },
         )?;
         // W_UV: (heads, v)
@@ -398,6 +409,7 @@ impl MlaAttention {
         cache: &LatentCache,
         layer: usize,
         out: &mut [f32],
+        fanout: Fanout,
     ) -> Result<(), ModelError> {
         let d = self.dims;
         let total = span.start_pos + 1;
@@ -417,6 +429,7 @@ impl MlaAttention {
                     offset: d.heads * d.qk(),
                 },
                 scale: self.softmax_scale,
+                fanout,
             },
         )?;
         out.copy_from_slice(&o);
@@ -445,6 +458,19 @@ struct RowAttention<'q> {
     value_dim: usize,
     values: RowValues,
     scale: f32,
+    fanout: Fanout,
+}
+
+/// Where the independent pieces of one sequence's attention (its heads' absorbed products, the
+/// parts of its cache) run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fanout {
+    /// The step's only sequence (batch-1 decode, a lone prompt): on the kernels' pool, whose
+    /// threads are awake between the step's projections. Handing rayon one sequence and then
+    /// one part of a short cache blocked this thread on a rayon wake-up twice per layer.
+    Pool,
+    /// One of several sequences, which already run in parallel on rayon: nested in rayon.
+    Rayon,
 }
 
 /// Heads that read the same columns of a row: all of them for the latent layout, one at a time
@@ -536,13 +562,32 @@ fn attend_rows<T: CacheValue>(
         heads, value_dim, ..
     } = attention;
     let parts = total.div_ceil(PART);
-    let partials: Vec<Partial> = (0..parts)
-        .into_par_iter()
-        .map(|p| {
-            let range = p * PART..((p + 1) * PART).min(total);
-            attend_part(buffer, cache, block_table, range, attention)
-        })
-        .collect::<Result<_, ModelError>>()?;
+    let part = |p: usize| {
+        let range = p * PART..((p + 1) * PART).min(total);
+        attend_part(buffer, cache, block_table, range, attention)
+    };
+    let partials: Vec<Partial> = match attention.fanout {
+        Fanout::Pool => {
+            let slots: Vec<Mutex<Option<Result<Partial, ModelError>>>> =
+                (0..parts).map(|_| Mutex::new(None)).collect();
+            run_tasks(parts, &|p| {
+                let partial = part(p);
+                *slots[p].lock().unwrap_or_else(|e| e.into_inner()) = Some(partial);
+            });
+            slots
+                .into_iter()
+                .map(|slot| {
+                    slot.into_inner()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .unwrap_or_else(|| unreachable!("run_tasks runs every part"))
+                })
+                .collect::<Result<_, ModelError>>()?
+        }
+        Fanout::Rayon => (0..parts)
+            .into_par_iter()
+            .map(part)
+            .collect::<Result<_, ModelError>>()?,
+    };
     let mut out = vec![0f32; heads * value_dim];
     for h in 0..heads {
         let global = partials

@@ -152,14 +152,23 @@ impl Linear {
             });
         }
         if n >= GEMM_MIN_ROWS {
-            self.gemm_rows(x, n, self.f16_block_rows())
-        } else {
-            let x = Tensor::from_slice(x, (n, self.in_features), &Device::Cpu)?;
-            Ok(self
-                .forward_kernel(&x, Isa::detect())?
-                .flatten_all()?
-                .to_vec1::<f32>()?)
+            return self.gemm_rows(x, n, self.f16_block_rows());
         }
+        let isa = Isa::detect();
+        let mut transposed = vec![0f32; self.out_features * n];
+        if n > 0 && self.out_features > 0 && self.in_features > 0 {
+            let (storage, layout) = self.weight.storage_and_layout();
+            let weights = weight_rows(&storage, layout)?;
+            let projection = Projection {
+                weights,
+                in_features: self.in_features,
+                x,
+                n,
+                out: &mut transposed,
+            };
+            parallel::run(isa, vec![projection]);
+        }
+        Ok(rows_from_transposed(transposed, self.out_features, n))
     }
 
     /// `x (n, in)` row-major -> `(n, out)` row-major through gemm, f16 weights widened
@@ -332,11 +341,7 @@ fn forward_kernels(pairs: &[(&Linear, &Tensor)], isa: Isa) -> Result<Vec<Tensor>
             // Nothing to read: the output is empty or all zeros, as allocated.
             continue;
         }
-        let weights = match cpu_storage(weight_storage)? {
-            CpuStorage::F32(w) => Rows::F32(contiguous_part(w, weight_layout)?),
-            CpuStorage::F16(w) => Rows::F16(contiguous_part(w, weight_layout)?),
-            other => return Err(KernelError::UnexpectedStorage(other.dtype())),
-        };
+        let weights = weight_rows(weight_storage, weight_layout)?;
         let x = match cpu_storage(input_storage)? {
             CpuStorage::F32(x) => contiguous_part(x, input_layout)?,
             other => return Err(KernelError::InputDtype(other.dtype())),
@@ -357,22 +362,36 @@ fn forward_kernels(pairs: &[(&Linear, &Tensor)], isa: Isa) -> Result<Vec<Tensor>
         .zip(transposed)
         .map(|(((linear, _), x), transposed)| {
             let n = x.dims()[0];
-            let out_features = linear.out_features;
-            // (out, n) -> (n, out); nothing to move for a single row (or none).
-            let y = if n <= 1 {
-                transposed
-            } else {
-                let mut y = vec![0.0f32; n * out_features];
-                for (o, column) in transposed.chunks_exact(n).enumerate() {
-                    for (r, &value) in column.iter().enumerate() {
-                        y[r * out_features + o] = value;
-                    }
-                }
-                y
-            };
-            Ok(Tensor::from_vec(y, (n, out_features), &Device::Cpu)?)
+            let y = rows_from_transposed(transposed, linear.out_features, n);
+            Ok(Tensor::from_vec(y, (n, linear.out_features), &Device::Cpu)?)
         })
         .collect()
+}
+
+/// The kernels' output (out, n) as rows (n, out); nothing to move for a single row (or none).
+fn rows_from_transposed(transposed: Vec<f32>, out_features: usize, n: usize) -> Vec<f32> {
+    if n <= 1 {
+        return transposed;
+    }
+    let mut y = vec![0.0f32; n * out_features];
+    for (o, column) in transposed.chunks_exact(n).enumerate() {
+        for (r, &value) in column.iter().enumerate() {
+            y[r * out_features + o] = value;
+        }
+    }
+    y
+}
+
+/// A weight's storage as the kernels' rows.
+fn weight_rows<'a>(
+    storage: &'a Storage,
+    layout: &candle_core::Layout,
+) -> Result<Rows<'a>, KernelError> {
+    match cpu_storage(storage)? {
+        CpuStorage::F32(w) => Ok(Rows::F32(contiguous_part(w, layout)?)),
+        CpuStorage::F16(w) => Ok(Rows::F16(contiguous_part(w, layout)?)),
+        other => Err(KernelError::UnexpectedStorage(other.dtype())),
+    }
 }
 
 fn cpu_storage(storage: &Storage) -> Result<&CpuStorage, KernelError> {

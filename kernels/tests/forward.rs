@@ -43,6 +43,8 @@ fn reference(
 enum Path {
     /// `forward`: kernels below GEMM_MIN_ROWS, gemm from there on.
     Dispatch,
+    /// `forward_rows` on plain slices: the same split, no tensors.
+    Rows,
     Kernel(Isa),
     Gemm,
 }
@@ -50,6 +52,12 @@ enum Path {
 fn run(linear: &Linear, input: &Tensor, path: Path) -> Tensor {
     match path {
         Path::Dispatch => linear.forward(input),
+        Path::Rows => {
+            let n = input.dim(0).unwrap();
+            let x = input.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let y = linear.forward_rows(&x, n).unwrap();
+            Ok(Tensor::from_vec(y, (n, linear.out_features()), input.device()).unwrap())
+        }
         Path::Kernel(isa) => linear.forward_kernel(input, isa),
         Path::Gemm => linear.forward_gemm(input),
     }
@@ -95,7 +103,7 @@ fn check(n: usize, inp: usize, out: usize, dtype: DType, path: Path) {
 
 /// Every path this CPU can run; the scalar kernel is always among them.
 fn paths() -> Vec<Path> {
-    let mut paths = vec![Path::Dispatch, Path::Gemm];
+    let mut paths = vec![Path::Dispatch, Path::Rows, Path::Gemm];
     paths.extend(Isa::supported().into_iter().map(Path::Kernel));
     paths
 }

@@ -138,15 +138,34 @@ impl<'a> Strided<'a> {
         }
     }
 
+    /// Whether every element of the view lies inside its buffer (and its offsets fit isize).
     fn check(&self, what: &'static str) -> Result<(), KernelError> {
-        check_view(
-            what,
-            self.data.len(),
-            self.rows,
-            self.cols,
-            self.row_stride,
-            self.col_stride,
-        )
+        let Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        } = *self;
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let last = (rows - 1).checked_mul(row_stride).and_then(|r| {
+            (cols - 1)
+                .checked_mul(col_stride)
+                .and_then(|c| r.checked_add(c))
+        });
+        match last {
+            Some(last) if last < data.len() && last <= isize::MAX as usize => Ok(()),
+            _ => Err(KernelError::ViewOutOfBounds {
+                what,
+                rows,
+                cols,
+                row_stride,
+                col_stride,
+                len: data.len(),
+            }),
+        }
     }
 }
 
@@ -161,34 +180,16 @@ impl<'a> StridedMut<'a> {
             col_stride: 1,
         }
     }
-}
 
-fn check_view(
-    what: &'static str,
-    len: usize,
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
-) -> Result<(), KernelError> {
-    if rows == 0 || cols == 0 {
-        return Ok(());
-    }
-    let last = (rows - 1).checked_mul(row_stride).and_then(|r| {
-        (cols - 1)
-            .checked_mul(col_stride)
-            .and_then(|c| r.checked_add(c))
-    });
-    match last {
-        Some(last) if last < len && last <= isize::MAX as usize => Ok(()),
-        _ => Err(KernelError::ViewOutOfBounds {
-            what,
-            rows,
-            cols,
-            row_stride,
-            col_stride,
-            len,
-        }),
+    /// The same elements, read-only.
+    fn view(&self) -> Strided<'_> {
+        Strided {
+            data: self.data,
+            rows: self.rows,
+            cols: self.cols,
+            row_stride: self.row_stride,
+            col_stride: self.col_stride,
+        }
     }
 }
 
@@ -214,14 +215,7 @@ fn product(
     if lhs.rows != dst.rows || rhs.cols != dst.cols || lhs.cols != rhs.rows {
         return Err(shape_error());
     }
-    check_view(
-        "dst",
-        dst.data.len(),
-        dst.rows,
-        dst.cols,
-        dst.row_stride,
-        dst.col_stride,
-    )?;
+    dst.view().check("dst")?;
     lhs.check("lhs")?;
     rhs.check("rhs")?;
     // Distinct destination elements must not share memory (gemm writes them independently).
@@ -239,7 +233,7 @@ fn product(
         }
         return Ok(());
     }
-    // SAFETY: check_view bounds every element of the three views inside their slices, strides
+    // SAFETY: `check` bounds every element of the three views inside their slices, strides
     // are non-negative and fit isize, and dst is borrowed mutably so it aliases neither input.
     // `read_dst` is false: dst's old contents are never read.
     unsafe {

@@ -26,6 +26,7 @@ pub use kernel::Element;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use half::slice::HalfFloatSliceExt;
+use std::sync::Mutex;
 
 use crate::parallel::{Projection, Rows};
 
@@ -306,6 +307,29 @@ pub fn run_tasks(count: usize, task: &(dyn Fn(usize) + Sync)) {
     pool::pool().run(count, task);
 }
 
+/// [`run_tasks`] for tasks that return a value or fail: the values in task order, or the error
+/// of the first task (by index) that failed.
+///
+/// Panics if a task panicked.
+pub fn try_map_tasks<T: Send, E: Send>(
+    count: usize,
+    task: &(dyn Fn(usize) -> Result<T, E> + Sync),
+) -> Result<Vec<T>, E> {
+    let slots: Vec<Mutex<Option<Result<T, E>>>> = (0..count).map(|_| Mutex::new(None)).collect();
+    run_tasks(count, &|i| {
+        let result = task(i);
+        *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+    });
+    slots
+        .into_iter()
+        .map(|slot| {
+            slot.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(|| unreachable!("run_tasks runs every task"))
+        })
+        .collect()
+}
+
 /// Our kernels over every pair in one parallel pass; each output is (n, out) f32.
 fn forward_kernels(pairs: &[(&Linear, &Tensor)], isa: Isa) -> Result<Vec<Tensor>, KernelError> {
     if !isa.is_supported() {
@@ -415,6 +439,14 @@ fn contiguous_part<'a, T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn try_map_tasks_keeps_task_order_and_reports_the_first_failure() {
+        let squares = try_map_tasks(37, &|i| Ok::<_, String>(i * i)).unwrap();
+        assert_eq!(squares, (0..37).map(|i| i * i).collect::<Vec<_>>());
+        let failed = try_map_tasks(37, &|i| if i % 10 == 7 { Err(i) } else { Ok(i) });
+        assert_eq!(failed, Err(7));
+    }
 
     #[test]
     fn f16_gemm_in_blocks_matches_one_block() {

@@ -3,8 +3,9 @@
 //! Prefill of a 512-token prompt (best of 3 after a warm-up); decode at batch 1 at several cache
 //! depths over the latent cache (absorbed attention) and, at the deepest, over a decompressed
 //! per-head K/V cache; peak RSS; KV bytes per token; weight bytes read per decoded token against
-//! a measured 2-thread memory read bandwidth. Cache rows below the measured depth are filled with synthetic values: decode cost
-//! does not depend on them, and a 4000-token prefill would dominate the run.
+//! a measured 2-thread memory read bandwidth. Cache rows below the measured depth are filled with
+//! synthetic values: decode cost does not depend on them, and a 4000-token prefill would dominate
+//! the run.
 //!
 //! `--batch-sizes 1,8,64` adds decode steps of that many sequences at once (each after
 //! `--batch-depth` cached positions). `--random-weights --config FILE` benches a config with

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use candle_core::DType;
 use half::f16;
-use latentserve_kernels::{Element, Isa, KernelError, project_packed, run_tasks};
+use latentserve_kernels::{Element, Isa, KernelError, project_packed, try_map_tasks};
 
 use super::ModelError;
 
@@ -37,6 +37,15 @@ struct Rows<E> {
 enum Stored {
     F32(Rows<f32>),
     F16(Rows<f16>),
+}
+
+/// One of the two per-head matrices.
+#[derive(Debug, Clone, Copy)]
+enum Matrix {
+    /// `W_UK[h]^T`: (kv_lora, nope).
+    UkTransposed,
+    /// `W_UV[h]`: (v, kv_lora).
+    Uv,
 }
 
 /// `kv_b_proj` rearranged for the absorbed decode; f16 when the projections are (half the bytes
@@ -122,14 +131,8 @@ impl AbsorbedKvB {
             }
             .into());
         }
-        let outputs = self.head_outputs(q_lat, q_lat_stride, kv_lora)?;
-        self.for_each_head(parallel, &|h| {
-            let mut out = lock(&outputs[h]);
-            let q_nope = &q[h * q_stride..][..nope];
-            match &self.stored {
-                Stored::F32(rows) => rows.uk_product(h, nope, kv_lora, q_nope, &mut out),
-                Stored::F16(rows) => rows.uk_product(h, nope, kv_lora, q_nope, &mut out),
-            }
+        self.per_head(q_lat, q_lat_stride, kv_lora, parallel, |h, out| {
+            self.head_product(Matrix::UkTransposed, h, &q[h * q_stride..][..nope], out)
         })
     }
 
@@ -151,25 +154,44 @@ impl AbsorbedKvB {
             }
             .into());
         }
-        let outputs = self.head_outputs(out, v, v)?;
-        self.for_each_head(parallel, &|h| {
-            let mut out = lock(&outputs[h]);
-            let o_lat = &o_lat[h * kv_lora..][..kv_lora];
-            match &self.stored {
-                Stored::F32(rows) => rows.uv_product(h, v, kv_lora, o_lat, &mut out),
-                Stored::F16(rows) => rows.uv_product(h, v, kv_lora, o_lat, &mut out),
-            }
+        self.per_head(out, v, v, parallel, |h, out| {
+            self.head_product(Matrix::Uv, h, &o_lat[h * kv_lora..][..kv_lora], out)
         })
     }
 
-    /// Each head's `width` values of `buffer`, `stride` apart, behind its own lock (uncontended:
-    /// one task per head), so that the heads can be written from the pool's threads.
-    fn head_outputs<'b>(
+    /// `out = M[h] x` for head h's matrix M of `which`.
+    fn head_product(
         &self,
-        buffer: &'b mut [f32],
+        which: Matrix,
+        h: usize,
+        x: &[f32],
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        let AbsorbedDims {
+            nope, v, kv_lora, ..
+        } = self.dims;
+        // (rows, in_features) of one head's matrix
+        let (rows, in_features) = match which {
+            Matrix::UkTransposed => (kv_lora, nope),
+            Matrix::Uv => (v, kv_lora),
+        };
+        match &self.stored {
+            Stored::F32(stored) => stored.head_product(which, h, rows, in_features, x, out),
+            Stored::F16(stored) => stored.head_product(which, h, rows, in_features, x, out),
+        }
+    }
+
+    /// Runs `task(h, out_h)` for every head h, `out_h` being its `width` values of `buffer`,
+    /// `stride` apart; on the kernels' pool when `parallel`. Each head's values sit behind their
+    /// own lock (uncontended: one task per head), so that the pool's threads can write them.
+    fn per_head(
+        &self,
+        buffer: &mut [f32],
         stride: usize,
         width: usize,
-    ) -> Result<Vec<Mutex<&'b mut [f32]>>, ModelError> {
+        parallel: bool,
+        task: impl Fn(usize, &mut [f32]) -> Result<(), KernelError> + Sync,
+    ) -> Result<(), ModelError> {
         let heads = self.dims.heads;
         if buffer.len() < heads * stride || width > stride {
             return Err(KernelError::Length {
@@ -179,33 +201,18 @@ impl AbsorbedKvB {
             }
             .into());
         }
-        Ok(buffer
+        let outputs: Vec<Mutex<&mut [f32]>> = buffer
             .chunks_exact_mut(stride)
             .take(heads)
             .map(|head| Mutex::new(&mut head[..width]))
-            .collect())
-    }
-
-    /// Runs `task` for every head, on the kernels' pool when `parallel`; the first error wins.
-    fn for_each_head(
-        &self,
-        parallel: bool,
-        task: &(dyn Fn(usize) -> Result<(), KernelError> + Sync),
-    ) -> Result<(), ModelError> {
-        let heads = self.dims.heads;
-        if !parallel {
-            return (0..heads).try_for_each(task).map_err(Into::into);
+            .collect();
+        let run = |h: usize| task(h, &mut outputs[h].lock().unwrap_or_else(|e| e.into_inner()));
+        if parallel {
+            try_map_tasks(heads, &run)?;
+        } else {
+            (0..heads).try_for_each(run)?;
         }
-        let first_error = Mutex::new(None);
-        run_tasks(heads, &|h| {
-            if let Err(error) = task(h) {
-                lock(&first_error).get_or_insert(error);
-            }
-        });
-        match first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            Some(error) => Err(error.into()),
-            None => Ok(()),
-        }
+        Ok(())
     }
 }
 
@@ -214,35 +221,30 @@ impl<E: Element> Rows<E> {
         (self.uk_t.len() + self.uv.len()) * std::mem::size_of::<E>()
     }
 
-    /// `out (kv_lora) = W_UK[h]^T q_nope (nope)`.
-    fn uk_product(
+    /// `out (rows) = M[h] x (in_features)` for head h's packed `(rows, in_features)` matrix.
+    fn head_product(
         &self,
+        which: Matrix,
         h: usize,
-        nope: usize,
-        kv_lora: usize,
-        q_nope: &[f32],
+        rows: usize,
+        in_features: usize,
+        x: &[f32],
         out: &mut [f32],
     ) -> Result<(), KernelError> {
-        let rows = &self.uk_t[h * kv_lora * nope..][..kv_lora * nope];
-        project_packed(Isa::detect(), rows, nope, q_nope, 1, out)
+        let matrix = match which {
+            Matrix::UkTransposed => &self.uk_t,
+            Matrix::Uv => &self.uv,
+        };
+        let size = rows * in_features;
+        project_packed(
+            Isa::detect(),
+            &matrix[h * size..][..size],
+            in_features,
+            x,
+            1,
+            out,
+        )
     }
-
-    /// `out (v) = W_UV[h] o_lat (kv_lora)`.
-    fn uv_product(
-        &self,
-        h: usize,
-        v: usize,
-        kv_lora: usize,
-        o_lat: &[f32],
-        out: &mut [f32],
-    ) -> Result<(), KernelError> {
-        let rows = &self.uv[h * v * kv_lora..][..v * kv_lora];
-        project_packed(Isa::detect(), rows, kv_lora, o_lat, 1, out)
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -6,9 +6,7 @@
 //! `W_UK` is folded into the query, attention runs directly over the latent rows, and `W_UV` is
 //! applied to the attended latent; nothing per head outlives the step.
 
-use std::sync::Mutex;
-
-use latentserve_kernels::{GatheredRows, Isa, Linear, Strided, StridedMut, matmul, run_tasks};
+use latentserve_kernels::{GatheredRows, Isa, Linear, Strided, StridedMut, matmul, try_map_tasks};
 use rayon::prelude::*;
 
 use super::ModelError;
@@ -567,22 +565,7 @@ fn attend_rows<T: CacheValue>(
         attend_part(buffer, cache, block_table, range, attention)
     };
     let partials: Vec<Partial> = match attention.fanout {
-        Fanout::Pool => {
-            let slots: Vec<Mutex<Option<Result<Partial, ModelError>>>> =
-                (0..parts).map(|_| Mutex::new(None)).collect();
-            run_tasks(parts, &|p| {
-                let partial = part(p);
-                *slots[p].lock().unwrap_or_else(|e| e.into_inner()) = Some(partial);
-            });
-            slots
-                .into_iter()
-                .map(|slot| {
-                    slot.into_inner()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .unwrap_or_else(|| unreachable!("run_tasks runs every part"))
-                })
-                .collect::<Result<_, ModelError>>()?
-        }
+        Fanout::Pool => try_map_tasks(parts, &part)?,
         Fanout::Rayon => (0..parts)
             .into_par_iter()
             .map(part)
